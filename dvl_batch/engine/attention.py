@@ -1,0 +1,209 @@
+"""A two-level KV cache and the attention function that reads it.
+
+Requests are organised as groups (one image prompt prefix each) of up to Q rows (one
+per question about that image). Keys/values of the shared prefix, the system prompt
+and image tokens, are stored once per group; the tokens after it (question, answer)
+are stored per row. Attention for the rows of a group reads the prefix once for all
+of them, which is where VQA saves most of its decode memory traffic, and a finished
+row or group frees its slot at once (continuous batching with fixed shapes, so the
+decode step can be captured in a CUDA graph).
+
+The function is registered through transformers' AttentionInterface, so the Llama
+modules run unchanged; it falls back to SDPA when called without a `dvl_step`
+(e.g. by `generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "dvl_batch_slots"
+
+
+@dataclass
+class SlotKV:
+    """Per-layer key/value storage: [layers, groups, kv_heads, P, head_dim] and [layers, rows, kv_heads, Ls, head_dim]."""
+
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    suffix_k: torch.Tensor
+    suffix_v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, layers, groups, rows, kv_heads, prefix_len, suffix_len, head_dim, dtype, device) -> "SlotKV":
+        def make(count: int, length: int) -> torch.Tensor:
+            return torch.zeros(layers, count, kv_heads, length, head_dim, dtype=dtype, device=device)
+
+        return cls(make(groups, prefix_len), make(groups, prefix_len), make(rows, suffix_len), make(rows, suffix_len))
+
+    @staticmethod
+    def bytes_per_group(layers, kv_heads, head_dim, prefix_len, rows_per_group, suffix_len, element_size) -> int:
+        return 2 * layers * kv_heads * head_dim * element_size * (prefix_len + rows_per_group * suffix_len)
+
+    @property
+    def prefix_capacity(self) -> int:
+        return self.prefix_k.shape[3]
+
+    @property
+    def suffix_capacity(self) -> int:
+        return self.suffix_k.shape[3]
+
+
+@dataclass
+class AttentionStep:
+    """What one language-model forward does with the cache.
+
+    mode "prefix": the batch is the prefixes of `groups` (all of equal length);
+    their keys/values are stored and attention is plain causal.
+    mode "rows": the batch is rows (group-major, `rows_per_group` per group) whose
+    T new tokens are written at `write_pos`; attention reads the group's prefix
+    (masked by `prefix_bias`) and the row's own suffix (masked by `suffix_bias`).
+    `groups`/`rows` of None mean every slot, in order (the decode step).
+    """
+
+    kv: SlotKV
+    mode: str
+    groups: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    rows_per_group: int = 1
+    write_pos: torch.Tensor | None = None  # [B] first suffix position written by this step
+    prefix_bias: torch.Tensor | None = None  # [G_batch, 1, 1, P] additive
+    suffix_bias: torch.Tensor | None = None  # [B, 1, T, Ls] additive
+    score_dtype: torch.dtype = torch.float32
+
+
+def _scores(query: torch.Tensor, keys: torch.Tensor, score_dtype: torch.dtype) -> torch.Tensor:
+    """query @ keys^T with float32 results; bf16 inputs stay bf16 where the device allows."""
+    if query.dtype == score_dtype:
+        return torch.matmul(query, keys.transpose(-1, -2))
+    if query.is_cuda:
+        return _bmm_out_dtype(query, keys.transpose(-1, -2), score_dtype)
+    return torch.matmul(query.to(score_dtype), keys.to(score_dtype).transpose(-1, -2))
+
+
+def _bmm_out_dtype(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    lead = a.shape[:-2]
+    a3 = a.reshape(-1, *a.shape[-2:])
+    b3 = b.reshape(-1, *b.shape[-2:])
+    if _BMM_OUT_DTYPE[0] is None:
+        try:
+            torch.bmm(a3[:1], b3[:1], out_dtype=out_dtype)
+            _BMM_OUT_DTYPE[0] = True
+        except (RuntimeError, TypeError):
+            _BMM_OUT_DTYPE[0] = False
+    if _BMM_OUT_DTYPE[0]:
+        out = torch.bmm(a3, b3, out_dtype=out_dtype)
+    else:
+        out = torch.bmm(a3.to(out_dtype), b3.to(out_dtype))
+    return out.reshape(*lead, out.shape[-2], out.shape[-1])
+
+
+_BMM_OUT_DTYPE: list[bool | None] = [None]
+
+
+def _write_prefix(step: AttentionStep, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    length = key.shape[2]
+    if step.groups is None:
+        step.kv.prefix_k[layer, :, :, :length] = key
+        step.kv.prefix_v[layer, :, :, :length] = value
+    else:
+        step.kv.prefix_k[layer, step.groups, :, :length] = key
+        step.kv.prefix_v[layer, step.groups, :, :length] = value
+
+
+def _write_rows(step: AttentionStep, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    batch, _, new, _ = key.shape
+    rows = step.rows if step.rows is not None else torch.arange(batch, device=key.device)
+    positions = step.write_pos[:, None] + torch.arange(new, device=key.device)[None, :]
+    positions = positions.clamp_(max=step.kv.suffix_capacity - 1)
+    step.kv.suffix_k[layer][rows[:, None], :, positions] = key.transpose(1, 2)
+    step.kv.suffix_v[layer][rows[:, None], :, positions] = value.transpose(1, 2)
+
+
+def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of new row tokens over [group prefix | own suffix], merged in one softmax."""
+    kv = step.kv
+    batch, heads, new, dim = query.shape
+    kv_heads = kv.prefix_k.shape[2]
+    rep = heads // kv_heads
+    q_per_group = step.rows_per_group
+    n_groups = batch // q_per_group
+    if step.groups is None:
+        prefix_k, prefix_v = kv.prefix_k[layer], kv.prefix_v[layer]
+    else:
+        prefix_k, prefix_v = kv.prefix_k[layer, step.groups], kv.prefix_v[layer, step.groups]
+    if step.rows is None:
+        suffix_k, suffix_v = kv.suffix_k[layer], kv.suffix_v[layer]
+    else:
+        suffix_k, suffix_v = kv.suffix_k[layer, step.rows], kv.suffix_v[layer, step.rows]
+    # group-major queries: [G, Q, Hkv, rep, T, D] -> [G, Hkv, Q*rep*T, D] against the shared prefix
+    q6 = query.view(n_groups, q_per_group, kv_heads, rep, new, dim)
+    q_prefix = q6.permute(0, 2, 1, 3, 4, 5).reshape(n_groups, kv_heads, q_per_group * rep * new, dim)
+    s_prefix = _scores(q_prefix, prefix_k, step.score_dtype) * scaling
+    s_prefix = s_prefix + step.prefix_bias
+    p_len = s_prefix.shape[-1]
+    s_prefix = s_prefix.view(n_groups, kv_heads, q_per_group, rep * new, p_len).permute(0, 2, 1, 3, 4)
+    s_prefix = s_prefix.reshape(batch, kv_heads, rep * new, p_len)
+    q_suffix = query.view(batch, kv_heads, rep * new, dim)
+    s_suffix = _scores(q_suffix, suffix_k, step.score_dtype) * scaling
+    bias = step.suffix_bias
+    if rep > 1 and new > 1:
+        bias = bias.repeat(1, 1, rep, 1)  # query rows are ordered (rep, T)
+    s_suffix = s_suffix + bias
+    probs = torch.softmax(torch.cat([s_prefix, s_suffix], dim=-1), dim=-1)
+    p_prefix = probs[..., :p_len].to(prefix_v.dtype)
+    p_suffix = probs[..., p_len:].to(suffix_v.dtype)
+    p_prefix = p_prefix.view(n_groups, q_per_group, kv_heads, rep * new, p_len).permute(0, 2, 1, 3, 4)
+    p_prefix = p_prefix.reshape(n_groups, kv_heads, q_per_group * rep * new, p_len)
+    out_prefix = torch.matmul(p_prefix, prefix_v)
+    out_prefix = out_prefix.view(n_groups, kv_heads, q_per_group, rep * new, dim).permute(0, 2, 1, 3, 4)
+    out = out_prefix.reshape(batch, kv_heads, rep * new, dim) + torch.matmul(p_suffix, suffix_v)
+    return out.view(batch, heads, new, dim)
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):
+    """AttentionInterface entry point; returns ([B, T, H, D], None) like transformers' SDPA."""
+    step: AttentionStep | None = kwargs.pop("dvl_step", None)
+    if step is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer = module.layer_idx
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if step.mode == "prefix":
+        _write_prefix(step, layer, key, value)
+        rep = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=rep > 1
+        )
+    else:
+        _write_rows(step, layer, key, value)
+        out = _rows_attention(step, layer, query, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_slot_attention() -> None:
+    """Make `ATTENTION_NAME` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, slot_attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    except ImportError:  # older layouts: mask creation falls back to none, SDPA path unaffected
+        pass
+
+
+def route_attention(language_model) -> None:
+    """Send a language model's attention through `slot_attention`.
+
+    Calls without a `dvl_step` (transformers' `generate`) still get plain SDPA, so
+    the same loaded model serves both engines.
+    """
+    register_slot_attention()
+    language_model.config._attn_implementation = ATTENTION_NAME

@@ -1,0 +1,170 @@
+"""Model loading and the thin adapter the engines use to drive transformers' modules.
+
+Loading is real `from_pretrained` on a hub id or a local folder. "auto" takes the
+1.3B chat checkpoint when it is in the local cache or the hub answers, and otherwise
+builds the offline tiny model, saying so. The adapter exposes only the pieces the
+slot engine composes (token embedding, image features, the language model, the LM
+head); the modules themselves stay transformers' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..spec import ModelSpec
+
+DEFAULT_MODEL = "deepseek-community/deepseek-vl-1.3b-chat"
+TINY_NAMES = {"tiny": False, "tiny-hybrid": True}
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the weights and processor are, and how to name them in outputs."""
+
+    path: str  # argument for from_pretrained
+    label: str  # recorded in job.json / parquet metadata
+    tiny: bool
+    notice: str | None = None  # shown to the user (e.g. "offline: using the tiny model")
+
+
+def _hub_has(repo: str, offline: bool) -> bool:
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json")
+    if isinstance(cached, str):
+        return True
+    if offline:
+        return False
+    try:
+        HfApi().model_info(repo, timeout=5)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable from here"
+        return False
+
+
+def resolve_model(spec: ModelSpec, cache_dir: Path, offline: bool = False) -> ResolvedModel:
+    """Turn the user's model name into something from_pretrained can load."""
+    from ..tiny import ensure_tiny_model, tiny_model_id
+
+    name = spec.name.strip()
+    if name in TINY_NAMES:
+        path = ensure_tiny_model(cache_dir, hybrid=TINY_NAMES[name])
+        return ResolvedModel(str(path), f"{name}:{tiny_model_id(TINY_NAMES[name])}", tiny=True)
+    if name == "auto":
+        if _hub_has(DEFAULT_MODEL, offline):
+            return ResolvedModel(DEFAULT_MODEL, DEFAULT_MODEL, tiny=False)
+        path = ensure_tiny_model(cache_dir)
+        notice = (
+            f"{DEFAULT_MODEL} is not cached and the hub is unreachable: using the offline tiny "
+            "random-weight model (its text is gibberish). Pass --model ID_OR_DIR for real captions."
+        )
+        return ResolvedModel(str(path), f"tiny:{tiny_model_id(False)}", tiny=True, notice=notice)
+    local = Path(name).expanduser()
+    if local.exists():
+        check_model_dir(local)
+        marker = local / "dvl_batch_tiny.json"
+        return ResolvedModel(str(local.resolve()), str(local.resolve()), tiny=marker.exists())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UsageError(f"model not found: '{name}' is neither a local folder nor a hub id like org/name")
+    return ResolvedModel(name, name, tiny=False)
+
+
+def check_model_dir(path: Path) -> None:
+    """A usable checkpoint folder has a config, weights and a processor."""
+    if not path.is_dir():
+        raise UsageError(f"model path {path} is not a folder")
+    if not (path / "config.json").exists():
+        raise UsageError(f"model folder {path} has no config.json")
+    if not any((path / f).exists() for f in PROCESSOR_FILES):
+        raise UsageError(f"model folder {path} has no processor (processor_config.json or preprocessor_config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UsageError(f"model folder {path} has no weights (*.safetensors)")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_processor(resolved: ResolvedModel, revision: str | None = None):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(resolved.path, revision=revision)
+    except OSError as exc:
+        raise UsageError(f"cannot load the processor of {resolved.label}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_model(resolved: ResolvedModel, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """from_pretrained in eval mode on `device` (or spread with device_map="auto")."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation, revision=spec.revision)
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(resolved.path, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"cannot load model {resolved.label}: {str(exc).splitlines()[0]}") from exc
+    if not spec.device_map:
+        model = model.to(device)
+    model.eval()
+    if spec.quantize != "none":
+        from .quantize import quantize_model
+
+        quantize_model(model, spec.quantize, device)
+    return model
+
+
+class VisionLanguageModel:
+    """The parts of a DeepSeek-VL (or hybrid) model that the slot engine composes."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.language_model = model.model.language_model
+        self.embed_tokens = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.image_token_id = int(model.config.image_token_id)
+        text = model.config.text_config
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.num_heads = text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.hidden_size = text.hidden_size
+        self.max_positions = getattr(text, "max_position_embeddings", 16384)
+        self.device = self.embed_tokens.weight.device
+        self.dtype = self.embed_tokens.weight.dtype
+
+    def image_features(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[n_images, tokens_per_image, hidden] for already normalised pixel tensors."""
+        out = self.model.model.get_image_features(**pixels)
+        features = getattr(out, "pooler_output", None)
+        if features is None:
+            features = out[0] if isinstance(out, (tuple, list)) else out
+        return features
+
+    def language_forward(self, embeds: torch.Tensor, positions: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        """Final hidden states of the language model; caching is done by our attention."""
+        out = self.language_model(
+            inputs_embeds=embeds, position_ids=positions, use_cache=False, **attention_kwargs
+        )
+        return out.last_hidden_state

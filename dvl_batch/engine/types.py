@@ -1,0 +1,64 @@
+"""What flows into and out of an engine: work items in, completions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class EnginePrompt:
+    """One prompt of a work item: its ids and where the image prefix ends."""
+
+    index: int  # question index within the sample
+    input_ids: list[int]
+    prefix_len: int
+    force_eos_after: int | None = None  # benchmark stop schedule: EOS is forced as token number N
+
+
+@dataclass
+class WorkItem:
+    """One sample: its pixels (uint8 or already-normalised float) and all its prompts."""
+
+    uid: int
+    pixels: dict[str, torch.Tensor]
+    prompts: list[EnginePrompt] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """The answer to one prompt, as token ids (EOS included when the model stopped)."""
+
+    uid: int
+    index: int
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length" | "error"
+    prompt_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine keeps for the summary and the benchmark."""
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    idle_seconds: float = 0.0  # waiting for input with nothing to run
+    decode_steps: int = 0
+    prefill_calls: int = 0
+    oom_splits: int = 0
+    generated_tokens: int = 0
+    slots: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class Engine(Protocol):
+    stats: EngineStats
+
+    def run(self, items: Iterator[WorkItem]) -> Iterator[Completion]:
+        """Consume work items lazily, yield completions in any order."""
+        ...

@@ -1,0 +1,184 @@
+"""Image decoding and the checkpoint's resize/pad, done on the CPU in worker processes.
+
+Decoding is where hostile data lives, so `decode_image` turns every failure into an
+`ImageError` with a message fit for the output row. The geometric part of the
+checkpoint's image processor (longest side to N, pad to a centred square) is
+reproduced here on uint8 pixels with the processor's own settings, so that workers
+ship 3 bytes per pixel and the float normalisation runs on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = None  # dvl-batch enforces its own, configurable limit (DataSpec.max_image_pixels)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message goes into the row's `error` column."""
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """One tensor the vision tower takes, e.g. 384px `pixel_values` or 1024px `high_res_pixel_values`.
+
+    `source` names the view this one is resized from (the 7B hybrid derives its
+    low-res view from the padded high-res one), or None for the decoded image.
+    """
+
+    name: str
+    size: int
+    min_size: int
+    resample: int
+    background: tuple[int, int, int]
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str | None = None
+
+
+def _triple(value) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def _side(size) -> int:
+    if isinstance(size, dict):
+        return int(size.get("height") or size.get("shortest_edge") or size.get("longest_edge"))
+    return int(getattr(size, "height", None) or size)
+
+
+def views_from_image_processor(processor) -> list[ImageView]:
+    """Read the resize/pad/normalise settings of a DeepSeek-VL (or hybrid) image processor."""
+    rescale = float(getattr(processor, "rescale_factor", 1 / 255))
+    min_size = int(getattr(processor, "min_size", 14))
+    low = ImageView(
+        name="pixel_values",
+        size=_side(processor.size),
+        min_size=min_size,
+        resample=int(processor.resample),
+        background=tuple(int(c) for c in getattr(processor, "background_color", (127, 127, 127))),  # type: ignore[arg-type]
+        rescale_factor=rescale,
+        mean=_triple(processor.image_mean),
+        std=_triple(processor.image_std),
+    )
+    if getattr(processor, "high_res_size", None) is None:
+        return [low]
+    high = ImageView(
+        name="high_res_pixel_values",
+        size=_side(processor.high_res_size),
+        min_size=min_size,
+        resample=int(processor.high_res_resample),
+        background=tuple(int(c) for c in processor.high_res_background_color),  # type: ignore[arg-type]
+        rescale_factor=rescale,
+        mean=_triple(processor.high_res_image_mean),
+        std=_triple(processor.high_res_image_std),
+    )
+    return [high, ImageView(**{**low.__dict__, "source": high.name})]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        array = np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fitted_size(width: int, height: int, side: int, min_size: int) -> tuple[int, int]:
+    """The processor's rule: longest side to `side`, the other scaled, never below min_size."""
+    delta = side / max(width, height)
+    return max(round(width * delta), min_size), max(round(height * delta), min_size)
+
+
+def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) -> Image.Image:
+    """Bytes to an upright RGB image, or ImageError saying why not.
+
+    `draft_side` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the image will be
+    shrunk to that side anyway, which is most of the decode cost of large JPEGs.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+            if width < 1 or height < 1:
+                raise ImageError(f"image has no pixels ({width}x{height})")
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animations and multi-page files: the first frame
+            if draft_side and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
+                image.draft("RGB", fitted_size(width, height, draft_side, 1))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return _to_rgb(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised or unsupported format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
+        raise ImageError(f"corrupt or truncated image data: {exc}") from None
+
+
+def resize_and_pad(image: Image.Image, view: ImageView) -> np.ndarray:
+    """Resize (longest side) and pad to a centred square, as uint8 HWC."""
+    width, height = image.size
+    new_w, new_h = fitted_size(width, height, view.size, view.min_size)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample=view.resample)
+    array = np.asarray(image, dtype=np.uint8)
+    side = max(new_w, new_h)
+    if new_w == new_h:
+        return array
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:] = np.asarray(view.background, dtype=np.uint8)
+    if new_w > new_h:
+        top = (side - new_h) // 2
+        canvas[top : top + new_h] = array
+    else:
+        left = (side - new_w) // 2
+        canvas[:, left : left + new_w] = array
+    return canvas
+
+
+def render_views(image: Image.Image, views: list[ImageView]) -> dict[str, np.ndarray]:
+    """All views of one image as uint8 CHW arrays, honouring each view's source."""
+    rendered_hwc: dict[str, np.ndarray] = {}
+    for view in views:
+        base = image if view.source is None else Image.fromarray(rendered_hwc[view.source])
+        rendered_hwc[view.name] = resize_and_pad(base, view)
+    return {name: np.ascontiguousarray(array.transpose(2, 0, 1)) for name, array in rendered_hwc.items()}
+
+
+def normalize_pixels(pixels, view: ImageView, dtype):
+    """uint8 NCHW tensor to the processor's normalised floats, in float32 then `dtype`.
+
+    Same arithmetic as the processor (rescale in float64, then (x - mean) / std in
+    float32), so the device result equals the CPU processor's bit for bit.
+    """
+    import torch
+
+    x = (pixels.to(torch.float64) * view.rescale_factor).to(torch.float32)
+    mean = torch.tensor(view.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(view.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)

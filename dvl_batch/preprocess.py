@@ -1,0 +1,173 @@
+"""Preprocess: raw samples to model-ready requests, in worker processes with prefetch.
+
+Workers pull whole shards from a shared `ShardFeed` (so a fast consumer simply takes
+more shards), read them, decode and resize every image, render and tokenize every
+question, and hand `PreparedSample`s to the device process through a torch
+DataLoader (tensors travel through shared memory, not pipes). A sample that fails
+anywhere here is still sent, with `error` set: the sink must write a row for it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .images import ImageError, ImageView, decode_image, render_views, views_from_image_processor
+from .prompts import PromptRenderer, QuestionBook
+from .sources import RawSample, Shard, ShardEnd, read_shard
+from .spec import JobSpec
+
+
+@dataclass
+class PromptRequest:
+    """One (sample, question) pair to generate an answer for."""
+
+    question: str
+    input_ids: list[int] = field(default_factory=list)
+    prefix_len: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PreparedSample:
+    """A decoded sample: uint8 (fast) or float (exact) pixels per view, plus its requests."""
+
+    shard_id: str
+    key: str
+    index: int
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # view name -> [n_images, 3, S, S]
+    requests: list[PromptRequest] = field(default_factory=list)
+    error: str | None = None
+    decode_seconds: float = 0.0
+
+
+class ShardFeed:
+    """Hands out shards one at a time to any number of processes (a shared counter)."""
+
+    def __init__(self, shards: list[Shard], context: Any = None):
+        context = context or mp.get_context()
+        self.shards = list(shards)
+        self._next = context.Value("q", 0)
+        self._closed = context.Value("b", 0)
+
+    def take(self) -> Shard | None:
+        with self._next.get_lock():
+            index = self._next.value
+            if self._closed.value or index >= len(self.shards):
+                return None
+            self._next.value = index + 1
+        return self.shards[index]
+
+    def close(self) -> None:
+        """Hand out nothing more (limit reached, or the run is stopping)."""
+        with self._next.get_lock():
+            self._closed.value = 1
+
+    @property
+    def handed_out(self) -> int:
+        return min(self._next.value, len(self.shards))
+
+
+class SamplePreparer:
+    """Everything a worker needs to turn a RawSample into a PreparedSample."""
+
+    def __init__(self, spec: JobSpec, model_path: str):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_path)
+        self.spec = spec
+        self.processor = processor
+        self.views: list[ImageView] = views_from_image_processor(processor.image_processor)
+        self.renderer = PromptRenderer(processor, spec.prompt.system_prompt)
+        self.questions = QuestionBook(spec.prompt)
+        roots = [v.size for v in self.views if v.source is None]
+        self.draft_side = max(roots) if spec.data.fast_decode else None
+
+    def prepare(self, raw: RawSample, shard: Shard) -> PreparedSample:
+        started = time.perf_counter()
+        sample = PreparedSample(shard_id=shard.id, key=raw.key, index=raw.index, error=raw.error)
+        questions = self.questions.questions_for(raw.key, raw.fields)
+        if not questions:
+            sample.error = sample.error or "no question for this sample"
+            questions = [""]
+        sample.requests = [PromptRequest(question=q) for q in questions]
+        if sample.error is None:
+            try:
+                sample.pixels = self._pixels(raw.images)
+            except ImageError as exc:
+                sample.error = str(exc)
+        if sample.error is None:
+            n_images = len(raw.images)
+            for request in sample.requests:
+                self._tokenize(request, n_images)
+        sample.decode_seconds = time.perf_counter() - started
+        return sample
+
+    def _tokenize(self, request: PromptRequest, n_images: int) -> None:
+        try:
+            prompt = self.renderer.tokenize(request.question, n_images)
+        except ValueError as exc:
+            request.error = str(exc)
+            return
+        request.input_ids, request.prefix_len = prompt.input_ids, prompt.prefix_len
+
+    def _pixels(self, images: list[bytes]) -> dict[str, torch.Tensor]:
+        per_view: dict[str, list[np.ndarray]] = {v.name: [] for v in self.views}
+        for data in images:
+            image = decode_image(data, self.spec.data.max_image_pixels, self.draft_side)
+            if self.spec.data.fast_decode:
+                rendered = render_views(image, self.views)
+            else:
+                rendered = {k: np.asarray(v[0]) for k, v in self.processor.image_processor(image).items()}
+            for name, array in rendered.items():
+                per_view[name].append(array)
+        return {name: torch.from_numpy(np.stack(arrays)) for name, arrays in per_view.items()}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Iterable over PreparedSample and ShardEnd items, shards pulled from a feed."""
+
+    def __init__(self, spec: JobSpec, model_path: str, feed: ShardFeed):
+        super().__init__()
+        self.spec, self.model_path, self.feed = spec, model_path, feed
+
+    def __iter__(self) -> Iterator[PreparedSample | ShardEnd]:
+        preparer = SamplePreparer(self.spec, self.model_path)
+        while (shard := self.feed.take()) is not None:
+            for item in read_shard(shard, self.spec.data.image_field, self.spec.data.key_field):
+                yield item if isinstance(item, ShardEnd) else preparer.prepare(item, shard)
+
+
+def _identity(item):
+    return item
+
+
+def default_workers(cpu_count: int | None = None) -> int:
+    """Leave one core to the device process; at most 16 decoders."""
+    cpus = cpu_count or os.cpu_count() or 1
+    return max(1, min(16, cpus - 1))
+
+
+def prepared_stream(spec: JobSpec, model_path: str, feed: ShardFeed) -> Iterator[PreparedSample | ShardEnd]:
+    """The preprocessing stage: in-process when workers == 0, else a DataLoader pool."""
+    dataset = ShardStream(spec, model_path, feed)
+    workers = default_workers() if spec.data.workers is None else spec.data.workers
+    if workers == 0:
+        yield from dataset
+        return
+    loader_kwargs: dict[str, Any] = dict(
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=spec.data.prefetch,
+        collate_fn=_identity,
+        multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
+    )
+    if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
+        loader_kwargs["in_order"] = False  # a slow shard must not hold back the others
+    yield from torch.utils.data.DataLoader(dataset, **loader_kwargs)

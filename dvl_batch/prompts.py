@@ -1,0 +1,155 @@
+"""Prompts: which questions each sample gets, and how a question becomes token ids.
+
+The default rendering is the checkpoint's own chat template, so prompts match what
+the model was trained on. A system-prompt override renders the same DeepSeek-VL chat
+layout by hand (the shipped template has no slot for it). Image placeholders are
+expanded to the processor's `num_image_tokens` exactly as the processor does, and
+the index just past the last placeholder is recorded: everything before it is the
+shared prefix that several questions about one image can reuse.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .spec import PromptSpec
+
+IMAGE_MARKER = "<image>"  # what users write in a question to place an image inline
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """One request's prompt: question text, token ids and the shared-prefix length."""
+
+    question: str
+    input_ids: list[int]
+    prefix_len: int  # tokens up to and including the last image placeholder
+
+
+class QuestionBook:
+    """Questions per sample, from the spec's list, a keyed file, or a sample field."""
+
+    def __init__(self, spec: PromptSpec):
+        self.spec = spec
+        self.by_key: dict[str, list[str]] = {}
+        if spec.questions_file:
+            self.by_key = load_questions_file(Path(spec.questions_file))
+
+    def questions_for(self, key: str, fields: dict[str, Any]) -> list[str]:
+        """The questions to ask about one sample; empty means "nothing to ask"."""
+        if self.spec.task == "caption":
+            return [self.spec.prompt]
+        found: list[str] = list(self.spec.questions)
+        if self.spec.questions_file:
+            found.extend(self.by_key.get(key, []))
+        if self.spec.question_field:
+            found.extend(field_questions(fields, self.spec.question_field))
+        return found
+
+
+def field_questions(fields: dict[str, Any], name: str) -> list[str]:
+    """A question field may hold text, a list of texts, or JSON reached by 'json.question'."""
+    head, _, rest = name.partition(".")
+    value: Any = fields.get(name)
+    if value is None and rest and isinstance(fields.get(head), dict):
+        value = fields[head]
+        for part in rest.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    text = str(value).strip()
+    return [text] if text else []
+
+
+def load_questions_file(path: Path) -> dict[str, list[str]]:
+    """JSONL ({"key":..., "question": ... or "questions": [...]}) or CSV (key,question)."""
+    if not path.is_file():
+        raise UsageError(f"questions file not found: {path}")
+    table: dict[str, list[str]] = {}
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "key" not in reader.fieldnames or "question" not in reader.fieldnames:
+                raise UsageError(f"{path}: CSV needs a header with 'key' and 'question' columns")
+            for row in reader:
+                if row["question"] and row["question"].strip():
+                    table.setdefault(row["key"], []).append(row["question"].strip())
+        return table
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"{path}:{number}: not valid JSON ({exc})") from exc
+        if not isinstance(record, dict) or "key" not in record:
+            raise UsageError(f"{path}:{number}: each line needs a 'key' and a 'question' or 'questions'")
+        questions = record.get("questions", [record.get("question")])
+        if isinstance(questions, str):
+            questions = [questions]
+        table.setdefault(str(record["key"]), []).extend(str(q).strip() for q in questions if q and str(q).strip())
+    return table
+
+
+class PromptRenderer:
+    """Question text plus image count to token ids, the way the checkpoint expects."""
+
+    def __init__(self, processor, system_prompt: str | None):
+        self.tokenizer = processor.tokenizer
+        self.chat_template = getattr(processor, "chat_template", None)
+        self.processor = processor
+        self.image_token = processor.image_token
+        self.image_token_id = int(processor.image_token_id)
+        self.num_image_tokens = int(getattr(processor, "num_image_tokens", 576))
+        self.system_prompt = system_prompt
+
+    def conversation(self, question: str, n_images: int) -> list[dict[str, Any]]:
+        """User turn content: images placed at <image> markers, or all before the text."""
+        parts: list[dict[str, Any]] = []
+        if IMAGE_MARKER in question:
+            pieces = question.split(IMAGE_MARKER)
+            if len(pieces) - 1 != n_images:
+                raise ValueError(f"question has {len(pieces) - 1} {IMAGE_MARKER} markers but the sample has {n_images} images")
+            for index, piece in enumerate(pieces):
+                if index:
+                    parts.append({"type": "image"})
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+        else:
+            parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        return [{"role": "user", "content": parts}]
+
+    def render(self, question: str, n_images: int) -> str:
+        messages = self.conversation(question, n_images)
+        if self.system_prompt is None and self.chat_template:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._render_by_hand(messages)
+
+    def _render_by_hand(self, messages: list[dict[str, Any]]) -> str:
+        from .tiny import DEFAULT_SYSTEM_PROMPT
+
+        system = DEFAULT_SYSTEM_PROMPT if self.system_prompt is None else self.system_prompt
+        text = f"{system}\n\n" if system else ""
+        for message in messages:
+            body = "".join(self.image_token if p["type"] == "image" else p["text"] for p in message["content"])
+            if message["role"] == "user":
+                text += f"User: {body}\n\n"
+            else:
+                text += f"Assistant: {body}{self.tokenizer.eos_token}"
+        return text + "Assistant:"
+
+    def tokenize(self, question: str, n_images: int) -> TokenizedPrompt:
+        text = self.render(question, n_images)
+        expanded = text.replace(self.image_token, self.image_token * self.num_image_tokens)
+        ids = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        if ids.count(self.image_token_id) != n_images * self.num_image_tokens:
+            raise ValueError("image placeholders in the prompt do not match the number of images")
+        last = len(ids) - 1 - ids[::-1].index(self.image_token_id) if n_images else 0
+        return TokenizedPrompt(question=question, input_ids=ids, prefix_len=last + 1 if n_images else 0)
