@@ -53,6 +53,7 @@ class ShardFeed:
     def __init__(self, shards: list[Shard], context: Any = None):
         context = context or mp.get_context()
         self.shards = list(shards)
+        self.by_id = {shard.id: shard for shard in self.shards}
         self._next = context.Value("q", 0)
         self._closed = context.Value("b", 0)
 
@@ -148,6 +149,14 @@ def _identity(item):
     return item
 
 
+def _worker_init(_worker_id: int) -> None:
+    """Workers ignore SIGINT: Ctrl-C goes to the whole process group, and the main
+    process, not each decoder, decides how to stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def default_workers(cpu_count: int | None = None) -> int:
     """Leave one core to the device process; at most 16 decoders."""
     cpus = cpu_count or os.cpu_count() or 1
@@ -166,6 +175,7 @@ def prepared_stream(spec: JobSpec, model_path: str, feed: ShardFeed) -> Iterator
         num_workers=workers,
         prefetch_factor=spec.data.prefetch,
         collate_fn=_identity,
+        worker_init_fn=_worker_init,
         multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
     )
     if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:

@@ -50,6 +50,8 @@ class RawSample:
     images: list[bytes] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    field_names: tuple[str, ...] = ()  # every field/column present (for inspect and error messages)
+    image_names: tuple[str, ...] = ()  # the fields the images came from
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,10 @@ def _tar_sample(key: str, index: int, members: dict[str, bytes], image_field: st
         if value is not None:
             fields[name] = value
     image_names = pick_image_fields(members, image_field)
-    sample = RawSample(key=key, index=index, images=[members[n] for n in image_names], fields=fields)
+    sample = RawSample(
+        key=key, index=index, images=[members[n] for n in image_names], fields=fields,
+        field_names=tuple(sorted(members)), image_names=tuple(image_names),
+    )
     if not image_names:
         found = ", ".join(sorted(members)) or "none"
         wanted = f"'{image_field}'" if image_field else "an image field (" + "/".join(IMAGE_EXTENSIONS[:5]) + "...)"
@@ -409,7 +414,9 @@ def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -
             for row in batch.to_pylist():
                 key = str(row[layout.key_column]) if layout.key_column and row.get(layout.key_column) is not None else f"{count:08d}"
                 fields = {c: row[c] for c in layout.text_columns if row.get(c) is not None}
-                sample = RawSample(key=key, index=count, fields=fields)
+                sample = RawSample(
+                    key=key, index=count, fields=fields, field_names=tuple(columns), image_names=(layout.image_column,)
+                )
                 try:
                     sample.images = _parquet_images(row[layout.image_column], layout.image_kind, base_dir)
                     if not sample.images:
@@ -427,7 +434,7 @@ def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -
 def read_folder(shard: Shard) -> Iterator[RawSample | ShardEnd]:
     root = Path(shard.url)
     for index, name in enumerate(shard.members):
-        sample = RawSample(key=name, index=index)
+        sample = RawSample(key=name, index=index, field_names=("file",), image_names=("file",))
         try:
             sample.images = [(root / name).read_bytes()]
         except OSError as exc:

@@ -137,6 +137,7 @@ class JobSpec:
             "generation": dataclasses.asdict(self.generation),
             "fast_decode": self.data.fast_decode,
             "max_image_pixels": self.data.max_image_pixels,
+            "limit": self.data.limit,
         }
 
     def fingerprint(self, resolved_model: str) -> str:
@@ -144,7 +145,6 @@ class JobSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in fields(JobSpec)}  # type: ignore[misc]
 _SECTION_TYPES = {
     "model": ModelSpec,
     "prompt": PromptSpec,

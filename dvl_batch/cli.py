@@ -1,0 +1,383 @@
+"""The `dvl-batch` command line (Typer). Every run command builds a JobSpec and calls `api.run`.
+
+Errors the user can fix print one line and exit with the documented code (README,
+"Exit codes"); only bugs print a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_ERROR_ROWS, EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # decoder workers fork after the tokenizer loads
+
+app = typer.Typer(
+    name="dvl-batch",
+    help="Caption and question-answer millions of images with DeepSeek-VL: shards in, resumable parquet out.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out_console = Console()
+
+# Option name -> JobSpec field. Options left unset (None) keep the recipe's or the default value.
+OPTION_PATHS = {
+    "model": "model.name",
+    "revision": "model.revision",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "attn_implementation": "model.attn_implementation",
+    "quantize": "model.quantize",
+    "device_map": "model.device_map",
+    "prompt": "prompt.prompt",
+    "question": "prompt.questions",
+    "questions_file": "prompt.questions_file",
+    "question_field": "prompt.question_field",
+    "system_prompt": "prompt.system_prompt",
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+    "top_p": "generation.top_p",
+    "seed": "generation.seed",
+    "image_field": "data.image_field",
+    "key_field": "data.key_field",
+    "workers": "data.workers",
+    "prefetch": "data.prefetch",
+    "fast_decode": "data.fast_decode",
+    "max_image_pixels": "data.max_image_pixels",
+    "limit": "data.limit",
+    "shard_size": "data.shard_size",
+    "engine": "batch.engine",
+    "batch_size": "batch.batch_size",
+    "token_budget": "batch.token_budget",
+    "prefill_batch": "batch.prefill_batch",
+    "cuda_graphs": "batch.cuda_graphs",
+    "output": "output.path",
+    "overwrite": "output.overwrite",
+    "strict": "output.strict",
+    "runner": "run.runner",
+    "gpus": "run.gpus",
+    "rank": "run.rank",
+    "world_size": "run.world_size",
+    "ray_address": "run.ray_address",
+    "progress": "run.progress",
+}
+
+Inputs = Annotated[list[str], typer.Argument(help="Webdataset .tar/.tgz shards, parquet files, image folders, or brace patterns like 'shards/{000..099}.tar'.", show_default=False)]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder: parts/*.parquet, job.json, progress.json.", show_default=False)]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder; 'tiny' for the offline test model. Default: deepseek-community/deepseek-vl-1.3b-chat, or the tiny model when it is unreachable.", rich_help_panel="Model")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).", rich_help_panel="Model")]
+Dtype = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, float32 on CPU).", rich_help_panel="Model")]
+Attn = Annotated[Optional[str], typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
+Quantize = Annotated[Optional[str], typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
+DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
+Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="Caption instruction.", rich_help_panel="Prompt")]
+Question = Annotated[Optional[list[str]], typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
+QuestionsFile = Annotated[Optional[str], typer.Option(help="JSONL ({key, question|questions}) or CSV (key,question) with per-image questions.", rich_help_panel="Prompt")]
+QuestionField = Annotated[Optional[str], typer.Option(help="Input field/column holding each sample's question (e.g. 'question', 'txt', 'json.question').", rich_help_panel="Prompt")]
+SystemPrompt = Annotated[Optional[str], typer.Option(help="Replace the checkpoint's system prompt.", rich_help_panel="Prompt")]
+MaxNew = Annotated[Optional[int], typer.Option(help="Longest answer in tokens. [default: 128]", rich_help_panel="Generation")]
+Temperature = Annotated[Optional[float], typer.Option(help="0 for greedy decoding (default); > 0 samples.", rich_help_panel="Generation")]
+TopP = Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold.", rich_help_panel="Generation")]
+Seed = Annotated[Optional[int], typer.Option(help="Sampling seed.", rich_help_panel="Generation")]
+ImageField = Annotated[Optional[str], typer.Option(help="Image field/column (auto-detected); comma-separated for multi-image samples.", rich_help_panel="Data")]
+KeyField = Annotated[Optional[str], typer.Option(help="Parquet column with sample keys (default: key/__key__/id, else row number).", rich_help_panel="Data")]
+Workers = Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoder processes (default: CPU count - 1; 0 decodes in-process).", rich_help_panel="Data")]
+Prefetch = Annotated[Optional[int], typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
+FastDecode = Annotated[Optional[bool], typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
+MaxPixels = Annotated[Optional[int], typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
+Limit = Annotated[Optional[int], typer.Option(help="Stop after this many samples (smoke tests).", rich_help_panel="Data")]
+ShardSize = Annotated[Optional[int], typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
+Engine = Annotated[Optional[str], typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
+TokenBudget = Annotated[Optional[int], typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
+PrefillBatch = Annotated[Optional[int], typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
+CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
+Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
+Strict = Annotated[Optional[bool], typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
+Runner = Annotated[Optional[str], typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
+Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU.", rich_help_panel="Scale-out")]
+Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK or SLURM_PROCID).", rich_help_panel="Scale-out")]
+WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE or SLURM_NTASKS).", rich_help_panel="Scale-out")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray.", rich_help_panel="Scale-out")]
+Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe; options given here override it.", show_default=False)]
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise UsageError(f"environment variable {name}={value!r} is not an integer") from exc
+    return None
+
+
+def _overrides(options: dict[str, Any]) -> dict[str, Any]:
+    values = {OPTION_PATHS[name]: value for name, value in options.items() if name in OPTION_PATHS}
+    if values.get("run.rank") is None:
+        values["run.rank"] = _env_int("RANK", "SLURM_PROCID")
+    if values.get("run.world_size") is None:
+        values["run.world_size"] = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    if not values.get("prompt.questions"):
+        values.pop("prompt.questions", None)
+    return values
+
+
+def _quiet_transformers() -> None:
+    """transformers' own weight-loading bars would interleave with ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _execute(task: str | None, inputs: list[str] | None, recipe: Path | None, options: dict[str, Any]) -> None:
+    from .api import run
+    from .spec import build_job_spec, load_recipe
+
+    _quiet_transformers()
+
+    recipe_values = load_recipe(recipe) if recipe else {}
+    overrides = _overrides(options)
+    if task:
+        overrides["prompt.task"] = task
+    if inputs:
+        overrides["data.inputs"] = inputs
+    spec = build_job_spec(recipe_values, overrides, recipe_origin=f"recipe {recipe.name}" if recipe else "recipe")
+    if not spec.data.inputs:
+        raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
+    if not spec.output.path:
+        raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
+    result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
+    _print_summary(result)
+    if result.interrupted:
+        err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if spec.output.strict and result.stats.error_rows:
+        err.print(f"[red]strict mode[/]: {result.stats.error_rows} rows have errors")
+        raise typer.Exit(EXIT_ERROR_ROWS)
+
+
+def _print_summary(result) -> None:
+    stats = result.stats
+    seconds = max(result.seconds, 1e-9)
+    table = Table(title="dvl-batch summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("output", str(result.out))
+    table.add_row("model", result.model)
+    table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({stats.shards_written} this run, {stats.shards_partial} partial)")
+    table.add_row("images", str(stats.samples))
+    table.add_row("rows", f"{stats.rows} ({stats.error_rows} with errors)")
+    table.add_row("time", f"{seconds:.1f} s")
+    table.add_row("throughput", f"{stats.samples / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
+    engine = stats.engine
+    if engine.get("oom_splits"):
+        table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))
+    if engine.get("idle_seconds"):
+        table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s")
+    err.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"dvl-batch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+) -> None:
+    """Caption and question-answer millions of images with DeepSeek-VL."""
+
+
+@app.command()
+def caption(
+    inputs: Inputs,
+    output: Output = None,
+    recipe: Recipe = None,
+    model: Model = None,
+    prompt: Prompt = None,
+    system_prompt: SystemPrompt = None,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    batch_size: BatchSize = None,
+    engine: Engine = None,
+    token_budget: TokenBudget = None,
+    prefill_batch: PrefillBatch = None,
+    cuda_graphs: CudaGraphs = None,
+    workers: Workers = None,
+    prefetch: Prefetch = None,
+    fast_decode: FastDecode = None,
+    image_field: ImageField = None,
+    key_field: KeyField = None,
+    max_image_pixels: MaxPixels = None,
+    limit: Limit = None,
+    shard_size: ShardSize = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    attn_implementation: Attn = None,
+    quantize: Quantize = None,
+    device_map: DeviceMap = None,
+    revision: Revision = None,
+    overwrite: Overwrite = None,
+    strict: Strict = None,
+    progress: Progress = None,
+    gpus: Gpus = None,
+    rank: Rank = None,
+    world_size: WorldSize = None,
+    runner: Runner = None,
+    ray_address: RayAddress = None,
+) -> None:
+    """Write a caption for every image. Rerun the same command to resume."""
+    options = dict(locals())
+    _execute("caption", options.pop("inputs"), options.pop("recipe"), options)
+
+
+@app.command()
+def vqa(
+    inputs: Inputs,
+    output: Output = None,
+    question: Question = None,
+    questions_file: QuestionsFile = None,
+    question_field: QuestionField = None,
+    recipe: Recipe = None,
+    model: Model = None,
+    system_prompt: SystemPrompt = None,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    batch_size: BatchSize = None,
+    engine: Engine = None,
+    token_budget: TokenBudget = None,
+    prefill_batch: PrefillBatch = None,
+    cuda_graphs: CudaGraphs = None,
+    workers: Workers = None,
+    prefetch: Prefetch = None,
+    fast_decode: FastDecode = None,
+    image_field: ImageField = None,
+    key_field: KeyField = None,
+    max_image_pixels: MaxPixels = None,
+    limit: Limit = None,
+    shard_size: ShardSize = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    attn_implementation: Attn = None,
+    quantize: Quantize = None,
+    device_map: DeviceMap = None,
+    revision: Revision = None,
+    overwrite: Overwrite = None,
+    strict: Strict = None,
+    progress: Progress = None,
+    gpus: Gpus = None,
+    rank: Rank = None,
+    world_size: WorldSize = None,
+    runner: Runner = None,
+    ray_address: RayAddress = None,
+) -> None:
+    """Answer questions about every image: one row per (image, question)."""
+    options = dict(locals())
+    _execute("vqa", options.pop("inputs"), options.pop("recipe"), options)
+
+
+@app.command()
+def status(
+    output: Annotated[Path, typer.Argument(help="An output folder of a run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Shards done/total, rows, error rows and throughput of an output folder."""
+    from .inspection import collect_status
+
+    report = collect_status(output)
+    if as_json:
+        out_console.print_json(json.dumps(report))
+        return
+    table = Table(title=f"dvl-batch status: {output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    total = report["shards_total"]
+    table.add_row("model", str(report["model"]))
+    table.add_row("task", str(report["task"]))
+    table.add_row("shards", f"{report['shards_done']}/{total if total is not None else '?'} done ({report['partial_shards']} partial)")
+    table.add_row("rows", f"{report['rows']} ({report['error_rows']} with errors)")
+    for run_info in report["runs"]:
+        table.add_row(
+            "last run",
+            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s (pid {run_info.get('pid')})",
+        )
+    out_console.print(table)
+
+
+@app.command()
+def inspect(
+    inputs: Inputs,
+    image_field: ImageField = None,
+    key_field: KeyField = None,
+    shard_size: Annotated[int, typer.Option(help="Images per shard for plain folders.")] = 1000,
+    max_shards: Annotated[Optional[int], typer.Option(help="Read only the first N shards (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List shards, sample counts and fields of the inputs, without loading a model."""
+    from .inspection import inspect_inputs
+
+    shards, reports = inspect_inputs(inputs, image_field, key_field, shard_size, max_shards)
+    rows = [
+        {
+            "shard": r.shard.id,
+            "format": r.shard.format,
+            "url": r.shard.url,
+            "samples": r.samples,
+            "error_samples": r.errors,
+            "partial": r.partial,
+            "message": r.message,
+            "fields": dict(r.fields),
+            "image_fields": dict(r.image_fields),
+        }
+        for r in reports
+    ]
+    summary = {"shards": len(shards), "inspected": len(reports), "samples": sum(r.samples for r in reports), "details": rows}
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"{len(shards)} shards, {summary['samples']} samples in the {len(reports)} read", title_justify="left")
+    for column in ("shard", "format", "samples", "errors", "image field(s)", "fields found", "note"):
+        table.add_column(column)
+    for r in reports:
+        note = ("partial: " if r.partial else "") + (r.message or "")
+        table.add_row(
+            r.shard.id, r.shard.format, str(r.samples), str(r.errors), ", ".join(sorted(r.image_fields)) or "-",
+            ", ".join(sorted(r.fields)), note,
+        )
+    out_console.print(table)
+
+
+def run_cli() -> None:
+    """Console-script entry: map our errors to one line and an exit code."""
+    try:
+        app()
+    except DvlError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[red]aborted[/]: parts already written are complete; rerun to resume")
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_OK)

@@ -1,0 +1,141 @@
+"""The reference engine: transformers' `generate` on bucketed, left-padded batches.
+
+It is what users of transformers would write themselves, kept as `--engine generate`
+for models or settings the slot engine does not cover (device_map over several GPUs,
+exotic checkpoints) and as the baseline every benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from ..batcher import LengthBucketer, left_pad
+from ..images import ImageView, normalize_pixels
+from ..spec import BatchSpec, GenerationSpec
+from .types import Completion, EnginePrompt, EngineStats, WorkItem
+
+
+class ForcedEOS:
+    """Logits processor: row b must emit EOS as its generated token number force_at[b].
+
+    The benchmark's stop schedule; the slot engine applies the same rule on device.
+    """
+
+    def __init__(self, force_at: torch.Tensor, prompt_width: int, eos_id: int):
+        self.force_at = force_at
+        self.prompt_width = prompt_width
+        self.eos_id = eos_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        rows = (self.force_at.to(scores.device) == generated + 1).nonzero().flatten()
+        if rows.numel():
+            scores[rows] = float("-inf")
+            scores[rows, self.eos_id] = 0.0
+        return scores
+
+
+def trim_at_eos(tokens: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
+    """Cut a generated row after its first EOS; returns (tokens, finish_reason)."""
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: i + 1], "stop"
+    return tokens, "length"
+
+
+class GenerateEngine:
+    """Runs `model.generate` per batch; each prompt re-encodes its image."""
+
+    def __init__(
+        self,
+        model,
+        views: list[ImageView],
+        generation: GenerationSpec,
+        batch: BatchSpec,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        cache_implementation: str | None = None,
+    ):
+        self.model = model
+        self.views = {v.name: v for v in views}
+        self.gen = generation
+        self.batch_size = batch.batch_size or (64 if _device_of(model).type == "cuda" else 4)
+        self.token_budget = batch.token_budget
+        self.eos_ids = list(eos_token_ids)
+        self.pad_id = pad_token_id
+        self.cache_implementation = cache_implementation
+        self.stats = EngineStats(slots=self.batch_size)
+
+    def run(self, items: Iterator[WorkItem]) -> Iterator[Completion]:
+        bucketer: LengthBucketer[tuple[WorkItem, EnginePrompt]] = LengthBucketer(self.batch_size, self.token_budget)
+        for item in items:
+            for prompt in item.prompts:
+                for ready in bucketer.add(len(prompt.input_ids), (item, prompt)):
+                    yield from self._generate(ready)
+        for ready in bucketer.flush():
+            yield from self._generate(ready)
+
+    def _pixels(self, batch: list[tuple[WorkItem, EnginePrompt]]) -> dict[str, torch.Tensor]:
+        device = _device_of(self.model)
+        dtype = self.model.dtype
+        out = {}
+        for name in batch[0][0].pixels:
+            stacked = torch.cat([item.pixels[name] for item, _ in batch]).to(device)
+            if stacked.dtype == torch.uint8:
+                stacked = normalize_pixels(stacked, self.views[name], dtype)
+            out[name] = stacked.to(dtype)
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[tuple[WorkItem, EnginePrompt]]) -> list[Completion]:
+        started = time.perf_counter()
+        try:
+            tokens = self._run_generate(batch)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.stats.oom_splits += 1
+            if len(batch) == 1:
+                item, prompt = batch[0]
+                return [Completion(item.uid, prompt.index, [], "error", len(prompt.input_ids), "out of memory on the device")]
+            half = len(batch) // 2
+            return self._generate(batch[:half]) + self._generate(batch[half:])
+        done = []
+        for (item, prompt), row in zip(batch, tokens):
+            kept, reason = trim_at_eos(row, self.eos_ids)
+            self.stats.generated_tokens += len(kept)
+            done.append(Completion(item.uid, prompt.index, kept, reason, len(prompt.input_ids)))
+        self.stats.decode_seconds += time.perf_counter() - started
+        self.stats.decode_steps += 1
+        return done
+
+    def _run_generate(self, batch: list[tuple[WorkItem, EnginePrompt]]) -> list[list[int]]:
+        ids, mask = left_pad([p.input_ids for _, p in batch], self.pad_id)
+        device = _device_of(self.model)
+        kwargs = dict(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=self.gen.max_new_tokens,
+            do_sample=self.gen.temperature > 0,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+        if self.gen.temperature > 0:
+            kwargs.update(temperature=self.gen.temperature, top_p=self.gen.top_p)
+            torch.manual_seed(self.gen.seed)
+        if any(p.force_eos_after for _, p in batch):
+            from transformers import LogitsProcessorList
+
+            force = torch.tensor([p.force_eos_after or 1 << 30 for _, p in batch])
+            kwargs["logits_processor"] = LogitsProcessorList([ForcedEOS(force, ids.shape[1], self.eos_ids[0])])
+        if self.cache_implementation:
+            kwargs["cache_implementation"] = self.cache_implementation
+        out = self.model.generate(**kwargs, **self._pixels(batch))
+        return out[:, ids.shape[1] :].tolist()
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device

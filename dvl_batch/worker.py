@@ -1,0 +1,78 @@
+"""A device worker: one loaded model on one device, processing whatever shards it is fed.
+
+The same class serves the local runner, each process of the multi-GPU runner and
+each Ray actor: runners differ only in how they create feeds and collect stats.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .engine.model import ResolvedModel, VisionLanguageModel, load_model, load_processor, pick_device, pick_dtype
+from .errors import UsageError
+from .images import views_from_image_processor
+from .pipeline import RunStats, StopFlag, process_shards
+from .preprocess import ShardFeed
+from .sink import OutputDir, ParquetSink
+from .spec import JobSpec
+
+
+def eos_ids(processor, model) -> list[int]:
+    """EOS ids from the tokenizer and the generation config, tokenizer's first."""
+    ids = [processor.tokenizer.eos_token_id]
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return [i for i in ids if i is not None]
+
+
+def build_engine(spec: JobSpec, model, processor, device: torch.device):
+    """The slot engine unless the job needs transformers' generate."""
+    views = views_from_image_processor(processor.image_processor)
+    eos = eos_ids(processor, model)
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos[0]
+    engine = spec.batch.engine
+    if engine == "auto":
+        engine = "generate" if spec.model.device_map else "continuous"
+    if engine == "continuous":
+        if spec.model.device_map:
+            raise UsageError("--device-map needs --engine generate (the slot engine runs on one device)")
+        from .engine.continuous import SlotEngine
+
+        return SlotEngine(VisionLanguageModel(model), views, spec.generation, spec.batch, eos, pad)
+    from .engine.generate import GenerateEngine
+
+    return GenerateEngine(model, views, spec.generation, spec.batch, eos, pad)
+
+
+class DeviceWorker:
+    """Loads the model once; `process` runs shards from a feed into parts."""
+
+    def __init__(self, spec: JobSpec, model: ResolvedModel, device: str | None = None):
+        self.spec = spec
+        self.resolved = model
+        self.device = pick_device(device or spec.model.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = pick_dtype(spec.model.dtype, self.device)
+        self.processor = load_processor(model, spec.model.revision)
+        self.model = load_model(model, spec.model, self.device, self.dtype)
+        self.engine = build_engine(spec, self.model, self.processor, self.device)
+        tokenizer = self.processor.tokenizer
+        self.decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def process(
+        self,
+        feed: ShardFeed,
+        out: OutputDir,
+        metadata: dict[str, Any],
+        on_progress: Callable[[RunStats], None] = lambda stats: None,
+        stop: StopFlag | None = None,
+    ) -> RunStats:
+        sink = ParquetSink(out, metadata)
+        return process_shards(
+            self.spec, self.resolved.path, self.engine, sink, feed, self.decode, on_progress=on_progress, stop=stop
+        )
