@@ -99,10 +99,13 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 class RunLock:
-    """An exclusive flock on a file in OUT; the kernel drops it when the process dies.
+    """An exclusive POSIX record lock (fcntl) on a file in OUT.
 
-    That makes a lock left by a SIGKILLed run harmless: the next run acquires it.
-    The file also records who holds it, for the error message of a second run.
+    The kernel drops it when the owning process dies, so a lock left by a SIGKILLed
+    run is harmless: the next run acquires it. Unlike flock, a record lock belongs
+    to the process, not the file descriptor, so forked decoder workers that outlive
+    a killed parent for a few seconds do not keep holding it. The file also records
+    who holds it, for the error message of a second run.
     """
 
     def __init__(self, path: Path):
@@ -115,8 +118,8 @@ class RunLock:
         except OSError as exc:
             raise _explain(exc, self.path) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except (BlockingIOError, PermissionError):
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             raise LockHeldError(f"another dvl-batch run holds {self.path.parent} ({holder}); exiting") from None
@@ -126,7 +129,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
