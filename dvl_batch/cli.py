@@ -370,6 +370,43 @@ def inspect(
     out_console.print(table)
 
 
+@app.command()
+def bench(
+    profile: Annotated[str, typer.Option(help="caption-varlen, vqa (5 questions per image) or both.")] = "caption-varlen",
+    shape: Annotated[str, typer.Option(help="real-1.3b (random weights of the checkpoint's shape) or tiny.")] = "real-1.3b",
+    requests: Annotated[int, typer.Option(help="Images in the run (>= 2048 for the reference numbers).")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length cap; the stop schedule ends most answers earlier.")] = 128,
+    hf_batch_size: Annotated[Optional[list[int]], typer.Option(help="generate batch sizes to try (best is reported; repeatable).")] = None,
+    hf_cache: Annotated[str, typer.Option(help="static (compiled decode) or dynamic cache for the generate baseline.")] = "static",
+    skip_hf: Annotated[bool, typer.Option("--skip-hf", help="Only run dvl-batch.")] = False,
+    batch_size: BatchSize = None,
+    prefill_batch: PrefillBatch = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs")] = True,
+    workers: Workers = None,
+    images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
+    image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
+    data_dir: Annotated[Optional[str], typer.Option(help="Where to write (or reuse) the generated shards.")] = None,
+    device: Device = None,
+    out: Annotated[str, typer.Option("--out", help="JSON results file.")] = "bench.json",
+) -> None:
+    """Benchmark dvl-batch end to end against transformers' generate on the same inputs (prints a table, writes JSON)."""
+    from .api import default_cache_dir
+    from .bench import BenchConfig, format_table, run_bench
+
+    _quiet_transformers()
+    cfg = BenchConfig(
+        profile=profile, shape=shape, requests=requests, max_new_tokens=max_new_tokens,
+        hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
+        prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
+        data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, out=out,
+    )
+    if profile not in ("caption-varlen", "vqa", "both") or shape not in ("real-1.3b", "tiny"):
+        raise UsageError("--profile must be caption-varlen, vqa or both; --shape real-1.3b or tiny")
+    results = run_bench(cfg, default_cache_dir())
+    print(format_table(results))
+    err.print(f"results written to {out}")
+
+
 def run_cli() -> None:
     """Console-script entry: map our errors to one line and an exit code."""
     try:

@@ -78,7 +78,7 @@ class ShardAssembler:
             self.states[shard.id] = _ShardState(shard)
         return self.states[shard.id]
 
-    def add_sample(self, sample: PreparedSample, shard: Shard, force_eos: Callable[[int], int | None] | None = None):
+    def add_sample(self, sample: PreparedSample, shard: Shard, force_eos: Callable[[str, int], int | None] | None = None):
         """Record a sample; returns its WorkItem, or None when every row is already an error."""
         state = self._state(shard)
         state.samples += 1
@@ -90,7 +90,7 @@ class ShardAssembler:
                 self._add_row(state, AnswerRow(sample.key, shard.id, sample.index, q_index, request.question, None,
                                                len(request.input_ids), 0, "error", error))
                 continue
-            force = force_eos(self.stats.samples - 1) if force_eos else None
+            force = force_eos(sample.key, q_index) if force_eos else None
             prompts.append(EnginePrompt(q_index, request.input_ids, request.prefix_len, force))
         if not prompts:
             return None
@@ -157,7 +157,7 @@ class StopFlag:
 
 def _work_items(
     stream: Iterator[Any], assembler: ShardAssembler, feed: ShardFeed, limit: int | None, stop: StopFlag,
-    force_eos: Callable[[int], int | None] | None,
+    force_eos: Callable[[str, int], int | None] | None,
 ) -> Iterator[WorkItem]:
     for item in stream:
         if isinstance(item, ShardEnd):
@@ -180,9 +180,13 @@ def process_shards(
     decode: Callable[[list[int]], str],
     on_progress: Callable[[RunStats], None] = lambda stats: None,
     stop: StopFlag | None = None,
-    force_eos: Callable[[int], int | None] | None = None,
+    force_eos: Callable[[str, int], int | None] | None = None,
 ) -> RunStats:
-    """Run every shard the feed hands out through preprocess -> engine -> sink."""
+    """Run every shard the feed hands out through preprocess -> engine -> sink.
+
+    `force_eos(key, question_index)` is the benchmark's stop schedule (EOS forced as
+    token number N); jobs leave it None.
+    """
     started = time.perf_counter()
     stop = stop or StopFlag()
     assembler = ShardAssembler(sink, decode, on_progress)

@@ -60,7 +60,20 @@ class DeviceWorker:
         self.dtype = pick_dtype(spec.model.dtype, self.device)
         self.processor = load_processor(model, spec.model.revision)
         self.model = load_model(model, spec.model, self.device, self.dtype)
-        self.engine = build_engine(spec, self.model, self.processor, self.device)
+        self._finish_setup()
+
+    @classmethod
+    def from_loaded(cls, spec: JobSpec, resolved: ResolvedModel, model, processor) -> "DeviceWorker":
+        """Wrap an already loaded model (the benchmark builds random-weight models itself)."""
+        worker = cls.__new__(cls)
+        worker.spec, worker.resolved, worker.model, worker.processor = spec, resolved, model, processor
+        worker.device = next(model.parameters()).device
+        worker.dtype = next(model.parameters()).dtype
+        worker._finish_setup()
+        return worker
+
+    def _finish_setup(self) -> None:
+        self.engine = build_engine(self.spec, self.model, self.processor, self.device)
         tokenizer = self.processor.tokenizer
         self.decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()
 

@@ -85,6 +85,28 @@ def test_slot_engine_matches_generate(tiny_model, vqa_case, batch_size, prefill_
     assert engine.stats.decode_steps > 0
 
 
+@pytest.mark.parametrize("batch_size", [1, 4, None])
+def test_slot_engine_caption_matches_generate(tiny_model, tiny_processor, batch_size):
+    """One prompt per image: the whole prompt is prefilled in one right-padded pass."""
+    eos = tiny_processor.tokenizer.eos_token_id
+    items, views = _items(tiny_processor, lambda uid: 1)
+    for item in items[::2]:  # prompts of different lengths in one prefill batch
+        item.prompts[0] = EnginePrompt(0, *_tokenize(tiny_processor, "What is in the picture? Answer briefly."))
+    refs = _reference(tiny_model, views, items, eos)
+    engine = SlotEngine(
+        VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=MAX_NEW), BatchSpec(batch_size=batch_size),
+        [eos], eos,
+    )
+    got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
+    assert engine.layout.rows_per_group == 1
+    assert got == refs
+
+
+def _tokenize(processor, question):
+    tokenized = PromptRenderer(processor, None).tokenize(question, 1)
+    return tokenized.input_ids, tokenized.prefix_len
+
+
 def test_slot_engine_reuses_image_prefix_per_item(tiny_model, vqa_case):
     items, views, _, eos = vqa_case
     engine = SlotEngine(

@@ -65,7 +65,14 @@ class _Row:
 
 
 def plan_groups(item: WorkItem, rows_per_group: int) -> list[_Group]:
-    """Split an item's prompts into groups that share one prefix, Q prompts at most."""
+    """Split an item's prompts into groups that share one prefix, Q prompts at most.
+
+    With one row per group (captioning) the whole prompt is the prefix: one prefill
+    pass yields the first token. With several, the prefix ends at the last image
+    token and each question is a suffix prefilled against it.
+    """
+    if rows_per_group == 1:
+        return [_Group(item, list(p.input_ids), [p]) for p in item.prompts]
     by_prefix: dict[tuple[int, ...], list[EnginePrompt]] = {}
     for prompt in item.prompts:
         prefix_len = min(prompt.prefix_len, len(prompt.input_ids) - 1)  # keep >= 1 suffix token
@@ -105,6 +112,7 @@ class SlotEngine:
         self.layout: _Layout | None = None
         self.kv: SlotKV | None = None
         self.pending: deque[_Group] = deque()
+        self.unplanned: list[WorkItem] = []  # items pulled before the layout (and so Q) is known
         self.deferred: deque[_Group] = deque()
         self.rows: dict[int, _Row] = {}
         self.free_groups: list[int] = []
@@ -142,6 +150,11 @@ class SlotEngine:
         )
         budget = max(0, (free - reserve)) * self.kv_memory_fraction
         return int(max(1, min(1024 // q, budget // per_group)))
+
+    def close(self) -> None:
+        """Free the KV cache and the captured graph (the engine can be used again later)."""
+        self._release()
+        self.layout = None
 
     def _release(self) -> None:
         self.kv = None
@@ -193,24 +206,38 @@ class SlotEngine:
             start += count
         return out
 
-    def _prefill_prefixes(self, groups: list[_Group], slots: list[int], features: dict[int, torch.Tensor]) -> None:
-        """Store the prefix keys/values of new groups, bucketed by prefix length."""
-        by_len: dict[int, list[int]] = {}
-        for i, group in enumerate(groups):
-            by_len.setdefault(len(group.prefix), []).append(i)
-        for length, members in by_len.items():
-            if length == 0:
-                continue
-            ids = torch.tensor([groups[i].prefix for i in members], dtype=torch.long, device=self.device)
-            embeds = self.vlm.embed_tokens(ids)
-            image_mask = ids == self.vlm.image_token_id
-            if image_mask.any():
-                feats = torch.cat([features[groups[i].item.uid].reshape(-1, embeds.shape[-1]) for i in members])
-                embeds = embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype))
-            positions = torch.arange(length, device=self.device)[None].expand(len(members), -1)
-            slot_ids = torch.tensor([slots[i] for i in members], dtype=torch.long, device=self.device)
-            step = AttentionStep(self.kv, "prefix", groups=slot_ids)
-            self.vlm.language_forward(embeds, positions, dvl_step=step)
+    def _prefill_prefixes(
+        self, groups: list[_Group], slots: list[int], features: dict[int, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Store the prefix keys/values of new groups in one right-padded causal pass.
+
+        Right padding needs no mask: causal attention never lets a real token see the
+        padding after it, and padded positions are masked later by `group_prefix`.
+        Returns first-token logits when the prefixes are whole prompts (one row per group).
+        """
+        dev = self.device
+        lengths = [len(g.prefix) for g in groups]
+        width = max(lengths)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.group_prefix[slot_t] = torch.tensor(lengths, dtype=torch.long, device=dev)
+        if width == 0:
+            return None
+        ids = torch.tensor([g.prefix + [self.pad_id] * (width - len(g.prefix)) for g in groups], dtype=torch.long, device=dev)
+        embeds = self.vlm.embed_tokens(ids)
+        image_mask = ids == self.vlm.image_token_id
+        if features:
+            feats = torch.cat([features[g.item.uid].reshape(-1, embeds.shape[-1]) for g in groups if g.item.uid in features])
+            embeds = embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype))
+        positions = torch.arange(width, device=dev)[None].expand(len(groups), -1)
+        hidden = self.vlm.language_forward(embeds, positions, dvl_step=AttentionStep(self.kv, "prefix", groups=slot_t))
+        if self.layout.rows_per_group > 1:
+            return None
+        last = hidden[torch.arange(len(groups), device=dev), torch.tensor(lengths, device=dev) - 1]
+        q = self.layout.rows_per_group
+        rows_t = slot_t * q
+        self.row_len[rows_t] = 0
+        self.row_prefix[rows_t] = self.group_prefix[slot_t]
+        return self.vlm.lm_head(last).float()
 
     def _prefill_suffixes(self, groups: list[_Group], slots: list[int]) -> torch.Tensor:
         """Run every row's suffix against its group's prefix; returns first-token logits [rows]."""
@@ -230,8 +257,7 @@ class SlotEngine:
         lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
         group_t = torch.tensor(slots, dtype=torch.long, device=dev)
         rows_t = (group_t[:, None] * q + torch.arange(q, device=dev)[None]).reshape(-1)
-        prefix_len = torch.tensor([len(g.prefix) for g in groups], dtype=torch.long, device=dev)
-        self.group_prefix[group_t] = prefix_len
+        prefix_len = self.group_prefix[group_t]
         offsets = torch.arange(width, device=dev)
         positions = prefix_len.repeat_interleave(q)[:, None] + offsets[None]
         prefix_bias = self._prefix_bias(prefix_len)
@@ -306,8 +332,9 @@ class SlotEngine:
         try:
             started = time.perf_counter()
             features = self._image_features(list({id(g.item): g.item for g in groups}.values()))
-            self._prefill_prefixes(groups, slots, features)
-            logits = self._prefill_suffixes(groups, slots)
+            logits = self._prefill_prefixes(groups, slots, features)
+            if logits is None:
+                logits = self._prefill_suffixes(groups, slots)
             done = self._start_rows(groups, slots, logits)
             self._sync()
             self.stats.prefill_seconds += time.perf_counter() - started
@@ -403,6 +430,9 @@ class SlotEngine:
         exhausted = False
         while True:
             exhausted = self._pull(source, exhausted)
+            for item in self.unplanned:
+                self.pending.extend(plan_groups(item, self.rows_per_group))
+            self.unplanned.clear()
             yield from self._reject_too_long()
             if self.layout is None or (not self.rows and self.deferred and not self.pending):
                 if not self._reallocate():
@@ -423,7 +453,7 @@ class SlotEngine:
 
     def _pull(self, source, exhausted: bool) -> bool:
         started = time.perf_counter()
-        while not exhausted and len(self.pending) < self._wanted():
+        while not exhausted and len(self.pending) + len(self.unplanned) < self._wanted():
             if self.rows and len(self.free_groups) < self._admit_threshold():
                 break
             try:
@@ -431,9 +461,11 @@ class SlotEngine:
             except StopIteration:
                 exhausted = True
                 break
-            if self.layout is None and item.prompts:
+            if self.layout is None:
                 self.rows_per_group = max(self.rows_per_group, len(item.prompts))
-            self.pending.extend(plan_groups(item, self.rows_per_group))
+                self.unplanned.append(item)
+            else:
+                self.pending.extend(plan_groups(item, self.layout.rows_per_group))
         if not self.rows:
             self.stats.idle_seconds += time.perf_counter() - started
         return exhausted
