@@ -41,18 +41,17 @@ def timed(fn, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="profile.json")
-    parser.add_argument("--slots", default="64,128,256,384")
-    parser.add_argument("--prefill", default="8,16,32,64")
+    parser.add_argument("--slots", default="64,256,384")
+    parser.add_argument("--prefill", default="16,32,64")
     args = parser.parse_args()
 
     from dvl_batch.api import default_cache_dir
     from dvl_batch.bench import BENCH_SYSTEM_PROMPT, build_model
-    from dvl_batch.engine.attention import AttentionStep
-    from dvl_batch.engine.continuous import SlotEngine, _Layout
     from dvl_batch.engine.model import VisionLanguageModel
+    from dvl_batch.engine.slots import Layout, SlotStore
     from dvl_batch.images import views_from_image_processor
     from dvl_batch.prompts import PromptRenderer
-    from dvl_batch.spec import BatchSpec, GenerationSpec
+    from dvl_batch.spec import GenerationSpec
 
     device = torch.device("cuda")
     model, processor, _ = build_model("real-1.3b", device, torch.bfloat16, default_cache_dir())
@@ -64,53 +63,54 @@ def main() -> None:
     rows = []
 
     with torch.inference_mode():
-        for n in [int(x) for x in args.prefill.split(",")]:
-            pixels = {"pixel_values": torch.randn(n, 3, 384, 384, device=device, dtype=torch.bfloat16)}
-            t = timed(lambda: vlm.image_features(pixels))
-            rows.append(("vision+aligner", n, t * 1000, t / n * 1000))
-
         eos = processor.tokenizer.eos_token_id
-        for slots in [int(x) for x in args.slots.split(",")]:
-            engine = SlotEngine(vlm, views, GenerationSpec(max_new_tokens=128), BatchSpec(batch_size=slots, cuda_graphs=True), [eos], eos)
-            engine.rows_per_group = 1
-            engine._allocate(_Layout(slots, 1, length, 128))
-            engine.group_prefix.fill_(length)
-            engine.row_prefix.fill_(length)
-            engine.row_len.fill_(36)  # mid-answer: the average context of caption-varlen
-            eager = timed(engine._decode_step_body)
-            engine.row_len.fill_(36)
-            graph = timed(engine.graph.replay)
-            weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
-            weights += model.lm_head.weight.numel() * 2
-            kv = engine.kv.prefix_k.numel() * 2 * 2 + engine.kv.suffix_k.numel() * 2 * 2
-            rows.append(("decode step eager", slots, eager * 1000, eager / slots * 1000))
-            rows.append(("decode step graph", slots, graph * 1000, graph / slots * 1000))
-            results.setdefault("decode", []).append(
-                {"slots": slots, "eager_ms": eager * 1000, "graph_ms": graph * 1000, "bytes": weights + kv,
-                 "graph_bandwidth_TBps": (weights + kv) / graph / 1e12}
-            )
-            if slots == 256:
-                from torch.profiler import ProfilerActivity, profile
+        weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        for compiled in (False, True):
+            label = "compiled" if compiled else "eager"
+            for slots in [int(x) for x in args.slots.split(",")] if not compiled else [256]:
+                started = time.perf_counter()
+                store = SlotStore(vlm, {v.name: v for v in views}, Layout(slots, 1, length, 128), GenerationSpec(max_new_tokens=128),
+                                  eos, eos, prefill_batch=32, compile_steps=compiled, cuda_graphs=True)
+                setup = time.perf_counter() - started
+                store.group_prefix.fill_(length)
+                store.row_prefix.fill_(length)
+                store.row_len.fill_(36)  # mid-answer: the average context of caption-varlen
+                body = timed(store._decode_body)
+                store.row_len.fill_(36)
+                graph = timed(store.graph.replay)
+                kv = (store.kv.prefix_k[:, :slots].numel() + store.kv.suffix_k.numel()) * 2 * 2
+                rows.append((f"decode step body {label}", slots, body * 1000, body / slots * 1000))
+                rows.append((f"decode step graph {label}", slots, graph * 1000, graph / slots * 1000))
+                results.setdefault("decode", []).append(
+                    {"compiled": compiled, "slots": slots, "setup_s": setup, "body_ms": body * 1000, "graph_ms": graph * 1000,
+                     "bytes": weights + kv, "graph_bandwidth_TBps": (weights + kv) / graph / 1e12}
+                )
+                if slots == 256 and not compiled:
+                    from torch.profiler import ProfilerActivity, profile
 
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    engine._decode_step_body()
-                    torch.cuda.synchronize()
-                results["decode_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-            engine.close()
-            del engine
-            torch.cuda.empty_cache()
-
-        for n in [int(x) for x in args.prefill.split(",")]:
-            ids = torch.tensor([prompt.input_ids] * n, device=device)
-            embeds = vlm.embed_tokens(ids)
-            positions = torch.arange(length, device=device)[None].expand(n, -1)
-            from dvl_batch.engine.attention import SlotKV
-
-            kv = SlotKV.allocate(vlm.num_layers, n, n, vlm.num_kv_heads, length, 8, vlm.head_dim, torch.bfloat16, device)
-            step = AttentionStep(kv, "prefix", groups=torch.arange(n, device=device))
-            t = timed(lambda: vlm.language_forward(embeds, positions, dvl_step=step))
-            rows.append(("prefix prefill (LLM)", n, t * 1000, t / n * 1000))
-            del kv
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        store._decode_body()
+                        torch.cuda.synchronize()
+                    results["decode_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+                if slots == (256 if compiled else min(int(x) for x in args.slots.split(","))):
+                    for n in [int(x) for x in args.prefill.split(",")] if not compiled else [32]:
+                        if n > slots:
+                            continue
+                        store.prefill_batch = n
+                        prefixes = [list(prompt.input_ids)] * n
+                        feats = [torch.randn(1, 576, vlm.hidden_size, device=device, dtype=torch.bfloat16)] * n
+                        if compiled:
+                            store.prefix_fn = torch.compile(store._prefix_pass, dynamic=False)
+                        t = timed(lambda: store.prefill_prefixes(prefixes, list(range(n)), feats))
+                        rows.append((f"prefix prefill {label}", n, t * 1000, t / n * 1000))
+                        pixels = [(i, {"pixel_values": torch.randint(0, 255, (1, 3, 384, 384), dtype=torch.uint8)}) for i in range(n)]
+                        if compiled:
+                            store.vision_fn = torch.compile(vlm.image_features, dynamic=False)
+                        t = timed(lambda: store.encode_images(pixels))
+                        rows.append((f"encode images {label}", n, t * 1000, t / n * 1000))
+                del store
+                torch.cuda.empty_cache()
 
     results["rows"] = [dict(zip(("phase", "batch", "ms", "ms_per_item"), r)) for r in rows]
     Path(args.out).write_text(json.dumps(results, indent=2))
@@ -118,7 +118,8 @@ def main() -> None:
     for phase, batch, ms, per in rows:
         print(f"{phase:<24} {batch:>6} {ms:>9.2f} {per:>9.3f}")
     for entry in results.get("decode", []):
-        print(f"decode {entry['slots']} slots: {entry['bytes'] / 1e9:.1f} GB moved, graph {entry['graph_bandwidth_TBps']:.2f} TB/s")
+        print(f"decode {entry['slots']} slots compiled={entry['compiled']}: {entry['bytes'] / 1e9:.1f} GB moved, "
+              f"graph {entry['graph_bandwidth_TBps']:.2f} TB/s, setup {entry['setup_s']:.1f} s")
     print(results.get("decode_kernels", ""))
 
 

@@ -59,6 +59,7 @@ class BenchConfig:
     data_dir: str | None = None
     device: str = "auto"
     cuda_graphs: bool = True
+    compile: bool = True
     check_outputs: bool = True
     out: str = "bench.json"
 
@@ -219,7 +220,9 @@ def _spec(cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path
         prompt=prompt,
         generation=GenerationSpec(max_new_tokens=cfg.max_new_tokens),
         data=DataSpec(inputs=tuple(str(p) for p in inputs), workers=cfg.workers),
-        batch=BatchSpec(batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs),
+        batch=BatchSpec(
+            batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile
+        ),
         output=OutputSpec(path=str(out)),
     )
 

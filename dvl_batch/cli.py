@@ -63,6 +63,7 @@ OPTION_PATHS = {
     "token_budget": "batch.token_budget",
     "prefill_batch": "batch.prefill_batch",
     "cuda_graphs": "batch.cuda_graphs",
+    "compile": "batch.compile",
     "output": "output.path",
     "overwrite": "output.overwrite",
     "strict": "output.strict",
@@ -105,6 +106,7 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Co
 TokenBudget = Annotated[Optional[int], typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
 PrefillBatch = Annotated[Optional[int], typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
 CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA (one-time cost of about a minute).", rich_help_panel="Batching")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
 Strict = Annotated[Optional[bool], typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
 Runner = Annotated[Optional[str], typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
@@ -224,6 +226,7 @@ def caption(
     token_budget: TokenBudget = None,
     prefill_batch: PrefillBatch = None,
     cuda_graphs: CudaGraphs = None,
+    compile: Compile = None,
     workers: Workers = None,
     prefetch: Prefetch = None,
     fast_decode: FastDecode = None,
@@ -271,6 +274,7 @@ def vqa(
     token_budget: TokenBudget = None,
     prefill_batch: PrefillBatch = None,
     cuda_graphs: CudaGraphs = None,
+    compile: Compile = None,
     workers: Workers = None,
     prefetch: Prefetch = None,
     fast_decode: FastDecode = None,
@@ -382,6 +386,7 @@ def bench(
     batch_size: BatchSize = None,
     prefill_batch: PrefillBatch = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs")] = True,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
@@ -398,7 +403,7 @@ def bench(
         profile=profile, shape=shape, requests=requests, max_new_tokens=max_new_tokens,
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
-        data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, out=out,
+        data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile, out=out,
     )
     if profile not in ("caption-varlen", "vqa", "both") or shape not in ("real-1.3b", "tiny"):
         raise UsageError("--profile must be caption-varlen, vqa or both; --shape real-1.3b or tiny")

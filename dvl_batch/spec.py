@@ -88,6 +88,7 @@ class BatchSpec:
     token_budget: int | None = None  # cap on prompt tokens per prefill batch
     prefill_batch: int | None = None  # images per prefill step; None: automatic
     cuda_graphs: bool = True
+    compile: bool = True  # torch.compile the slot engine's passes (CUDA only)
 
 
 @dataclass(frozen=True)

@@ -73,36 +73,32 @@ class AttentionStep:
     write_pos: torch.Tensor | None = None  # [B] first suffix position written by this step
     prefix_bias: torch.Tensor | None = None  # [G_batch, 1, 1, P] additive
     suffix_bias: torch.Tensor | None = None  # [B, 1, T, Ls] additive
-    score_dtype: torch.dtype = torch.float32
+    groups_limit: int | None = None  # with groups=None: use the first N prefix slots (the rest are scratch)
+    out_dtype_scores: bool = False  # bf16 matmul with float32 output (CUDA), instead of upcasting K
 
 
-def _scores(query: torch.Tensor, keys: torch.Tensor, score_dtype: torch.dtype) -> torch.Tensor:
-    """query @ keys^T with float32 results; bf16 inputs stay bf16 where the device allows."""
-    if query.dtype == score_dtype:
+def _scores(query: torch.Tensor, keys: torch.Tensor, out_dtype_scores: bool) -> torch.Tensor:
+    """query @ keys^T in float32, like SDPA's accumulation (bf16 scores would lose ~3 digits)."""
+    if query.dtype == torch.float32:
         return torch.matmul(query, keys.transpose(-1, -2))
-    if query.is_cuda:
-        return _bmm_out_dtype(query, keys.transpose(-1, -2), score_dtype)
-    return torch.matmul(query.to(score_dtype), keys.to(score_dtype).transpose(-1, -2))
+    if out_dtype_scores:
+        lead = query.shape[:-2]
+        out = torch.bmm(
+            query.reshape(-1, *query.shape[-2:]), keys.transpose(-1, -2).reshape(-1, keys.shape[-1], keys.shape[-2]),
+            out_dtype=torch.float32,
+        )
+        return out.reshape(*lead, out.shape[-2], out.shape[-1])
+    return torch.matmul(query.float(), keys.float().transpose(-1, -2))
 
 
-def _bmm_out_dtype(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    lead = a.shape[:-2]
-    a3 = a.reshape(-1, *a.shape[-2:])
-    b3 = b.reshape(-1, *b.shape[-2:])
-    if _BMM_OUT_DTYPE[0] is None:
-        try:
-            torch.bmm(a3[:1], b3[:1], out_dtype=out_dtype)
-            _BMM_OUT_DTYPE[0] = True
-        except (RuntimeError, TypeError):
-            _BMM_OUT_DTYPE[0] = False
-    if _BMM_OUT_DTYPE[0]:
-        out = torch.bmm(a3, b3, out_dtype=out_dtype)
-    else:
-        out = torch.bmm(a3.to(out_dtype), b3.to(out_dtype))
-    return out.reshape(*lead, out.shape[-2], out.shape[-1])
-
-
-_BMM_OUT_DTYPE: list[bool | None] = [None]
+def scores_support_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch/device computes bf16 x bf16 -> fp32 batched matmuls directly."""
+    try:
+        a = torch.ones(1, 2, 8, device=device, dtype=dtype)
+        torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def _write_prefix(step: AttentionStep, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -133,7 +129,8 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
     q_per_group = step.rows_per_group
     n_groups = batch // q_per_group
     if step.groups is None:
-        prefix_k, prefix_v = kv.prefix_k[layer], kv.prefix_v[layer]
+        limit = step.groups_limit or kv.prefix_k.shape[1]
+        prefix_k, prefix_v = kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit]
     else:
         prefix_k, prefix_v = kv.prefix_k[layer, step.groups], kv.prefix_v[layer, step.groups]
     if step.rows is None:
@@ -143,13 +140,13 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
     # group-major queries: [G, Q, Hkv, rep, T, D] -> [G, Hkv, Q*rep*T, D] against the shared prefix
     q6 = query.view(n_groups, q_per_group, kv_heads, rep, new, dim)
     q_prefix = q6.permute(0, 2, 1, 3, 4, 5).reshape(n_groups, kv_heads, q_per_group * rep * new, dim)
-    s_prefix = _scores(q_prefix, prefix_k, step.score_dtype) * scaling
+    s_prefix = _scores(q_prefix, prefix_k, step.out_dtype_scores) * scaling
     s_prefix = s_prefix + step.prefix_bias
     p_len = s_prefix.shape[-1]
     s_prefix = s_prefix.view(n_groups, kv_heads, q_per_group, rep * new, p_len).permute(0, 2, 1, 3, 4)
     s_prefix = s_prefix.reshape(batch, kv_heads, rep * new, p_len)
     q_suffix = query.view(batch, kv_heads, rep * new, dim)
-    s_suffix = _scores(q_suffix, suffix_k, step.score_dtype) * scaling
+    s_suffix = _scores(q_suffix, suffix_k, step.out_dtype_scores) * scaling
     bias = step.suffix_bias
     if rep > 1 and new > 1:
         bias = bias.repeat(1, 1, rep, 1)  # query rows are ordered (rep, T)

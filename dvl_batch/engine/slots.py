@@ -1,0 +1,335 @@
+"""Device side of the slot engine: KV slots, per-row state, and the model steps.
+
+`SlotStore` owns everything that lives on the device for a fixed layout (groups x
+rows, prefix and suffix capacity) and runs the three kinds of forward passes:
+
+- image encoding (vision tower + aligner), in fixed-size chunks;
+- prefix prefill: whole prompts (one row per group) or the shared image prefix of a
+  group, right-padded to the prefix capacity, in fixed-size batches;
+- decode: one token for every row, captured once as a CUDA graph.
+
+On CUDA the three are compiled with torch.compile (fusing transformers' RMSNorm,
+rotary and MLP element-wise work) with shapes pinned, so each compiles once; the
+decode step is compiled first and then captured. The host learns each step's tokens
+one step late (pinned buffer + event), so it never waits for the step it launched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..images import ImageView, normalize_pixels
+from ..spec import GenerationSpec
+from .attention import AttentionStep, SlotKV, scores_support_out_dtype
+from .model import VisionLanguageModel
+
+NEG_INF = float("-inf")
+NO_FORCE = 1 << 30
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layout:
+    """Slot geometry: `groups` image prefixes of `rows_per_group` answer rows each."""
+
+    groups: int
+    rows_per_group: int
+    prefix_cap: int
+    suffix_cap: int
+
+    @property
+    def rows(self) -> int:
+        return self.groups * self.rows_per_group
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step in flight: its tokens arrive in `host` once `done` has fired."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    rows: dict  # row id -> the request that occupied it at launch
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
+class SlotStore:
+    """KV slots + row state for one layout, and the forward passes that fill them."""
+
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        views: dict[str, ImageView],
+        layout: Layout,
+        generation: GenerationSpec,
+        eos_id: int,
+        pad_id: int,
+        prefill_batch: int,
+        compile_steps: bool,
+        cuda_graphs: bool,
+    ):
+        self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
+        self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
+        self.device, self.dtype = vlm.device, vlm.dtype
+        self.on_cuda = self.device.type == "cuda"
+        self.generator = torch.Generator(device=self.device).manual_seed(generation.seed)
+        self.scratch = layout.groups  # one spare group absorbs the padding rows of fixed-size prefills
+        self.kv = SlotKV.allocate(
+            vlm.num_layers, layout.groups + 1, layout.rows, vlm.num_kv_heads, layout.prefix_cap, layout.suffix_cap,
+            vlm.head_dim, self.dtype, self.device,
+        )
+        dev, rows = self.device, layout.rows
+        self.next_tok = torch.full((rows,), pad_id, dtype=torch.long, device=dev)
+        self.row_len = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.row_prefix = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.n_gen = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.force_at = torch.full((rows,), NO_FORCE, dtype=torch.long, device=dev)
+        self.group_prefix = torch.zeros(layout.groups + 1, dtype=torch.long, device=dev)
+        self.prefix_range = torch.arange(layout.prefix_cap, device=dev)
+        self.suffix_range = torch.arange(layout.suffix_cap, device=dev)
+        self.out_dtype_scores = self.on_cuda and scores_support_out_dtype(self.device, self.dtype)
+        self.host_tokens = [torch.empty(rows, dtype=torch.long, pin_memory=self.on_cuda) for _ in range(2)]
+        self.flip = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.fixed_shapes = compile_steps and self.on_cuda
+        self.prefix_fn = self._prefix_pass
+        self.vision_fn = vlm.image_features
+        self.decode_fn = self._decode_outputs
+        if self.fixed_shapes:
+            self._compile()
+        if cuda_graphs and self.on_cuda:
+            self._capture_decode_graph()
+
+    # ------------------------------------------------------------ compilation
+
+    def _compile(self) -> None:
+        """Compile the three passes and run each once, so compilation happens now."""
+        try:
+            self.prefix_fn = torch.compile(self._prefix_pass, dynamic=False)
+            self.vision_fn = torch.compile(self.vlm.image_features, dynamic=False)
+            self.decode_fn = torch.compile(self._decode_outputs, dynamic=False)
+            self._warm_compiled()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the job
+            log.warning("torch.compile failed (%s); running the slot engine eagerly", str(exc).splitlines()[0])
+            self.prefix_fn, self.vision_fn, self.decode_fn = self._prefix_pass, self.vlm.image_features, self._decode_outputs
+            self.fixed_shapes = False
+        self._reset_rows()
+
+    def _warm_compiled(self) -> None:
+        width, batch = self.layout.prefix_cap, self.prefill_batch
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long, device=self.device)
+        slots = torch.full((batch,), self.scratch, dtype=torch.long, device=self.device)
+        last = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.prefix_fn(self.vlm.embed_tokens(ids), slots, last)
+        pixels = {v.name: torch.zeros(batch, 3, v.size, v.size, dtype=self.dtype, device=self.device) for v in self.views.values()}
+        self.vision_fn(pixels)
+        self.decode_fn()
+
+    # ------------------------------------------------------------ images
+
+    def encode_images(self, pixels_by_item: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[int, torch.Tensor]:
+        """uid -> [n_images, tokens, hidden]; every image encoded once, in fixed-size chunks."""
+        if not pixels_by_item:
+            return {}
+        names = list(pixels_by_item[0][1])
+        stacked = {name: torch.cat([p[name] for _, p in pixels_by_item]) for name in names}
+        total = stacked[names[0]].shape[0]
+        chunk = self.prefill_batch if self.fixed_shapes else total
+        outputs = []
+        for start in range(0, total, chunk):
+            part = {}
+            for name in names:
+                piece = stacked[name][start : start + chunk].to(self.device, non_blocking=True)
+                if piece.dtype == torch.uint8:
+                    piece = normalize_pixels(piece, self.views[name], self.dtype)
+                piece = piece.to(self.dtype)
+                if self.fixed_shapes and piece.shape[0] < chunk:
+                    pad = torch.zeros(chunk - piece.shape[0], *piece.shape[1:], dtype=piece.dtype, device=piece.device)
+                    piece = torch.cat([piece, pad])
+                part[name] = piece
+            count = min(chunk, total - start)
+            outputs.append(self.vision_fn(part)[:count])
+        features = torch.cat(outputs)
+        out, start = {}, 0
+        for uid, pixels in pixels_by_item:
+            count = pixels[names[0]].shape[0]
+            out[uid] = features[start : start + count]
+            start += count
+        return out
+
+    # ------------------------------------------------------------ prefill
+
+    def _prefix_pass(self, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Causal pass over right-padded prefixes, storing their KV; returns last-token logits."""
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+        hidden = self.vlm.language_forward(embeds, positions, dvl_step=AttentionStep(self.kv, "prefix", groups=slots))
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.vlm.lm_head(picked).float()
+
+    def prefill_prefixes(self, prefixes: list[list[int]], slots: list[int], features: list[torch.Tensor]):
+        """Store the KV of new groups' prefixes; returns first-token logits (meaningful when
+        the prefixes are whole prompts). Batches of `prefill_batch`, padded to fixed shapes
+        when compiled (padding rows write into the scratch group)."""
+        dev = self.device
+        lengths = [len(p) for p in prefixes]
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.group_prefix[slot_t] = torch.tensor(lengths, dtype=torch.long, device=dev)
+        logits = []
+        chunk = self.prefill_batch if self.fixed_shapes else len(prefixes)
+        for start in range(0, len(prefixes), chunk):
+            part = prefixes[start : start + chunk]
+            part_slots = slots[start : start + chunk]
+            part_feats = [f for f in features[start : start + chunk] if f is not None]
+            logits.append(self._prefill_chunk(part, part_slots, part_feats, chunk)[: len(part)])
+        return torch.cat(logits)
+
+    def _prefill_chunk(self, prefixes, slots, features, batch) -> torch.Tensor:
+        dev = self.device
+        width = self.layout.prefix_cap if self.fixed_shapes else max(len(p) for p in prefixes)
+        rows = prefixes + [[] for _ in range(batch - len(prefixes))] if self.fixed_shapes else prefixes
+        ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in rows], dtype=torch.long, device=dev)
+        embeds = self.vlm.embed_tokens(ids)
+        if features:
+            flat = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
+            embeds = embeds.masked_scatter((ids == self.vlm.image_token_id)[..., None], flat)
+        slot_t = torch.tensor(slots + [self.scratch] * (len(rows) - len(slots)), dtype=torch.long, device=dev)
+        last = torch.tensor([max(len(p), 1) - 1 for p in rows], dtype=torch.long, device=dev)
+        return self.prefix_fn(embeds, slot_t, last)
+
+    def start_whole_prompt_rows(self, slots: list[int]) -> torch.Tensor:
+        """Rows whose whole prompt is the prefix: nothing stored per row yet."""
+        rows_t = torch.tensor(slots, dtype=torch.long, device=self.device) * self.layout.rows_per_group
+        self.row_len[rows_t] = 0
+        self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group]
+        return rows_t
+
+    def prefill_suffixes(self, suffixes: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's question tokens against its group's prefix; (first-token logits, rows)."""
+        q = self.layout.rows_per_group
+        dev = self.device
+        lengths = [max(len(s), 1) for s in suffixes]
+        width = max(lengths)
+        padded = [(s or [self.pad_id]) + [self.pad_id] * (width - max(len(s), 1)) for s in suffixes]
+        ids_t = torch.tensor(padded, dtype=torch.long, device=dev)
+        lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
+        group_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        rows_t = (group_t[:, None] * q + torch.arange(q, device=dev)[None]).reshape(-1)
+        prefix_len = self.group_prefix[group_t]
+        offsets = torch.arange(width, device=dev)
+        positions = prefix_len.repeat_interleave(q)[:, None] + offsets[None]
+        causal = self.suffix_range[None, :] <= offsets[:, None]
+        suffix_bias = torch.zeros(width, self.layout.suffix_cap, dtype=torch.float32, device=dev)
+        suffix_bias = suffix_bias.masked_fill(~causal, NEG_INF)[None, None].expand(len(padded), 1, -1, -1)
+        step = AttentionStep(
+            self.kv, "rows", groups=group_t, rows=rows_t, rows_per_group=q,
+            write_pos=torch.zeros(len(padded), dtype=torch.long, device=dev),
+            prefix_bias=self._prefix_bias(prefix_len), suffix_bias=suffix_bias, out_dtype_scores=self.out_dtype_scores,
+        )
+        hidden = self.vlm.language_forward(self.vlm.embed_tokens(ids_t), positions, dvl_step=step)
+        last = hidden[torch.arange(len(padded), device=dev), lengths_t - 1]
+        self.row_len[rows_t] = lengths_t
+        self.row_prefix[rows_t] = prefix_len.repeat_interleave(q)
+        return self.vlm.lm_head(last).float(), rows_t
+
+    def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int]) -> list[int]:
+        """Pick every new row's first token and arm its state; returns the tokens."""
+        force_t = torch.tensor(force, dtype=torch.long, device=self.device)
+        first = self.pick(logits, torch.zeros_like(force_t), force_t)
+        self.next_tok[rows_t] = first
+        self.n_gen[rows_t] = 1
+        self.force_at[rows_t] = force_t
+        return first.tolist()
+
+    def _prefix_bias(self, prefix_len: torch.Tensor) -> torch.Tensor:
+        valid = self.prefix_range[None, :] < prefix_len[:, None]
+        bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device).masked_fill(~valid, NEG_INF)
+        return bias[:, None, None, :]
+
+    # ------------------------------------------------------------ decode
+
+    def pick(self, logits: torch.Tensor, n_generated: torch.Tensor, force_at: torch.Tensor) -> torch.Tensor:
+        """Greedy or temperature/top-p sampling, then the forced-EOS schedule."""
+        if self.gen.temperature <= 0:
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = sample_top_p(logits, self.gen.temperature, self.gen.top_p, self.generator)
+        forced = (n_generated + 1) == force_at
+        return torch.where(forced, torch.full_like(chosen, self.eos_id), chosen)
+
+    def _decode_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for every row: (float32 logits, greedy-or-forced tokens)."""
+        positions = (self.row_prefix + self.row_len)[:, None]
+        valid = self.suffix_range[None, :] <= self.row_len[:, None]
+        suffix_bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device).masked_fill(~valid, NEG_INF)
+        step = AttentionStep(
+            self.kv, "rows", rows_per_group=self.layout.rows_per_group, write_pos=self.row_len,
+            prefix_bias=self._prefix_bias(self.group_prefix[: self.layout.groups]),
+            suffix_bias=suffix_bias[:, None, None, :], groups_limit=self.layout.groups,
+            out_dtype_scores=self.out_dtype_scores,
+        )
+        hidden = self.vlm.language_forward(self.vlm.embed_tokens(self.next_tok[:, None]), positions, dvl_step=step)
+        logits = self.vlm.lm_head(hidden[:, -1]).float()
+        greedy = logits.argmax(dim=-1)
+        forced = (self.n_gen + 1) == self.force_at
+        return logits, torch.where(forced, torch.full_like(greedy, self.eos_id), greedy)
+
+    def _decode_body(self) -> None:
+        self.step_logits, self.step_tokens = self.decode_fn()
+
+    def _capture_decode_graph(self) -> None:
+        """Warm up on a side stream, then capture the decode step; row state is reset after."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self._decode_body()
+        self.graph = graph
+        self._reset_rows()
+
+    def _reset_rows(self) -> None:
+        self.row_len.zero_()
+        self.n_gen.zero_()
+        self.group_prefix.zero_()
+
+    def launch_decode(self, rows: dict) -> LaunchedStep:
+        """Enqueue one decode step; its tokens can be read later without stalling the device."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._decode_body()
+        tokens = self.step_tokens
+        if self.gen.temperature > 0:
+            tokens = self.pick(self.step_logits, self.n_gen, self.force_at)
+        self.next_tok.copy_(tokens)
+        self.row_len.add_(1).clamp_(max=self.layout.suffix_cap - 1)
+        self.n_gen.add_(1)
+        host = self.host_tokens[self.flip]
+        self.flip ^= 1
+        host.copy_(tokens, non_blocking=self.on_cuda)
+        done = None
+        if self.on_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(host, done, dict(rows))
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Temperature then nucleus sampling, as transformers' warpers order them."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        drop = cumulative - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
