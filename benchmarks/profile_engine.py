@@ -15,6 +15,7 @@ Run: python benchmarks/profile_engine.py --out profile.json
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ def main() -> None:
                         t = timed(lambda: store.encode_images(pixels))
                         rows.append((f"encode images {label}", n, t * 1000, t / n * 1000))
                 del store
+                gc.collect()
                 torch.cuda.empty_cache()
 
     results["rows"] = [dict(zip(("phase", "batch", "ms", "ms_per_item"), r)) for r in rows]

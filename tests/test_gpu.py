@@ -20,24 +20,29 @@ from .test_engine import MAX_NEW, _items
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _run(model, views, items, eos, graphs: bool, batch_size=8):
+def _run(model, views, items, eos, graphs: bool, compile_steps: bool = True, batch_size=8):
     engine = SlotEngine(
         VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=MAX_NEW),
-        BatchSpec(batch_size=batch_size, cuda_graphs=graphs), [eos], eos,
+        BatchSpec(batch_size=batch_size, cuda_graphs=graphs, compile=compile_steps), [eos], eos,
     )
     return {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
 
 
+def _differences(got, refs):
+    return {k: (refs[k], got.get(k)) for k in refs if got.get(k) != refs[k]}
+
+
 @pytest.mark.parametrize("questions", [1, 3])
-def test_cuda_float32_matches_generate(tiny_model_dir, tiny_processor, questions):
+@pytest.mark.parametrize("graphs,compile_steps", [(False, False), (True, False), (True, True)])
+def test_cuda_float32_matches_generate(tiny_model_dir, tiny_processor, questions, graphs, compile_steps):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda().eval()
     eos = tiny_processor.tokenizer.eos_token_id
     items, views = _items(tiny_processor, lambda uid: questions)
     refs = _reference_on(model, views, items, eos)
-    assert _run(model, views, items, eos, graphs=True) == refs
-    assert _run(model, views, items, eos, graphs=False) == refs
+    got = _run(model, views, items, eos, graphs=graphs, compile_steps=compile_steps)
+    assert not _differences(got, refs), _differences(got, refs)
 
 
 def test_cuda_bfloat16_mostly_matches_generate(tiny_model_dir, tiny_processor):

@@ -14,6 +14,7 @@ prefix once, then each question's suffix against it. Work per step: one token pe
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class SlotEngine:
         self.store = None
         self.inflight = None
         if self.device.type == "cuda":
+            gc.collect()  # the store's compiled callables form reference cycles; free its KV now
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
