@@ -60,6 +60,7 @@ class BenchConfig:
     device: str = "auto"
     cuda_graphs: bool = True
     compile: bool = True
+    triton_attention: bool = True
     check_outputs: bool = True
     out: str = "bench.json"
 
@@ -221,7 +222,8 @@ def _spec(cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path
         generation=GenerationSpec(max_new_tokens=cfg.max_new_tokens),
         data=DataSpec(inputs=tuple(str(p) for p in inputs), workers=cfg.workers),
         batch=BatchSpec(
-            batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile
+            batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
+            triton_attention=cfg.triton_attention,
         ),
         output=OutputSpec(path=str(out)),
     )
@@ -385,6 +387,8 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
     entry.update(
         idle_seconds=round(engine_stats.get("idle_seconds", 0.0), 3),
         prefill_seconds=round(engine_stats.get("prefill_seconds", 0.0), 3),
+        vision_seconds=round(engine_stats.get("vision_seconds", 0.0), 3),
+        prefix_seconds=round(engine_stats.get("prefix_seconds", 0.0), 3),
         decode_seconds=round(engine_stats.get("decode_seconds", 0.0), 3),
         decode_steps=int(engine_stats.get("decode_steps", 0)),
         slots=int(engine_stats.get("slots", 0)),
@@ -475,7 +479,8 @@ def format_table(results: dict[str, Any]) -> str:
             )
         dvl = profile["engines"]["dvl"]
         lines.append(
-            f"          dvl: {dvl['slots']} slots, prefill {dvl['prefill_seconds']} s, decode {dvl['decode_seconds']} s "
+            f"          dvl: {dvl['slots']} slots, prefill {dvl['prefill_seconds']} s (vision {dvl['vision_seconds']} s, "
+            f"prefix {dvl['prefix_seconds']} s), decode {dvl['decode_seconds']} s "
             f"({dvl['decode_steps']} steps), device idle waiting for data {dvl['idle_seconds']} s"
         )
         lines += [f"          {note}" for note in profile["notes"]]

@@ -64,6 +64,7 @@ OPTION_PATHS = {
     "prefill_batch": "batch.prefill_batch",
     "cuda_graphs": "batch.cuda_graphs",
     "compile": "batch.compile",
+    "triton_attention": "batch.triton_attention",
     "output": "output.path",
     "overwrite": "output.overwrite",
     "strict": "output.strict",
@@ -387,6 +388,7 @@ def bench(
     prefill_batch: PrefillBatch = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
+    triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
@@ -403,7 +405,8 @@ def bench(
         profile=profile, shape=shape, requests=requests, max_new_tokens=max_new_tokens,
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
-        data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile, out=out,
+        data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
+        triton_attention=triton_attention, out=out,
     )
     if profile not in ("caption-varlen", "vqa", "both") or shape not in ("real-1.3b", "tiny"):
         raise UsageError("--profile must be caption-varlen, vqa or both; --shape real-1.3b or tiny")

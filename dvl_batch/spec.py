@@ -89,6 +89,7 @@ class BatchSpec:
     prefill_batch: int | None = None  # images per prefill step; None: automatic
     cuda_graphs: bool = True
     compile: bool = True  # torch.compile the slot engine's passes (CUDA only)
+    triton_attention: bool = True  # Triton decode attention reading only valid keys (CUDA only)
 
 
 @dataclass(frozen=True)

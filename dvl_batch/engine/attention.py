@@ -75,6 +75,8 @@ class AttentionStep:
     suffix_bias: torch.Tensor | None = None  # [B, 1, T, Ls] additive
     groups_limit: int | None = None  # with groups=None: use the first N prefix slots (the rest are scratch)
     out_dtype_scores: bool = False  # bf16 matmul with float32 output (CUDA), instead of upcasting K
+    prefix_lengths: torch.Tensor | None = None  # [G] valid prefix positions (the Triton decode path)
+    triton_splits: int = 0  # > 0: decode (T == 1) through the Triton kernels with this many prefix splits
 
 
 def _scores(query: torch.Tensor, keys: torch.Tensor, out_dtype_scores: bool) -> torch.Tensor:
@@ -122,6 +124,8 @@ def _write_rows(step: AttentionStep, layer: int, key: torch.Tensor, value: torch
 
 def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of new row tokens over [group prefix | own suffix], merged in one softmax."""
+    if step.triton_splits and query.shape[2] == 1 and step.groups is None and step.rows is None:
+        return _triton_rows_attention(step, layer, query, scaling)
     kv = step.kv
     batch, heads, new, dim = query.shape
     kv_heads = kv.prefix_k.shape[2]
@@ -160,6 +164,17 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
     out_prefix = out_prefix.view(n_groups, kv_heads, q_per_group, rep * new, dim).permute(0, 2, 1, 3, 4)
     out = out_prefix.reshape(batch, kv_heads, rep * new, dim) + torch.matmul(p_suffix, suffix_v)
     return out.view(batch, heads, new, dim)
+
+
+def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    from .triton_decode import decode_attention
+
+    kv, limit = step.kv, step.groups_limit or step.kv.prefix_k.shape[1]
+    out = decode_attention(
+        query[:, :, 0], kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit], kv.suffix_k[layer], kv.suffix_v[layer],
+        step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits,
+    )
+    return out[:, :, None]
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):

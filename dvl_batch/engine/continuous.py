@@ -55,6 +55,21 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+class _PhaseClock:
+    """Wall time of device phases (synchronising: admissions synchronise anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 def plan_groups(item: WorkItem, rows_per_group: int) -> list[_Group]:
     """Split an item's prompts into groups that share one prefix, Q prompts at most.
 
@@ -157,6 +172,7 @@ class SlotEngine:
         self.store = SlotStore(
             self.vlm, self.views, layout, self.gen, self.eos_ids[0], self.pad_id, self._prefill_batch(),
             compile_steps=self.batch.compile, cuda_graphs=self.batch.cuda_graphs,
+            use_triton=self.batch.triton_attention,
         )
         self.layout = layout
         self.stats.slots = layout.rows
@@ -189,8 +205,11 @@ class SlotEngine:
     def _prefill(self, groups: list[_Group], slots: list[int]) -> list[Completion]:
         store, q = self.store, self.layout.rows_per_group
         items = list({id(g.item): g.item for g in groups}.values())
+        clock = _PhaseClock(self.device)
         features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
+        self.stats.vision_seconds += clock.lap()
         logits = store.prefill_prefixes([g.prefix for g in groups], slots, [features.get(g.item.uid) for g in groups])
+        self.stats.prefix_seconds += clock.lap()
         if q == 1:
             rows_t = store.start_whole_prompt_rows(slots)
         else:

@@ -23,7 +23,7 @@ import torch
 
 from ..images import ImageView, normalize_pixels
 from ..spec import GenerationSpec
-from .attention import AttentionStep, SlotKV, scores_support_out_dtype
+from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype
 from .model import VisionLanguageModel
 
 NEG_INF = float("-inf")
@@ -73,7 +73,9 @@ class SlotStore:
         prefill_batch: int,
         compile_steps: bool,
         cuda_graphs: bool,
+        use_triton: bool = True,
     ):
+        route_attention(vlm.language_model)
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
         self.device, self.dtype = vlm.device, vlm.dtype
@@ -94,6 +96,7 @@ class SlotStore:
         self.prefix_range = torch.arange(layout.prefix_cap, device=dev)
         self.suffix_range = torch.arange(layout.suffix_cap, device=dev)
         self.out_dtype_scores = self.on_cuda and scores_support_out_dtype(self.device, self.dtype)
+        self.triton_splits = _triton_splits(layout, vlm, self.device) if use_triton else 0
         self.host_tokens = [torch.empty(rows, dtype=torch.long, pin_memory=self.on_cuda) for _ in range(2)]
         self.flip = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -265,14 +268,17 @@ class SlotStore:
     def _decode_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for every row: (float32 logits, greedy-or-forced tokens)."""
         positions = (self.row_prefix + self.row_len)[:, None]
-        valid = self.suffix_range[None, :] <= self.row_len[:, None]
-        suffix_bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device).masked_fill(~valid, NEG_INF)
+        groups = self.layout.groups
         step = AttentionStep(
             self.kv, "rows", rows_per_group=self.layout.rows_per_group, write_pos=self.row_len,
-            prefix_bias=self._prefix_bias(self.group_prefix[: self.layout.groups]),
-            suffix_bias=suffix_bias[:, None, None, :], groups_limit=self.layout.groups,
-            out_dtype_scores=self.out_dtype_scores,
+            groups_limit=groups, out_dtype_scores=self.out_dtype_scores,
+            prefix_lengths=self.group_prefix[:groups], triton_splits=self.triton_splits,
         )
+        if not self.triton_splits:
+            valid = self.suffix_range[None, :] <= self.row_len[:, None]
+            suffix_bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device).masked_fill(~valid, NEG_INF)
+            step.prefix_bias = self._prefix_bias(self.group_prefix[:groups])
+            step.suffix_bias = suffix_bias[:, None, None, :]
         hidden = self.vlm.language_forward(self.vlm.embed_tokens(self.next_tok[:, None]), positions, dvl_step=step)
         logits = self.vlm.lm_head(hidden[:, -1]).float()
         greedy = logits.argmax(dim=-1)
@@ -321,6 +327,18 @@ class SlotStore:
             done = torch.cuda.Event()
             done.record()
         return LaunchedStep(host, done, dict(rows))
+
+
+def _triton_splits(layout: Layout, vlm: VisionLanguageModel, device: torch.device) -> int:
+    """Prefix splits for the Triton decode kernels, or 0 where they cannot run."""
+    if device.type != "cuda":
+        return 0
+    try:
+        from .triton_decode import choose_splits
+    except ImportError:
+        return 0
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    return choose_splits(layout.groups, vlm.num_heads, sm_count)
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

@@ -44,6 +44,8 @@ class EngineStats:
     """Counters an engine keeps for the summary and the benchmark."""
 
     prefill_seconds: float = 0.0
+    vision_seconds: float = 0.0  # part of prefill: image encoding
+    prefix_seconds: float = 0.0  # part of prefill: prefix passes
     decode_seconds: float = 0.0
     idle_seconds: float = 0.0  # waiting for input with nothing to run
     decode_steps: int = 0

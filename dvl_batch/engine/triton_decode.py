@@ -1,0 +1,176 @@
+"""Decode attention over the two-level slot cache, as Triton kernels (CUDA).
+
+One decode step is bound by reading keys and values. The portable torch path reads
+every slot's full suffix capacity (max_new_tokens of mostly empty positions) and
+materialises scores in several passes. These kernels read exactly the valid keys:
+each group's prefix once for all of its Q rows (tensor-core dot of the Q queries
+against a key tile), then each row's own suffix up to its current length, with an
+online softmax in float32; a second kernel merges the partial results (split-K
+"flash decoding", so small batches still fill the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _partial_kernel(
+    Q, PK, PV, SK, SV, PLEN, RLEN, ACC, M, L,
+    stride_qr, stride_qh,
+    stride_pkg, stride_pkh, stride_pkp,
+    stride_pvg, stride_pvh, stride_pvp,
+    stride_skr, stride_skh, stride_skp,
+    stride_svr, stride_svh, stride_svp,
+    scale,
+    HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, P_TILES: tl.constexpr, S_TILES: tl.constexpr,
+):
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    kvh = h // REP
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    if split < NSPLIT:
+        # the group's prefix, this split's share of it, for all Q rows at once
+        qi = tl.arange(0, QPAD)
+        rows = g * Q_ROWS + qi
+        row_ok = qi < Q_ROWS
+        q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # loop bounds are compile-time tile counts; masked loads past the valid length move no data
+        plen = tl.load(PLEN + g).to(tl.int32)
+        start = split * (P_TILES * BLOCK_N)
+        m_i = tl.full([QPAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([QPAD], tl.float32)
+        acc = tl.zeros([QPAD, D], tl.float32)
+        k_base = PK + g * stride_pkg + kvh * stride_pkh
+        v_base = PV + g * stride_pvg + kvh * stride_pvh
+        for tile in range(P_TILES):
+            pos = start + tile * BLOCK_N + offs_n
+            ok = pos < plen
+            k = tl.load(k_base + pos[:, None] * stride_pkp + offs_d[None, :], mask=ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not make NaNs
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + pos[:, None] * stride_pvp + offs_d[None, :], mask=ok[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = (rows * HEADS + h) * (NSPLIT + 1) + split
+        tl.store(M + out, m_i, mask=row_ok)
+        tl.store(L + out, l_i, mask=row_ok)
+        tl.store(ACC + out[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+    else:
+        # each row's own suffix (question + answer so far), up to and including the new token
+        for qi in range(Q_ROWS):
+            row = g * Q_ROWS + qi
+            q = tl.load(Q + row * stride_qr + h * stride_qh + offs_d).to(tl.float32)
+            rlen = tl.load(RLEN + row).to(tl.int32) + 1
+            m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+            l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+            acc = tl.zeros([D], tl.float32)
+            k_base = SK + row * stride_skr + kvh * stride_skh
+            v_base = SV + row * stride_svr + kvh * stride_svh
+            for tile in range(S_TILES):
+                pos = tile * BLOCK_N + offs_n
+                ok = pos < rlen
+                k = tl.load(k_base + pos[:, None] * stride_skp + offs_d[None, :], mask=ok[:, None], other=0.0)
+                s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 0)
+                v = tl.load(v_base + pos[:, None] * stride_svp + offs_d[None, :], mask=ok[:, None], other=0.0)
+                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+                m_i = m_new
+            out = (row * HEADS + h) * (NSPLIT + 1) + NSPLIT
+            tl.store(M + out, m_i)
+            tl.store(L + out, l_i)
+            tl.store(ACC + out * D + offs_d, acc)
+
+
+@triton.jit
+def _combine_kernel(ACC, M, L, O, stride_or, stride_oh, HEADS: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
+                    PARTS_PAD: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    parts = tl.arange(0, PARTS_PAD)
+    ok = parts < PARTS
+    base = (row * HEADS + h) * PARTS
+    m = tl.load(M + base + parts, mask=ok, other=float("-inf"))
+    l_part = tl.load(L + base + parts, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.where(ok, tl.exp(m - m_max), 0.0)
+    total = tl.sum(l_part * weight, 0)
+    offs_d = tl.arange(0, D)
+    acc = tl.load(ACC + (base + parts)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / total
+    tl.store(O + row * stride_or + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+BLOCK_N = 64
+
+
+def decode_attention(
+    query: torch.Tensor,  # [R, H, D]
+    prefix_k: torch.Tensor,  # [G, Hkv, P, D]
+    prefix_v: torch.Tensor,
+    suffix_k: torch.Tensor,  # [R, Hkv, Ls, D]
+    suffix_v: torch.Tensor,
+    prefix_len: torch.Tensor,  # [G] valid prefix positions per group
+    row_len: torch.Tensor,  # [R] position of the token just written (valid suffix = row_len + 1)
+    rows_per_group: int,
+    scale: float,
+    splits: int,
+) -> torch.Tensor:
+    """Attention output [R, H, D] of one new token per row over [group prefix | own suffix]."""
+    rows, heads, dim = query.shape
+    groups = rows // rows_per_group
+    rep = heads // prefix_k.shape[1]
+    for tensor in (prefix_k, prefix_v, suffix_k, suffix_v):
+        assert tensor.stride(-1) == 1, "keys/values must be contiguous in head_dim"
+    assert query.stride(-1) == 1
+    parts = splits + 1
+    acc = torch.empty(rows, heads, parts, dim, dtype=torch.float32, device=query.device)
+    m = torch.empty(rows, heads, parts, dtype=torch.float32, device=query.device)
+    l_sum = torch.empty_like(m)
+    _partial_kernel[(groups, heads, parts)](
+        query, prefix_k, prefix_v, suffix_k, suffix_v, prefix_len, row_len, acc, m, l_sum,
+        query.stride(0), query.stride(1),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
+        suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
+        scale,
+        HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
+        BLOCK_N=BLOCK_N, NSPLIT=splits, IEEE=query.dtype == torch.float32,
+        P_TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), BLOCK_N), S_TILES=triton.cdiv(suffix_k.shape[2], BLOCK_N),
+    )
+    out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
+    _combine_kernel[(rows, heads)](
+        acc, m, l_sum, out, out.stride(0), out.stride(1),
+        HEADS=heads, D=dim, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts),
+    )
+    return out
+
+
+def choose_splits(groups: int, heads: int, sm_count: int) -> int:
+    """Enough prefix splits that the grid covers every SM a few times over."""
+    splits = 1
+    while groups * heads * (splits + 1) < 4 * sm_count and splits < 16:
+        splits *= 2
+    return splits
