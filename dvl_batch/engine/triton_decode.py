@@ -17,90 +17,97 @@ import triton.language as tl
 
 
 @triton.jit
-def _partial_kernel(
-    Q, PK, PV, SK, SV, PLEN, RLEN, ACC, M, L,
-    stride_qr, stride_qh,
-    stride_pkg, stride_pkh, stride_pkp,
-    stride_pvg, stride_pvh, stride_pvp,
-    stride_skr, stride_skh, stride_skp,
-    stride_svr, stride_svh, stride_svp,
+def _prefix_kernel(
+    Q, PK, PV, PLEN, ACC, M, L,
+    stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, P_TILES: tl.constexpr, S_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Partial attention of a group's Q rows over one split of the group's prefix."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     kvh = h // REP
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-    if split < NSPLIT:
-        # the group's prefix, this split's share of it, for all Q rows at once
-        qi = tl.arange(0, QPAD)
-        rows = g * Q_ROWS + qi
-        row_ok = qi < Q_ROWS
-        q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        # loop bounds are compile-time tile counts; masked loads past the valid length move no data
-        plen = tl.load(PLEN + g).to(tl.int32)
-        start = split * (P_TILES * BLOCK_N)
-        m_i = tl.full([QPAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([QPAD], tl.float32)
-        acc = tl.zeros([QPAD, D], tl.float32)
-        k_base = PK + g * stride_pkg + kvh * stride_pkh
-        v_base = PV + g * stride_pvg + kvh * stride_pvh
-        for tile in range(P_TILES):
-            pos = start + tile * BLOCK_N + offs_n
-            ok = pos < plen
-            k = tl.load(k_base + pos[:, None] * stride_pkp + offs_d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not make NaNs
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + pos[:, None] * stride_pvp + offs_d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        out = (rows * HEADS + h) * (NSPLIT + 1) + split
-        tl.store(M + out, m_i, mask=row_ok)
-        tl.store(L + out, l_i, mask=row_ok)
-        tl.store(ACC + out[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
-    else:
-        # each row's own suffix (question + answer so far), up to and including the new token
-        for qi in range(Q_ROWS):
-            row = g * Q_ROWS + qi
-            q = tl.load(Q + row * stride_qr + h * stride_qh + offs_d).to(tl.float32)
-            rlen = tl.load(RLEN + row).to(tl.int32) + 1
-            m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
-            l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-            acc = tl.zeros([D], tl.float32)
-            k_base = SK + row * stride_skr + kvh * stride_skh
-            v_base = SV + row * stride_svr + kvh * stride_svh
-            for tile in range(S_TILES):
-                pos = tile * BLOCK_N + offs_n
-                ok = pos < rlen
-                k = tl.load(k_base + pos[:, None] * stride_skp + offs_d[None, :], mask=ok[:, None], other=0.0)
-                s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(s - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 0)
-                v = tl.load(v_base + pos[:, None] * stride_svp + offs_d[None, :], mask=ok[:, None], other=0.0)
-                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-                m_i = m_new
-            out = (row * HEADS + h) * (NSPLIT + 1) + NSPLIT
-            tl.store(M + out, m_i)
-            tl.store(L + out, l_i)
-            tl.store(ACC + out * D + offs_d, acc)
+    qi = tl.arange(0, QPAD)
+    rows = g * Q_ROWS + qi
+    row_ok = qi < Q_ROWS
+    q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # loop bounds are compile-time tile counts; masked loads past the valid length move no data
+    plen = tl.load(PLEN + g).to(tl.int32)
+    start = split * (TILES * BLOCK_N)
+    m_i = tl.full([QPAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QPAD], tl.float32)
+    acc = tl.zeros([QPAD, D], tl.float32)
+    k_base = PK + g * stride_kg + kvh * stride_kh
+    v_base = PV + g * stride_vg + kvh * stride_vh
+    for tile in range(TILES):
+        pos = start + tile * BLOCK_N + offs_n
+        ok = pos < plen
+        k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not make NaNs
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = (rows * HEADS + h) * PARTS + split
+    tl.store(M + out, m_i, mask=row_ok)
+    tl.store(L + out, l_i, mask=row_ok)
+    tl.store(ACC + out[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _suffix_kernel(
+    Q, SK, SV, RLEN, ACC, M, L,
+    stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_vr, stride_vh, stride_vp,
+    scale,
+    HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    """Partial attention of one row over its own suffix (question + answer so far + new token)."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // REP
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + row * stride_qr + h * stride_qh + offs_d).to(tl.float32)
+    rlen = tl.load(RLEN + row).to(tl.int32) + 1
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc = tl.zeros([D], tl.float32)
+    k_base = SK + row * stride_kr + kvh * stride_kh
+    v_base = SV + row * stride_vr + kvh * stride_vh
+    for tile in range(TILES):
+        pos = tile * BLOCK_N + offs_n
+        ok = pos < rlen
+        k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    out = (row * HEADS + h) * PARTS + PARTS - 1
+    tl.store(M + out, m_i)
+    tl.store(L + out, l_i)
+    tl.store(ACC + out * D + offs_d, acc)
 
 
 @triton.jit
@@ -148,17 +155,23 @@ def decode_attention(
     acc = torch.empty(rows, heads, parts, dim, dtype=torch.float32, device=query.device)
     m = torch.empty(rows, heads, parts, dtype=torch.float32, device=query.device)
     l_sum = torch.empty_like(m)
-    _partial_kernel[(groups, heads, parts)](
-        query, prefix_k, prefix_v, suffix_k, suffix_v, prefix_len, row_len, acc, m, l_sum,
+    _prefix_kernel[(groups, heads, splits)](
+        query, prefix_k, prefix_v, prefix_len, acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+        scale,
+        HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
+        BLOCK_N=BLOCK_N, PARTS=parts, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), BLOCK_N),
+        IEEE=query.dtype == torch.float32,
+    )
+    _suffix_kernel[(rows, heads)](
+        query, suffix_k, suffix_v, row_len, acc, m, l_sum,
+        query.stride(0), query.stride(1),
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
         scale,
-        HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
-        BLOCK_N=BLOCK_N, NSPLIT=splits, IEEE=query.dtype == torch.float32,
-        P_TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), BLOCK_N), S_TILES=triton.cdiv(suffix_k.shape[2], BLOCK_N),
+        HEADS=heads, REP=rep, D=dim, BLOCK_N=BLOCK_N, PARTS=parts, TILES=triton.cdiv(suffix_k.shape[2], BLOCK_N),
     )
     out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
     _combine_kernel[(rows, heads)](
