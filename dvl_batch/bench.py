@@ -479,9 +479,9 @@ def format_table(results: dict[str, Any]) -> str:
             )
         dvl = profile["engines"]["dvl"]
         lines.append(
-            f"          dvl: {dvl['slots']} slots, prefill {dvl['prefill_seconds']} s (vision {dvl['vision_seconds']} s, "
-            f"prefix {dvl['prefix_seconds']} s), decode {dvl['decode_seconds']} s "
-            f"({dvl['decode_steps']} steps), device idle waiting for data {dvl['idle_seconds']} s"
+            f"          dvl: {dvl['slots']} slots, {dvl['decode_steps']} decode steps; host time in admissions "
+            f"{dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
+            f"device idle waiting for data {dvl['idle_seconds']} s"
         )
         lines += [f"          {note}" for note in profile["notes"]]
     if "vqa_answers_per_s_over_caption_images_per_s" in results:

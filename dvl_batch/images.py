@@ -170,7 +170,17 @@ def render_views(image: Image.Image, views: list[ImageView]) -> dict[str, np.nda
     return {name: np.ascontiguousarray(array.transpose(2, 0, 1)) for name, array in rendered_hwc.items()}
 
 
-def normalize_pixels(pixels, view: ImageView, dtype):
+def view_constants(view: ImageView, device):
+    """(mean, std) as [1, 3, 1, 1] float32 tensors on `device`: make them once per device,
+    since creating a device tensor from a Python list waits for the device to go idle."""
+    import torch
+
+    mean = torch.tensor(view.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(view.std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    return mean, std
+
+
+def normalize_pixels(pixels, view: ImageView, dtype, constants=None):
     """uint8 NCHW tensor to the processor's normalised floats, in float32 then `dtype`.
 
     Same arithmetic as the processor (rescale in float64, then (x - mean) / std in
@@ -179,6 +189,5 @@ def normalize_pixels(pixels, view: ImageView, dtype):
     import torch
 
     x = (pixels.to(torch.float64) * view.rescale_factor).to(torch.float32)
-    mean = torch.tensor(view.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(view.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean, std = constants if constants is not None else view_constants(view, x.device)
     return ((x - mean) / std).to(dtype)

@@ -90,6 +90,7 @@ class BatchSpec:
     cuda_graphs: bool = True
     compile: bool = True  # torch.compile the slot engine's passes (CUDA only)
     triton_attention: bool = True  # Triton decode attention reading only valid keys (CUDA only)
+    phase_timing: bool = False  # synchronise to time vision/prefill phases (diagnosis; slower)
 
 
 @dataclass(frozen=True)

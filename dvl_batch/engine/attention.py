@@ -77,6 +77,7 @@ class AttentionStep:
     out_dtype_scores: bool = False  # bf16 matmul with float32 output (CUDA), instead of upcasting K
     prefix_lengths: torch.Tensor | None = None  # [G] valid prefix positions (the Triton decode path)
     triton_splits: int = 0  # > 0: decode (T == 1) through the Triton kernels with this many prefix splits
+    collect: list | None = None  # prefix mode: append (key, value) per layer here instead of storing them
 
 
 def _scores(query: torch.Tensor, keys: torch.Tensor, out_dtype_scores: bool) -> torch.Tensor:
@@ -187,7 +188,10 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer = module.layer_idx
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if step.mode == "prefix":
-        _write_prefix(step, layer, key, value)
+        if step.collect is not None:
+            step.collect.append((key, value))
+        else:
+            _write_prefix(step, layer, key, value)
         rep = query.shape[1] // key.shape[1]
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=rep > 1

@@ -26,7 +26,7 @@ from ..images import ImageView
 from ..spec import BatchSpec, GenerationSpec
 from .attention import SlotKV, route_attention
 from .model import VisionLanguageModel
-from .slots import NO_FORCE, LaunchedStep, Layout, SlotStore
+from .slots import NO_FORCE, Launched, Layout, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
 
 
@@ -56,14 +56,17 @@ class _Row:
 
 
 class _PhaseClock:
-    """Wall time of device phases (synchronising: admissions synchronise anyway)."""
+    """Wall time of admission phases. With `sync` it waits for the device at each lap, so
+    the times are the phases' own (a diagnosis mode: it stops the host running ahead)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        if self.sync:
+            torch.cuda.synchronize()
         self.last = time.perf_counter()
 
     def lap(self) -> float:
-        if self.cuda:
+        if self.sync:
             torch.cuda.synchronize()
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
@@ -120,7 +123,7 @@ class SlotEngine:
         self.rows: dict[int, _Row] = {}
         self.free_groups: list[int] = []
         self.group_live: dict[int, int] = {}
-        self.inflight: LaunchedStep | None = None
+        self.launched: deque[Launched] = deque()  # token batches in flight, read in launch order
         self.rows_per_group = 1
         route_attention(vlm.language_model)
 
@@ -162,7 +165,7 @@ class SlotEngine:
 
     def _release(self) -> None:
         self.store = None
-        self.inflight = None
+        self.launched.clear()
         if self.device.type == "cuda":
             gc.collect()  # the store's compiled callables form reference cycles; free its KV now
             torch.cuda.empty_cache()
@@ -203,9 +206,10 @@ class SlotEngine:
             return self._admit(groups[:half]) + self._admit(groups[half:])
 
     def _prefill(self, groups: list[_Group], slots: list[int]) -> list[Completion]:
+        """Enqueue the prefill of new groups; their first tokens are read with the next step."""
         store, q = self.store, self.layout.rows_per_group
         items = list({id(g.item): g.item for g in groups}.values())
-        clock = _PhaseClock(self.device)
+        clock = _PhaseClock(self.device, self.batch.phase_timing)
         features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
         self.stats.vision_seconds += clock.lap()
         logits = store.prefill_prefixes([g.prefix for g in groups], slots, [features.get(g.item.uid) for g in groups])
@@ -219,17 +223,15 @@ class SlotEngine:
             for g in groups
             for j in range(q)
         ]
-        first = store.start_rows(rows_t, logits, force)
-        done: list[Completion] = []
+        new_rows = {}
         for gi, (group, slot) in enumerate(zip(groups, slots)):
             self.group_live[slot] = len(group.prompts)
             for j, prompt in enumerate(group.prompts):
                 row = _Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
                 self.rows[slot * q + j] = row
-                finished = self._append(slot * q + j, row, first[gi * q + j])
-                if finished:
-                    done.append(finished)
-        return done
+                new_rows[slot * q + j] = (row, gi * q + j)
+        self.launched.append(store.start_rows(rows_t, logits, force, new_rows))
+        return []
 
     def _append(self, row_id: int, row: _Row, token: int) -> Completion | None:
         row.tokens.append(token)
@@ -252,20 +254,26 @@ class SlotEngine:
 
     @torch.inference_mode()
     def _decode(self) -> list[Completion]:
-        """Launch the next step, then read the previous one (one step of lag, no stall)."""
+        """Launch the next step, then read everything launched before it (the device always
+        has the newest step queued while the host turns older tokens into answers)."""
         started = time.perf_counter()
-        launched = self.store.launch_decode(self.rows) if self.rows else None
-        previous, self.inflight = self.inflight, launched
+        if self.rows:
+            self.launched.append(self.store.launch_decode(self.rows))
+            self.stats.decode_steps += 1
         done: list[Completion] = []
-        if previous is not None:
-            tokens = previous.tokens()
-            for row_id, row in previous.rows.items():
-                if self.rows.get(row_id) is row:  # still the request that was there at launch
-                    finished = self._append(row_id, row, tokens[row_id])
-                    if finished:
-                        done.append(finished)
+        while len(self.launched) > 1 or (self.launched and not self.rows):
+            done.extend(self._collect(self.launched.popleft()))
         self.stats.decode_seconds += time.perf_counter() - started
-        self.stats.decode_steps += launched is not None
+        return done
+
+    def _collect(self, launched: Launched) -> list[Completion]:
+        tokens = launched.tokens()
+        done = []
+        for row_id, (row, index) in launched.rows.items():
+            if self.rows.get(row_id) is row:  # still the request that was there at launch
+                finished = self._append(row_id, row, tokens[index])
+                if finished:
+                    done.append(finished)
         return done
 
     def _error(self, prompt: EnginePrompt, group: _Group, message: str) -> Completion:
@@ -289,14 +297,14 @@ class SlotEngine:
                 self.pending.extend(plan_groups(item, self.rows_per_group))
             self.unplanned.clear()
             yield from self._reject_too_long()
-            busy = self.rows or self.inflight is not None
+            busy = self.rows or self.launched
             if self.layout is None or (not busy and self.deferred and not self.pending):
                 if not self._reallocate():
                     if exhausted:
                         return
                     continue
             yield from self._admit_ready(exhausted)
-            if self.rows or self.inflight is not None:
+            if self.rows or self.launched:
                 yield from self._decode()
             elif exhausted and not self.pending and not self.deferred:
                 return

@@ -8,10 +8,16 @@ rows, prefix and suffix capacity) and runs the three kinds of forward passes:
   group, right-padded to the prefix capacity, in fixed-size batches;
 - decode: one token for every row, captured once as a CUDA graph.
 
-On CUDA the three are compiled with torch.compile (fusing transformers' RMSNorm,
-rotary and MLP element-wise work) with shapes pinned, so each compiles once; the
-decode step is compiled first and then captured. The host learns each step's tokens
-one step late (pinned buffer + event), so it never waits for the step it launched.
+On CUDA the image encoder and the prefix pass are compiled with torch.compile
+(fusing transformers' RMSNorm, rotary and MLP element-wise work) with shapes pinned,
+so each compiles once. The compiled prefix pass returns its keys/values instead of
+writing them into the multi-GB cache (an in-place write inside a compiled graph makes
+the compiler copy the whole buffer); they are stored right after. The decode step
+stays eager and is captured as a CUDA graph.
+
+Nothing here waits for the device: inputs go up from pinned memory without blocking,
+and tokens come back through pinned buffers with an event (`Launched`), which the
+scheduler reads one launch later, so the device always has the next step queued.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..images import ImageView, normalize_pixels
+from ..images import ImageView, normalize_pixels, view_constants
 from ..spec import GenerationSpec
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype
 from .model import VisionLanguageModel
@@ -46,12 +52,16 @@ class Layout:
 
 
 @dataclass
-class LaunchedStep:
-    """A decode step in flight: its tokens arrive in `host` once `done` has fired."""
+class Launched:
+    """Tokens in flight (a decode step, or an admission's first tokens).
+
+    They arrive in `host` once `done` has fired; `rows` maps row id -> (the request
+    that occupied the row at launch, its index in `host`).
+    """
 
     host: torch.Tensor
     done: torch.cuda.Event | None
-    rows: dict  # row id -> the request that occupied it at launch
+    rows: dict
 
     def tokens(self) -> list[int]:
         if self.done is not None:
@@ -97,13 +107,11 @@ class SlotStore:
         self.suffix_range = torch.arange(layout.suffix_cap, device=dev)
         self.out_dtype_scores = self.on_cuda and scores_support_out_dtype(self.device, self.dtype)
         self.triton_splits = _triton_splits(layout, vlm, self.device) if use_triton else 0
-        self.host_tokens = [torch.empty(rows, dtype=torch.long, pin_memory=self.on_cuda) for _ in range(2)]
-        self.flip = 0
+        self.constants = {name: view_constants(view, dev) for name, view in views.items()}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.fixed_shapes = compile_steps and self.on_cuda
         self.prefix_fn = self._prefix_pass
         self.vision_fn = vlm.image_features
-        self.decode_fn = self._decode_outputs
         if self.fixed_shapes:
             self._compile()
         if cuda_graphs and self.on_cuda:
@@ -112,15 +120,14 @@ class SlotStore:
     # ------------------------------------------------------------ compilation
 
     def _compile(self) -> None:
-        """Compile the three passes and run each once, so compilation happens now."""
+        """Compile the image and prefix passes and run each once, so compilation happens now."""
         try:
             self.prefix_fn = torch.compile(self._prefix_pass, dynamic=False)
             self.vision_fn = torch.compile(self.vlm.image_features, dynamic=False)
-            self.decode_fn = torch.compile(self._decode_outputs, dynamic=False)
             self._warm_compiled()
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the job
             log.warning("torch.compile failed (%s); running the slot engine eagerly", str(exc).splitlines()[0])
-            self.prefix_fn, self.vision_fn, self.decode_fn = self._prefix_pass, self.vlm.image_features, self._decode_outputs
+            self.prefix_fn, self.vision_fn = self._prefix_pass, self.vlm.image_features
             self.fixed_shapes = False
         self._reset_rows()
 
@@ -129,10 +136,21 @@ class SlotStore:
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long, device=self.device)
         slots = torch.full((batch,), self.scratch, dtype=torch.long, device=self.device)
         last = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.prefix_fn(self.vlm.embed_tokens(ids), slots, last)
+        self._store_prefix_kv(slots, *self.prefix_fn(self.vlm.embed_tokens(ids), last))
         pixels = {v.name: torch.zeros(batch, 3, v.size, v.size, dtype=self.dtype, device=self.device) for v in self.views.values()}
         self.vision_fn(pixels)
-        self.decode_fn()
+
+    # ------------------------------------------------------------ uploads
+
+    def _upload(self, values, dtype=torch.long) -> torch.Tensor:
+        """A host list as a device tensor, without waiting for the device (pinned, async)."""
+        tensor = torch.tensor(values, dtype=dtype)
+        return self._to_device(tensor)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.on_cuda:
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------ images
 
@@ -148,9 +166,9 @@ class SlotStore:
         for start in range(0, total, chunk):
             part = {}
             for name in names:
-                piece = stacked[name][start : start + chunk].to(self.device, non_blocking=True)
+                piece = self._to_device(stacked[name][start : start + chunk])
                 if piece.dtype == torch.uint8:
-                    piece = normalize_pixels(piece, self.views[name], self.dtype)
+                    piece = normalize_pixels(piece, self.views[name], self.dtype, self.constants[name])
                 piece = piece.to(self.dtype)
                 if self.fixed_shapes and piece.shape[0] < chunk:
                     pad = torch.zeros(chunk - piece.shape[0], *piece.shape[1:], dtype=piece.dtype, device=piece.device)
@@ -168,21 +186,29 @@ class SlotStore:
 
     # ------------------------------------------------------------ prefill
 
-    def _prefix_pass(self, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Causal pass over right-padded prefixes, storing their KV; returns last-token logits."""
+    def _prefix_pass(self, embeds: torch.Tensor, last: torch.Tensor):
+        """Causal pass over right-padded prefixes: (last-token logits, per-layer keys, values)."""
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
-        hidden = self.vlm.language_forward(embeds, positions, dvl_step=AttentionStep(self.kv, "prefix", groups=slots))
+        step = AttentionStep(self.kv, "prefix", collect=[])
+        hidden = self.vlm.language_forward(embeds, positions, dvl_step=step)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.vlm.lm_head(picked).float()
+        keys = [k for k, _ in step.collect]
+        values = [v for _, v in step.collect]
+        return self.vlm.lm_head(picked).float(), keys, values
+
+    def _store_prefix_kv(self, slots: torch.Tensor, logits, keys, values) -> torch.Tensor:
+        for layer, (key, value) in enumerate(zip(keys, values)):
+            length = key.shape[2]
+            self.kv.prefix_k[layer, slots, :, :length] = key
+            self.kv.prefix_v[layer, slots, :, :length] = value
+        return logits
 
     def prefill_prefixes(self, prefixes: list[list[int]], slots: list[int], features: list[torch.Tensor]):
         """Store the KV of new groups' prefixes; returns first-token logits (meaningful when
         the prefixes are whole prompts). Batches of `prefill_batch`, padded to fixed shapes
         when compiled (padding rows write into the scratch group)."""
-        dev = self.device
         lengths = [len(p) for p in prefixes]
-        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        self.group_prefix[slot_t] = torch.tensor(lengths, dtype=torch.long, device=dev)
+        self.group_prefix[self._upload(slots)] = self._upload(lengths)
         logits = []
         chunk = self.prefill_batch if self.fixed_shapes else len(prefixes)
         for start in range(0, len(prefixes), chunk):
@@ -193,21 +219,22 @@ class SlotStore:
         return torch.cat(logits)
 
     def _prefill_chunk(self, prefixes, slots, features, batch) -> torch.Tensor:
-        dev = self.device
         width = self.layout.prefix_cap if self.fixed_shapes else max(len(p) for p in prefixes)
         rows = prefixes + [[] for _ in range(batch - len(prefixes))] if self.fixed_shapes else prefixes
-        ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in rows], dtype=torch.long, device=dev)
-        embeds = self.vlm.embed_tokens(ids)
+        padded = [p + [self.pad_id] * (width - len(p)) for p in rows]
+        embeds = self.vlm.embed_tokens(self._upload(padded))
         if features:
+            image_id = self.vlm.image_token_id
+            positions = [r * width + i for r, p in enumerate(padded) for i, t in enumerate(p) if t == image_id]
             flat = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
-            embeds = embeds.masked_scatter((ids == self.vlm.image_token_id)[..., None], flat)
-        slot_t = torch.tensor(slots + [self.scratch] * (len(rows) - len(slots)), dtype=torch.long, device=dev)
-        last = torch.tensor([max(len(p), 1) - 1 for p in rows], dtype=torch.long, device=dev)
-        return self.prefix_fn(embeds, slot_t, last)
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, self._upload(positions), flat).view(embeds.shape)
+        slot_t = self._upload(slots + [self.scratch] * (len(rows) - len(slots)))
+        last = self._upload([max(len(p), 1) - 1 for p in rows])
+        return self._store_prefix_kv(slot_t, *self.prefix_fn(embeds, last))
 
     def start_whole_prompt_rows(self, slots: list[int]) -> torch.Tensor:
         """Rows whose whole prompt is the prefix: nothing stored per row yet."""
-        rows_t = torch.tensor(slots, dtype=torch.long, device=self.device) * self.layout.rows_per_group
+        rows_t = self._upload(slots) * self.layout.rows_per_group
         self.row_len[rows_t] = 0
         self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group]
         return rows_t
@@ -219,9 +246,9 @@ class SlotStore:
         lengths = [max(len(s), 1) for s in suffixes]
         width = max(lengths)
         padded = [(s or [self.pad_id]) + [self.pad_id] * (width - max(len(s), 1)) for s in suffixes]
-        ids_t = torch.tensor(padded, dtype=torch.long, device=dev)
-        lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
-        group_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        ids_t = self._upload(padded)
+        lengths_t = self._upload(lengths)
+        group_t = self._upload(slots)
         rows_t = (group_t[:, None] * q + torch.arange(q, device=dev)[None]).reshape(-1)
         prefix_len = self.group_prefix[group_t]
         offsets = torch.arange(width, device=dev)
@@ -240,14 +267,23 @@ class SlotStore:
         self.row_prefix[rows_t] = prefix_len.repeat_interleave(q)
         return self.vlm.lm_head(last).float(), rows_t
 
-    def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int]) -> list[int]:
-        """Pick every new row's first token and arm its state; returns the tokens."""
-        force_t = torch.tensor(force, dtype=torch.long, device=self.device)
+    def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int], rows: dict) -> Launched:
+        """Pick every new row's first token and arm its state; the tokens come back later."""
+        force_t = self._upload(force)
         first = self.pick(logits, torch.zeros_like(force_t), force_t)
         self.next_tok[rows_t] = first
         self.n_gen[rows_t] = 1
         self.force_at[rows_t] = force_t
-        return first.tolist()
+        return self._send_home(first, rows)
+
+    def _send_home(self, tokens: torch.Tensor, rows: dict) -> Launched:
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.on_cuda)
+        host.copy_(tokens, non_blocking=self.on_cuda)
+        done = None
+        if self.on_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(host, done, rows)
 
     def _prefix_bias(self, prefix_len: torch.Tensor) -> torch.Tensor:
         valid = self.prefix_range[None, :] < prefix_len[:, None]
@@ -286,7 +322,7 @@ class SlotStore:
         return logits, torch.where(forced, torch.full_like(greedy, self.eos_id), greedy)
 
     def _decode_body(self) -> None:
-        self.step_logits, self.step_tokens = self.decode_fn()
+        self.step_logits, self.step_tokens = self._decode_outputs()
 
     def _capture_decode_graph(self) -> None:
         """Warm up on a side stream, then capture the decode step; row state is reset after."""
@@ -307,7 +343,7 @@ class SlotStore:
         self.n_gen.zero_()
         self.group_prefix.zero_()
 
-    def launch_decode(self, rows: dict) -> LaunchedStep:
+    def launch_decode(self, rows: dict) -> Launched:
         """Enqueue one decode step; its tokens can be read later without stalling the device."""
         if self.graph is not None:
             self.graph.replay()
@@ -319,14 +355,7 @@ class SlotStore:
         self.next_tok.copy_(tokens)
         self.row_len.add_(1).clamp_(max=self.layout.suffix_cap - 1)
         self.n_gen.add_(1)
-        host = self.host_tokens[self.flip]
-        self.flip ^= 1
-        host.copy_(tokens, non_blocking=self.on_cuda)
-        done = None
-        if self.on_cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return LaunchedStep(host, done, dict(rows))
+        return self._send_home(tokens, {row_id: (row, row_id) for row_id, row in rows.items()})
 
 
 def _triton_splits(layout: Layout, vlm: VisionLanguageModel, device: torch.device) -> int:
