@@ -62,6 +62,7 @@ class BenchConfig:
     compile: bool = True
     triton_attention: bool = True
     check_outputs: bool = True
+    host_profile: str | None = None  # write a cProfile of the dvl-batch runs' host side here
     out: str = "bench.json"
 
 
@@ -295,7 +296,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_dvl(spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], n_questions: int) -> dict[str, Any]:
+def run_dvl(
+    spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], n_questions: int, host_profile: str | None = None
+) -> dict[str, Any]:
     from .pipeline import process_shards
     from .preprocess import ShardFeed
     from .sink import OutputDir, ParquetSink
@@ -318,10 +321,25 @@ def run_dvl(spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], 
     one(warm_spec, warm_shards)  # allocates the KV slots and captures the CUDA graph
     worker.engine.stats = type(worker.engine.stats)(slots=worker.engine.stats.slots)
     _reset_peak()
+    profiler = None
+    if host_profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     started = time.perf_counter()
     stats = one(spec, shards)
     _sync()
     seconds = time.perf_counter() - started
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        with open(host_profile, "a") as handle:
+            handle.write(f"=== host profile: {spec.prompt.task}\n")
+            stats_view = pstats.Stats(profiler, stream=handle)
+            stats_view.sort_stats("tottime").print_stats(30)
+            stats_view.sort_stats("cumulative").print_stats(40)
     return {"seconds": seconds, "stats": stats, "peak_gib": _peak_gib()}
 
 
@@ -376,7 +394,7 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
         for s, item in zip(samples, items) for p in item.prompts
     )
 
-    dvl = run_dvl(spec, worker, shards, warm_shards, n_q)
+    dvl = run_dvl(spec, worker, shards, warm_shards, n_q, cfg.host_profile)
     if hasattr(worker.engine, "close"):
         worker.engine.close()  # give the KV slots back before the baseline allocates its own
     dvl_answers = _read_answers(Path(spec.output.path))
@@ -441,6 +459,10 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     cpu = os.cpu_count() or 1
     shards = make_jpeg_shards(data / "main", cfg.requests, cfg.images_per_shard, cfg.image_side, cpu)
     warm = make_jpeg_shards(data / "warm", min(cfg.images_per_shard, 64), 64, cfg.image_side, cpu)
+    if device.type == "cuda":
+        from .worker import prepare_cuda_process
+
+        prepare_cuda_process(device)
     model, processor, path = build_model(cfg.shape, device, dtype, cache_dir)
     resolved = ResolvedModel(path, f"random {cfg.shape}", tiny=cfg.shape == "tiny")
     results: dict[str, Any] = {

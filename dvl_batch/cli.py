@@ -395,6 +395,7 @@ def bench(
     data_dir: Annotated[Optional[str], typer.Option(help="Where to write (or reuse) the generated shards.")] = None,
     device: Device = None,
     out: Annotated[str, typer.Option("--out", help="JSON results file.")] = "bench.json",
+    host_profile: Annotated[Optional[str], typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")] = None,
 ) -> None:
     """Benchmark dvl-batch end to end against transformers' generate on the same inputs (prints a table, writes JSON)."""
     from .api import default_cache_dir
@@ -406,7 +407,7 @@ def bench(
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
-        triton_attention=triton_attention, out=out,
+        triton_attention=triton_attention, host_profile=host_profile, out=out,
     )
     if profile not in ("caption-varlen", "vqa", "both") or shape not in ("real-1.3b", "tiny"):
         raise UsageError("--profile must be caption-varlen, vqa or both; --shape real-1.3b or tiny")

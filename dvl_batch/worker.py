@@ -48,6 +48,21 @@ def build_engine(spec: JobSpec, model, processor, device: torch.device):
     return GenerateEngine(model, views, spec.generation, spec.batch, eos, pad)
 
 
+def prepare_cuda_process(device: torch.device) -> None:
+    """Settings for a process that drives one GPU, applied before the model is loaded.
+
+    Expandable segments let the KV slots fill memory without fragmenting what prefill
+    needs; a few CPU threads are enough for the host work here, and more only spin
+    against the decoder processes.
+    """
+    torch.cuda.set_device(device)
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):
+        pass
+    torch.set_num_threads(min(4, torch.get_num_threads()))
+
+
 class DeviceWorker:
     """Loads the model once; `process` runs shards from a feed into parts."""
 
@@ -56,7 +71,7 @@ class DeviceWorker:
         self.resolved = model
         self.device = pick_device(device or spec.model.device)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            prepare_cuda_process(self.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
         self.processor = load_processor(model, spec.model.revision)
         self.model = load_model(model, spec.model, self.device, self.dtype)

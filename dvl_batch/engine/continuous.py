@@ -150,7 +150,10 @@ class SlotEngine:
     def _groups_from_memory(self, prefix_cap: int, suffix_cap: int, q: int) -> int:
         """As many groups as fit in free memory after a reserve for prefill activations."""
         free, _ = torch.cuda.mem_get_info(self.device)
-        reserve = 6 * 2**30 + self._prefill_batch() * prefix_cap * self.vlm.hidden_size * 64
+        kv_per_token = 2 * self.vlm.num_layers * self.vlm.num_kv_heads * self.vlm.head_dim * self.vlm.dtype.itemsize
+        # activations of one prefill batch plus the keys/values its compiled pass hands back
+        per_prefix = prefix_cap * (self.vlm.hidden_size * 64 + kv_per_token)
+        reserve = 6 * 2**30 + self._prefill_batch() * per_prefix
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, prefix_cap, q, suffix_cap,
             torch.finfo(self.vlm.dtype).bits // 8,
