@@ -55,7 +55,8 @@ def prepare_cuda_process(device: torch.device) -> None:
     needs; a few CPU threads are enough for the host work here, and more only spin
     against the decoder processes.
     """
-    torch.cuda.set_device(device)
+    if device.index is not None:
+        torch.cuda.set_device(device)
     try:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     except (AttributeError, RuntimeError):
