@@ -257,7 +257,7 @@ def _work_items(samples, n_questions: int):
             EnginePrompt(q, r.input_ids, r.prefix_len, stop_after(index * n_questions + q))
             for q, r in enumerate(sample.requests)
         ]
-        items.append(WorkItem(uid, sample.pixels, prompts))
+        items.append(WorkItem(uid, {k: torch.from_numpy(v) for k, v in sample.pixels.items()}, prompts))
     return items
 
 

@@ -99,7 +99,7 @@ class ShardAssembler:
         questions = [r.question for r in sample.requests]
         self.inflight[uid] = _Inflight(shard.id, sample.key, sample.index, questions, len(prompts))
         state.outstanding += len(prompts)
-        return WorkItem(uid, sample.pixels, prompts)
+        return WorkItem(uid, {name: torch.from_numpy(array) for name, array in sample.pixels.items()}, prompts)
 
     def add_completion(self, done: Completion) -> None:
         info = self.inflight[done.uid]

@@ -153,6 +153,7 @@ class VisionLanguageModel:
         self.max_positions = getattr(text, "max_position_embeddings", 16384)
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
 
     def image_features(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
         """[n_images, tokens_per_image, hidden] for already normalised pixel tensors."""
@@ -163,8 +164,13 @@ class VisionLanguageModel:
         return features
 
     def language_forward(self, embeds: torch.Tensor, positions: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        """Final hidden states of the language model; caching is done by our attention."""
+        """Final hidden states of the language model; caching and masking are done by our attention.
+
+        A placeholder 4D mask makes transformers skip its own mask construction, which
+        inspects position ids on the host (waiting for the device) to detect packing.
+        """
         out = self.language_model(
-            inputs_embeds=embeds, position_ids=positions, use_cache=False, **attention_kwargs
+            inputs_embeds=embeds, position_ids=positions, attention_mask=self._no_mask, use_cache=False,
+            **attention_kwargs,
         )
         return out.last_hidden_state

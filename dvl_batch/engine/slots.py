@@ -235,7 +235,7 @@ class SlotStore:
     def start_whole_prompt_rows(self, slots: list[int]) -> torch.Tensor:
         """Rows whose whole prompt is the prefix: nothing stored per row yet."""
         rows_t = self._upload(slots) * self.layout.rows_per_group
-        self.row_len[rows_t] = 0
+        self.row_len.index_fill_(0, rows_t, 0)  # (tensor[idx] = 0 would copy a scalar up and wait)
         self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group]
         return rows_t
 
@@ -272,7 +272,7 @@ class SlotStore:
         force_t = self._upload(force)
         first = self.pick(logits, torch.zeros_like(force_t), force_t)
         self.next_tok[rows_t] = first
-        self.n_gen[rows_t] = 1
+        self.n_gen.index_fill_(0, rows_t, 1)
         self.force_at[rows_t] = force_t
         return self._send_home(first, rows)
 
