@@ -301,6 +301,14 @@ def _flatten_recipe(recipe: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return flat
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """'mapping values are not allowed here (line 3, column 9)' rather than parser context."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(exc).splitlines()[0]
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a flat {"section.key": value} mapping."""
     import yaml
@@ -311,7 +319,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(data, Mapping):
         raise UsageError(f"recipe {path} must be a mapping of sections")
     return _flatten_recipe(data, f"recipe {path.name}")
