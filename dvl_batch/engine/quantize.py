@@ -50,7 +50,7 @@ MODES: dict[str, QuantMode] = {
         min_capability=(8, 9), needs_bfloat16=True, summary="float8 e4m3 weights and dynamic activations, per row",
     ),
 }
-INT4_GROUP_SIZE = 128
+INT4_GROUP_SIZES = (128, 64, 32)  # torchao's int4 choices, coarsest (fastest) first
 
 
 def import_torchao():
@@ -93,13 +93,26 @@ def check_quantize(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     import_torchao()
 
 
-def _int4_kwargs(config_class) -> dict[str, Any]:
+def int4_group_size(modules: list[torch.nn.Module]) -> int:
+    """The coarsest group size dividing every layer's input width.
+
+    torchao silently leaves a layer unquantized when its width is not a multiple of
+    the group size; the real checkpoints' widths (2048, 4096, 5632, 11008) take 128.
+    """
+    widths = [m.in_features for m in modules if isinstance(m, torch.nn.Linear)]
+    for size in INT4_GROUP_SIZES:
+        if all(width % size == 0 for width in widths):
+            return size
+    return INT4_GROUP_SIZES[-1]
+
+
+def _int4_kwargs(config_class, group_size: int) -> dict[str, Any]:
     """Group size, and the tinygemm layout where torchao offers a choice.
 
     torchao's newest default int4 layout needs the separate `mslk` kernels; the
     tinygemm layout runs on PyTorch's own `_weight_int4pack_mm`.
     """
-    kwargs: dict[str, Any] = {"group_size": INT4_GROUP_SIZE}
+    kwargs: dict[str, Any] = {"group_size": group_size}
     if "int4_packing_format" in inspect.signature(config_class).parameters:
         kwargs["int4_packing_format"] = "tile_packed_to_4d"
     return kwargs
@@ -111,7 +124,7 @@ def _fp8_kwargs(quantization) -> dict[str, Any]:
     return {"granularity": per_row()} if per_row is not None else {}
 
 
-def make_config(mode: str, quantization=None):
+def make_config(mode: str, quantization=None, int4_group: int = INT4_GROUP_SIZES[0]):
     """The torchao config object (or legacy function result) for a mode."""
     quantization = quantization or import_torchao()
     need = MODES[mode]
@@ -119,14 +132,14 @@ def make_config(mode: str, quantization=None):
     if config_class is not None:
         kwargs: dict[str, Any] = {}
         if mode == "int4wo":
-            kwargs = _int4_kwargs(config_class)
+            kwargs = _int4_kwargs(config_class, int4_group)
         elif mode == "fp8":
             kwargs = _fp8_kwargs(quantization)
         return config_class(**kwargs)
     legacy = getattr(quantization, need.legacy_function, None)
     if legacy is None:
         raise UsageError(f"the installed torchao offers neither {need.config_class} nor {need.legacy_function}; upgrade torchao")
-    return legacy(group_size=INT4_GROUP_SIZE) if mode == "int4wo" else legacy()
+    return legacy(group_size=int4_group) if mode == "int4wo" else legacy()
 
 
 def quantized_modules(model) -> dict[str, torch.nn.Module]:
@@ -143,8 +156,9 @@ def quantize_model(model, mode: str, device: torch.device) -> int:
     """Quantize in place; returns how many linear layers were converted."""
     check_quantize(mode, device, model.dtype)
     quantization = import_torchao()
-    config = make_config(mode, quantization)
-    targets = set(id(m) for m in quantized_modules(model).values())
+    modules = list(quantized_modules(model).values())
+    config = make_config(mode, quantization, int4_group_size(modules))
+    targets = {id(m) for m in modules}
     try:
         quantization.quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
     except (RuntimeError, NotImplementedError, AssertionError, ValueError) as exc:
