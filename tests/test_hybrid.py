@@ -16,7 +16,7 @@ from dvl_batch.spec import JobSpec
 
 from .conftest import EXAMPLES, example_images, job_json, read_rows, run_cli
 
-FAST = ["--model", "tiny-hybrid", "--max-new-tokens", "6", "--workers", "1", "--no-progress"]
+FAST = ["--model", "tiny-hybrid", "--max-new-tokens", "6", "--workers", "0", "--no-progress"]
 
 
 def _synthetic(width: int, height: int) -> bytes:

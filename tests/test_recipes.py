@@ -136,3 +136,15 @@ def test_every_recipe_runs_on_the_bundled_examples(tmp_path, cache_dir, name):
     assert result.stats.rows == len(rows) and not result.interrupted
     images_per_sample = 2 if name == "compare-images" else 1
     assert (rows["prompt_tokens"] > images_per_sample * 576).all()
+
+
+def test_readme_recipe_example_is_a_valid_recipe(tmp_path):
+    import re
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert blocks
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"readme-{number}.yaml"
+        path.write_text(block)
+        spec = JobSpec.from_recipe(path)
+        assert spec.prompt.turns and spec.prompt.system_prompt
