@@ -117,9 +117,9 @@ WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent wo
 RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray.", rich_help_panel="Scale-out")]
 Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
-MaxPromptTokens = Annotated[Optional[int], typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
-Task = Annotated[Optional[str], typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
-InputOption = Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
+MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
+Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
+InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
 
 
 def _env_int(*names: str) -> int | None:
@@ -364,7 +364,7 @@ def run_recipe(
 
 @app.command("recipes")
 def list_recipes(
-    name: Annotated[Optional[str], typer.Argument(help="Print this recipe's YAML instead of the list.", show_default=False)] = None,
+    name: Annotated[str | None, typer.Argument(help="Print this recipe's YAML instead of the list.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the bundled recipes (or print one) for `dvl-batch run RECIPE`."""

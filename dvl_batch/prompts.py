@@ -197,10 +197,10 @@ class PromptRenderer:
         drop = full_length - limit
         for _ in range(16):
             kept, remaining = [], drop
-            for ids in reversed(piece_ids):
-                take = min(len(ids), remaining)
+            for text, piece in zip(reversed(pieces), reversed(piece_ids), strict=True):
+                take = min(len(piece), remaining)
                 remaining -= take
-                kept.append(self.tokenizer.decode(ids[: len(ids) - take]) if take else self.tokenizer.decode(ids))
+                kept.append(self.tokenizer.decode(piece[: len(piece) - take], clean_up_tokenization_spaces=False) if take else text)
             ids = self._ids(IMAGE_MARKER.join(reversed(kept)), n_images)
             if len(ids) <= limit:
                 return ids, full_length - len(ids)

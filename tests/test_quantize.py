@@ -32,7 +32,6 @@ logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-extension warni
 needs_torchao = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="torchao not installed (pip install 'dvl-batch[quant]')"
 )
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _load(cache_dir, device="cpu", dtype=torch.float32, **model):
@@ -147,9 +146,10 @@ def test_device_map_auto_uses_the_generate_engine(tmp_path, cache_dir):
     assert len(read_rows(result.out)) == 6 and result.stats.engine["slots"] == 4, "the generate engine's CPU batch"
 
 
-@needs_cuda
 @needs_torchao
 @pytest.mark.parametrize("mode", ["int8wo", "int4wo", "fp8"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_quantized_slot_engine_runs(tmp_path, cache_dir, mode):
     device = torch.device("cuda")
     if mode == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):

@@ -135,6 +135,8 @@ def make_config(mode: str, quantization=None, int4_group: int = INT4_GROUP_SIZES
             kwargs = _int4_kwargs(config_class, int4_group)
         elif mode == "fp8":
             kwargs = _fp8_kwargs(quantization)
+        if "set_inductor_config" in inspect.signature(config_class).parameters:
+            kwargs["set_inductor_config"] = False  # nothing here is compiled; leave torch's global config alone
         return config_class(**kwargs)
     legacy = getattr(quantization, need.legacy_function, None)
     if legacy is None:
