@@ -279,7 +279,8 @@ def turns_from_recipe(value: Any, where: str) -> tuple[tuple[str, str], ...]:
 
 def _check_turns(turns: tuple[tuple[str, str], ...]) -> None:
     """Earlier turns alternate user/assistant and end with the assistant: the question comes next."""
-    for number, (role, _) in enumerate(turns, 1):
+    for number, (role, text) in enumerate(turns, 1):
+        _check(bool(text.strip()), f"prompt.turns: turn {number} has no text")
         _check(role in TURN_ROLES, f"prompt.turns: turn {number} has role '{role}'; use user or assistant{_suggest(role, TURN_ROLES)} (system text goes in prompt.system_prompt)")
         expected = TURN_ROLES[(number - 1) % 2]
         _check(role == expected, f"prompt.turns: turn {number} must be a {expected} turn (turns alternate user, assistant)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from dvl_batch.errors import UsageError
@@ -88,6 +89,7 @@ def test_turns_from_recipe_forms_round_trip_through_job_json():
         ([{"role": "assistant", "content": "x"}], "turn 1 must be a user turn"),
         ([{"user": "a"}, {"user": "b"}], "turn 2 must be a assistant turn"),
         ([{"user": "a", "assistant": "b"}, {"user": "c"}], "must end with an assistant turn"),
+        ([{"user": "a", "assistant": " "}], "turn 2 has no text"),
         (["just text"], "turn 1 must be {role: user|assistant, content: TEXT}"),
         ({"user": "not a list"}, "expected a list of turns"),
     ],
@@ -119,3 +121,5 @@ def test_cli_recipe_with_turns_and_system_prompt_override(tmp_path, cache_dir, t
     job = json.loads((out / "job.json").read_text())
     assert job["spec"]["prompt"]["turns"] == [["user", "Answer in one word."], ["assistant", "OK."]]
     assert job["spec"]["prompt"]["system_prompt"] == "You are terse."
+    part_job = json.loads(pq.read_schema(next((out / "parts").glob("*.parquet"))).metadata[b"dvl_batch"])["job"]
+    assert part_job["turns"] == [["user", "Answer in one word."], ["assistant", "OK."]]
