@@ -8,9 +8,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .api import JobResult, run
+    from .recipebook import bundled_recipes
     from .spec import JobSpec
 
-__all__ = ["JobResult", "JobSpec", "run", "__version__"]
+__all__ = ["JobResult", "JobSpec", "bundled_recipes", "run", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from .spec import JobSpec
 
         return JobSpec
+    if name == "bundled_recipes":
+        from .recipebook import bundled_recipes
+
+        return bundled_recipes
     raise AttributeError(name)

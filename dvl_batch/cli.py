@@ -7,6 +7,7 @@ Errors the user can fix print one line and exit with the documented code (README
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ OPTION_PATHS = {
     "questions_file": "prompt.questions_file",
     "question_field": "prompt.question_field",
     "system_prompt": "prompt.system_prompt",
+    "max_prompt_tokens": "prompt.max_prompt_tokens",
+    "task": "prompt.task",
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
     "top_p": "generation.top_p",
@@ -116,7 +119,10 @@ Rank = Annotated[Optional[int], typer.Option(help="This worker's index for stati
 WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE or SLURM_NTASKS).", rich_help_panel="Scale-out")]
 RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray.", rich_help_panel="Scale-out")]
 Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
-Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe; options given here override it.", show_default=False)]
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
+MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
+Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
+InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
 
 
 def _env_int(*names: str) -> int | None:
@@ -147,21 +153,26 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # transformers imports torchao when installed; on machines without its CUDA kernels
+    # it logs one warning per extension, and torch warns about its enums: noise in a job log.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _execute(task: str | None, inputs: list[str] | None, recipe: Path | None, options: dict[str, Any]) -> None:
+def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | None, options: dict[str, Any]) -> None:
     from .api import run
-    from .spec import build_job_spec, load_recipe
+    from .recipebook import read_recipe
+    from .spec import build_job_spec
 
     _quiet_transformers()
 
-    recipe_values = load_recipe(recipe) if recipe else {}
+    recipe_values, origin = read_recipe(recipe) if recipe else ({}, "recipe")
     overrides = _overrides(options)
     if task:
         overrides["prompt.task"] = task
     if inputs:
         overrides["data.inputs"] = inputs
-    spec = build_job_spec(recipe_values, overrides, recipe_origin=f"recipe {recipe.name}" if recipe else "recipe")
+    spec = build_job_spec(recipe_values, overrides, recipe_origin=origin)
     if not spec.data.inputs:
         raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
     if not spec.output.path:
@@ -218,6 +229,7 @@ def caption(
     model: Model = None,
     prompt: Prompt = None,
     system_prompt: SystemPrompt = None,
+    max_prompt_tokens: MaxPromptTokens = None,
     max_new_tokens: MaxNew = None,
     temperature: Temperature = None,
     top_p: TopP = None,
@@ -266,6 +278,7 @@ def vqa(
     recipe: Recipe = None,
     model: Model = None,
     system_prompt: SystemPrompt = None,
+    max_prompt_tokens: MaxPromptTokens = None,
     max_new_tokens: MaxNew = None,
     temperature: Temperature = None,
     top_p: TopP = None,
@@ -302,6 +315,79 @@ def vqa(
     """Answer questions about every image: one row per (image, question)."""
     options = dict(locals())
     _execute("vqa", options.pop("inputs"), options.pop("recipe"), options)
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[str, typer.Argument(help="A bundled recipe name (see `dvl-batch recipes`) or a YAML file.", show_default=False)],
+    inputs: InputOption = None,
+    output: Output = None,
+    task: Task = None,
+    prompt: Prompt = None,
+    question: Question = None,
+    questions_file: QuestionsFile = None,
+    question_field: QuestionField = None,
+    system_prompt: SystemPrompt = None,
+    max_prompt_tokens: MaxPromptTokens = None,
+    model: Model = None,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    batch_size: BatchSize = None,
+    engine: Engine = None,
+    token_budget: TokenBudget = None,
+    prefill_batch: PrefillBatch = None,
+    cuda_graphs: CudaGraphs = None,
+    workers: Workers = None,
+    prefetch: Prefetch = None,
+    fast_decode: FastDecode = None,
+    image_field: ImageField = None,
+    key_field: KeyField = None,
+    max_image_pixels: MaxPixels = None,
+    limit: Limit = None,
+    shard_size: ShardSize = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    attn_implementation: Attn = None,
+    quantize: Quantize = None,
+    device_map: DeviceMap = None,
+    revision: Revision = None,
+    overwrite: Overwrite = None,
+    strict: Strict = None,
+    progress: Progress = None,
+    gpus: Gpus = None,
+    rank: Rank = None,
+    world_size: WorldSize = None,
+    runner: Runner = None,
+    ray_address: RayAddress = None,
+) -> None:
+    """Run a recipe: `dvl-batch run short-caption -i SHARDS -o OUT`. Options override the recipe."""
+    options = dict(locals())
+    _execute(None, options.pop("inputs"), options.pop("recipe"), options)
+
+
+@app.command("recipes")
+def list_recipes(
+    name: Annotated[str | None, typer.Argument(help="Print this recipe's YAML instead of the list.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the bundled recipes (or print one) for `dvl-batch run RECIPE`."""
+    from .recipebook import bundled_recipes, find_recipe
+
+    if name:
+        typer.echo(find_recipe(name).read_text(), nl=False)
+        return
+    found = bundled_recipes()
+    if as_json:
+        out_console.print_json(json.dumps([{"name": r.name, "task": r.task, "description": r.description, "path": str(r.path)} for r in found]))
+        return
+    table = Table(title="Bundled recipes: dvl-batch run NAME -i INPUT -o OUT", title_justify="left")
+    for column in ("name", "task", "description"):
+        table.add_column(column)
+    for info in found:
+        table.add_row(info.name, info.task, info.description)
+    out_console.print(table)
 
 
 @app.command()

@@ -51,6 +51,8 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
         "prompt": spec.prompt.prompt if spec.prompt.task == "caption" else None,
         "questions": list(spec.prompt.questions) or None,
         "system_prompt": spec.prompt.system_prompt,
+        "turns": [list(turn) for turn in spec.prompt.turns] or None,
+        "max_prompt_tokens": spec.prompt.max_prompt_tokens,
         "generation": {
             "max_new_tokens": spec.generation.max_new_tokens,
             "temperature": spec.generation.temperature,

@@ -87,7 +87,7 @@ class SamplePreparer:
         self.spec = spec
         self.processor = processor
         self.views: list[ImageView] = views_from_image_processor(processor.image_processor)
-        self.renderer = PromptRenderer(processor, spec.prompt.system_prompt)
+        self.renderer = PromptRenderer.from_spec(processor, spec.prompt)
         self.questions = QuestionBook(spec.prompt)
         roots = [v.size for v in self.views if v.source is None]
         self.draft_side = max(roots) if spec.data.fast_decode else None

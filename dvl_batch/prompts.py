@@ -29,6 +29,7 @@ class TokenizedPrompt:
     question: str
     input_ids: list[int]
     prefix_len: int  # tokens up to and including the last image placeholder
+    truncated_tokens: int = 0  # how many tokens max_prompt_tokens cut from the question text
 
 
 class QuestionBook:
@@ -99,9 +100,21 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
 
 
 class PromptRenderer:
-    """Question text plus image count to token ids, the way the checkpoint expects."""
+    """Question text plus image count to token ids, the way the checkpoint expects.
 
-    def __init__(self, processor, system_prompt: str | None):
+    A prompt is the recipe's earlier `turns` (few-shot examples, an instruction the
+    assistant acknowledged) followed by the question as the final user turn. Images go
+    where `<image>` markers stand, in the turns or the question; without markers they
+    all precede the question text.
+    """
+
+    def __init__(
+        self,
+        processor,
+        system_prompt: str | None = None,
+        turns: tuple[tuple[str, str], ...] = (),
+        max_prompt_tokens: int | None = None,
+    ):
         self.tokenizer = processor.tokenizer
         self.chat_template = getattr(processor, "chat_template", None)
         self.processor = processor
@@ -109,30 +122,33 @@ class PromptRenderer:
         self.image_token_id = int(processor.image_token_id)
         self.num_image_tokens = int(getattr(processor, "num_image_tokens", 576))
         self.system_prompt = system_prompt
+        self.turns = tuple(turns)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    @classmethod
+    def from_spec(cls, processor, spec: PromptSpec) -> PromptRenderer:
+        return cls(processor, spec.system_prompt, spec.turns, spec.max_prompt_tokens)
 
     def conversation(self, question: str, n_images: int) -> list[dict[str, Any]]:
-        """User turn content: images placed at <image> markers, or all before the text."""
-        parts: list[dict[str, Any]] = []
-        if IMAGE_MARKER in question:
-            pieces = question.split(IMAGE_MARKER)
-            if len(pieces) - 1 != n_images:
-                raise ValueError(f"question has {len(pieces) - 1} {IMAGE_MARKER} markers but the sample has {n_images} images")
-            for index, piece in enumerate(pieces):
-                if index:
-                    parts.append({"type": "image"})
-                if piece:
-                    parts.append({"type": "text", "text": piece})
-        else:
-            parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-        return [{"role": "user", "content": parts}]
+        """Chat messages: earlier turns, then the question; images at markers or before the question."""
+        markers = sum(text.count(IMAGE_MARKER) for _, text in self.turns) + question.count(IMAGE_MARKER)
+        if markers and markers != n_images:
+            raise ValueError(f"prompt has {markers} {IMAGE_MARKER} markers but the sample has {n_images} images")
+        messages = [{"role": role, "content": _content_parts(text)} for role, text in self.turns]
+        final = _content_parts(question)
+        if not markers:
+            final = [{"type": "image"} for _ in range(n_images)] + final
+        messages.append({"role": "user", "content": final})
+        return messages
 
     def render(self, question: str, n_images: int) -> str:
         messages = self.conversation(question, n_images)
         if self.system_prompt is None and self.chat_template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._render_by_hand(messages)
+        return self.render_by_hand(messages)
 
-    def _render_by_hand(self, messages: list[dict[str, Any]]) -> str:
+    def render_by_hand(self, messages: list[dict[str, Any]]) -> str:
+        """The DeepSeek-VL layout: system text, "User: ...\n\n", "Assistant: ...<eos>", then "Assistant:"."""
         from .tiny import DEFAULT_SYSTEM_PROMPT
 
         system = DEFAULT_SYSTEM_PROMPT if self.system_prompt is None else self.system_prompt
@@ -145,11 +161,64 @@ class PromptRenderer:
                 text += f"Assistant: {body}{self.tokenizer.eos_token}"
         return text + "Assistant:"
 
-    def tokenize(self, question: str, n_images: int) -> TokenizedPrompt:
+    def _ids(self, question: str, n_images: int) -> list[int]:
         text = self.render(question, n_images)
         expanded = text.replace(self.image_token, self.image_token * self.num_image_tokens)
         ids = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
         if ids.count(self.image_token_id) != n_images * self.num_image_tokens:
             raise ValueError("image placeholders in the prompt do not match the number of images")
+        return ids
+
+    def tokenize(self, question: str, n_images: int) -> TokenizedPrompt:
+        """Token ids of one prompt; over `max_prompt_tokens`, the question text is cut (never images)."""
+        ids = self._ids(question, n_images)
+        cut = 0
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            ids, cut = self._truncated(question, n_images, len(ids))
         last = len(ids) - 1 - ids[::-1].index(self.image_token_id) if n_images else 0
-        return TokenizedPrompt(question=question, input_ids=ids, prefix_len=last + 1 if n_images else 0)
+        return TokenizedPrompt(question=question, input_ids=ids, prefix_len=last + 1 if n_images else 0, truncated_tokens=cut)
+
+    def _truncated(self, question: str, n_images: int, full_length: int) -> tuple[list[int], int]:
+        """Drop question tokens from the end until the prompt fits; images and turns stay whole.
+
+        Re-tokenizing the shortened text can merge differently, so the cut grows until
+        the rendered prompt really fits (it always does once the question text is gone).
+        """
+        limit = int(self.max_prompt_tokens or 0)
+        pieces = question.split(IMAGE_MARKER)
+        bare = self._ids(IMAGE_MARKER.join("" for _ in pieces), n_images)
+        if len(bare) > limit:
+            images = f"{n_images} image(s) of {self.num_image_tokens} tokens" if n_images else "no images"
+            raise ValueError(
+                f"prompt needs {len(bare)} tokens even without its question text ({images}), "
+                f"more than max_prompt_tokens {limit}"
+            )
+        piece_ids = [self.tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in pieces]
+        drop = full_length - limit
+        for _ in range(16):
+            kept, remaining = [], drop
+            for text, piece in zip(reversed(pieces), reversed(piece_ids), strict=True):
+                take = min(len(piece), remaining)
+                remaining -= take
+                kept.append(self.tokenizer.decode(piece[: len(piece) - take], clean_up_tokenization_spaces=False) if take else text)
+            ids = self._ids(IMAGE_MARKER.join(reversed(kept)), n_images)
+            if len(ids) <= limit:
+                return ids, full_length - len(ids)
+            drop += len(ids) - limit
+        return bare, full_length - len(bare)
+
+
+def _content_parts(text: str) -> list[dict[str, Any]]:
+    """Text and image parts of one turn, stripped at the ends as the checkpoint's template does."""
+    parts: list[dict[str, Any]] = []
+    pieces = text.split(IMAGE_MARKER)
+    for index, piece in enumerate(pieces):
+        if index:
+            parts.append({"type": "image"})
+        if index == 0:
+            piece = piece.lstrip()
+        if index == len(pieces) - 1:
+            piece = piece.rstrip()
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts

@@ -233,7 +233,12 @@ def pick_image_fields(fields: dict[str, Any], wanted: str | None) -> list[str]:
         names = [w.strip().lower() for w in wanted.split(",") if w.strip()]
         return [n for n in names if n in fields]
     exts = [name for name in fields if name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
-    return sorted(exts, key=lambda n: (n.count("."), n))
+    return sorted(exts, key=lambda n: (n.count("."), _natural_key(n)))
+
+
+def _natural_key(name: str) -> list[Any]:
+    """'2.jpg' before '10.jpg': image order in a multi-image sample is the prompt's order."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _decode_text_field(name: str, data: bytes) -> Any:

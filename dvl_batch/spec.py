@@ -24,6 +24,9 @@ TASKS = ("caption", "vqa")
 ENGINES = ("auto", "continuous", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZE = ("none", "int4wo", "int8wo", "int8dq", "fp8")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+TURN_ROLES = ("user", "assistant")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 RUNNERS = ("local", "ray")
 DEFAULT_CAPTION_PROMPT = "Describe this image."
 
@@ -52,6 +55,8 @@ class PromptSpec:
     questions_file: str | None = None  # JSONL/CSV keyed by image key
     question_field: str | None = None  # a text field/column of the input holding the question
     system_prompt: str | None = None  # None: the checkpoint's own system prompt
+    turns: tuple[tuple[str, str], ...] = ()  # (role, text) turns before the question: few-shot, earlier chat
+    max_prompt_tokens: int | None = None  # cut question text (never image tokens) to fit; None: no limit
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,17 @@ class JobSpec:
     batch: BatchSpec = field(default_factory=BatchSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     run: RunSpec = field(default_factory=RunSpec)
+
+    @classmethod
+    def from_recipe(cls, recipe: str | Path | None = None, **options: Any) -> JobSpec:
+        """A validated spec from a bundled recipe name or YAML path plus overrides.
+
+        `options` use the CLI's names (`inputs`, `output`, `model`, `max_new_tokens`,
+        `quantize`, ...) or dotted keys passed as `**{"generation.top_p": 0.9}`.
+        """
+        from .recipebook import spec_from_recipe
+
+        return spec_from_recipe(recipe, **options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,8 +246,48 @@ def _apply(spec: JobSpec, dotted: str, value: Any, origin: str) -> JobSpec:
     hints = _section_hints(_SECTION_TYPES[section_name])
     if key not in hints:
         raise UsageError(f"{origin}: unknown key '{section_name}.{key}'{_suggest(key, hints)}")
+    if (section_name, key) == ("prompt", "turns"):
+        value = turns_from_recipe(value, f"{origin}: prompt.turns")
     coerced = _coerce(value, hints[key], f"{origin}: {section_name}.{key}")
     return replace(spec, **{section_name: replace(section, **{key: coerced})})
+
+
+def turns_from_recipe(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """Conversation turns as (role, text) pairs.
+
+    Recipes write them as `{role: user, content: ...}` mappings, or as one mapping per
+    exchange `{user: ..., assistant: ...}`; job.json stores `[role, text]` pairs.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{where}: expected a list of turns like {{role: user, content: TEXT}}, got {value!r}")
+    turns: list[tuple[str, str]] = []
+    for number, turn in enumerate(value, 1):
+        if isinstance(turn, Mapping) and "role" in turn:
+            text = turn.get("content", turn.get("text"))
+            pairs = [(turn["role"], text)]
+        elif isinstance(turn, Mapping) and turn and set(turn) <= set(TURN_ROLES):
+            pairs = [(role, turn[role]) for role in TURN_ROLES if role in turn]
+        elif isinstance(turn, (list, tuple)) and len(turn) == 2:
+            pairs = [(turn[0], turn[1])]
+        else:
+            raise UsageError(f"{where}: turn {number} must be {{role: user|assistant, content: TEXT}}, got {turn!r}")
+        for role, text in pairs:
+            if not isinstance(role, str) or not isinstance(text, str):
+                raise UsageError(f"{where}: turn {number} needs a role and a text, got {turn!r}")
+            turns.append((role.strip().lower(), text))
+    return tuple(turns)
+
+
+def _check_turns(turns: tuple[tuple[str, str], ...]) -> None:
+    """Earlier turns alternate user/assistant and end with the assistant: the question comes next."""
+    for number, (role, text) in enumerate(turns, 1):
+        _check(bool(text.strip()), f"prompt.turns: turn {number} has no text")
+        _check(role in TURN_ROLES, f"prompt.turns: turn {number} has role '{role}'; use user or assistant{_suggest(role, TURN_ROLES)} (system text goes in prompt.system_prompt)")
+        expected = TURN_ROLES[(number - 1) % 2]
+        _check(role == expected, f"prompt.turns: turn {number} must be a {expected} turn (turns alternate user, assistant)")
+    _check(not turns or turns[-1][0] == "assistant", "prompt.turns must end with an assistant turn: the question is the final user turn")
 
 
 def _flatten_recipe(recipe: Mapping[str, Any], origin: str) -> dict[str, Any]:
@@ -249,6 +305,14 @@ def _flatten_recipe(recipe: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return flat
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """'mapping values are not allowed here (line 3, column 9)' rather than parser context."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(exc).splitlines()[0]
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a flat {"section.key": value} mapping."""
     import yaml
@@ -259,7 +323,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UsageError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(data, Mapping):
         raise UsageError(f"recipe {path} must be a mapping of sections")
     return _flatten_recipe(data, f"recipe {path.name}")
@@ -297,6 +361,11 @@ def validate(spec: JobSpec) -> None:
             "vqa needs questions: --question TEXT, --questions-file FILE or --question-field NAME",
         )
     _check(p.task != "caption" or bool(p.prompt.strip()), "prompt.prompt must not be empty")
+    _check_turns(p.turns)
+    _check(
+        p.max_prompt_tokens is None or p.max_prompt_tokens >= 1,
+        f"prompt.max_prompt_tokens must be >= 1, got {p.max_prompt_tokens}",
+    )
     _check(g.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
     _check(g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
     _check(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
@@ -314,6 +383,15 @@ def validate(spec: JobSpec) -> None:
     _check(m.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got '{m.dtype}'")
     _check(m.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}, got '{m.quantize}'")
     _check(bool(m.name.strip()), "model.name must not be empty")
+    _check(
+        m.attn_implementation in ATTN_IMPLEMENTATIONS,
+        f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got '{m.attn_implementation}'"
+        + _suggest(m.attn_implementation, ATTN_IMPLEMENTATIONS),
+    )
+    _check(
+        m.device_map in (None, *DEVICE_MAPS),
+        f"model.device_map must be one of {', '.join(DEVICE_MAPS)} (or unset), got '{m.device_map}'",
+    )
     _check(r.runner in RUNNERS, f"run.runner must be one of {', '.join(RUNNERS)}, got '{r.runner}'")
     _check(r.world_size >= 1, f"run.world_size must be >= 1, got {r.world_size}")
     _check(0 <= r.rank < r.world_size, f"run.rank must be in [0, {r.world_size}), got {r.rank}")

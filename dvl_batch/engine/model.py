@@ -113,10 +113,27 @@ def load_processor(resolved: ResolvedModel, revision: str | None = None):
         raise UsageError(f"cannot load the processor of {resolved.label}: {str(exc).splitlines()[0]}") from exc
 
 
+def check_attention(name: str, device: torch.device) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA device; say so up front."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); or use sdpa")
+    if device.type != "cuda":
+        raise UsageError("--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+
+
 def load_model(resolved: ResolvedModel, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """from_pretrained in eval mode on `device` (or spread with device_map="auto")."""
     from transformers import AutoModelForImageTextToText
 
+    check_attention(spec.attn_implementation, device)
+    if spec.quantize != "none":
+        from .quantize import check_quantize
+
+        check_quantize(spec.quantize, device, dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation, revision=spec.revision)
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
