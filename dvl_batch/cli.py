@@ -98,7 +98,7 @@ Workers = Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoder
 Prefetch = Annotated[Optional[int], typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
 FastDecode = Annotated[Optional[bool], typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
 MaxPixels = Annotated[Optional[int], typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
-Limit = Annotated[Optional[int], typer.Option(help="Stop after this many samples (smoke tests).", rich_help_panel="Data")]
+Limit = Annotated[Optional[int], typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
 ShardSize = Annotated[Optional[int], typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
 Engine = Annotated[Optional[str], typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
@@ -108,10 +108,10 @@ CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-gra
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
 Strict = Annotated[Optional[bool], typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
 Runner = Annotated[Optional[str], typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
-Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU.", rich_help_panel="Scale-out")]
+Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray: 'all' GPUs of the cluster, a number of GPU actors, or 'cpu,cpu'.", rich_help_panel="Scale-out")]
 Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK or SLURM_PROCID).", rich_help_panel="Scale-out")]
 WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE or SLURM_NTASKS).", rich_help_panel="Scale-out")]
-RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray.", rich_help_panel="Scale-out")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
 Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe; options given here override it.", show_default=False)]
 
@@ -133,6 +133,8 @@ def _overrides(options: dict[str, Any]) -> dict[str, Any]:
         values["run.rank"] = _env_int("RANK", "SLURM_PROCID")
     if values.get("run.world_size") is None:
         values["run.world_size"] = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    if values.get("run.ray_address") is None:
+        values["run.ray_address"] = os.environ.get("RAY_ADDRESS") or None
     if not values.get("prompt.questions"):
         values.pop("prompt.questions", None)
     return values
@@ -163,6 +165,8 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | None, op
         raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
     if not spec.output.path:
         raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
+    if spec.run.world_size > 1:
+        err.print(f"[yellow]rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}[/]")
     result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
     _print_summary(result)
     if result.interrupted:
@@ -319,10 +323,14 @@ def status(
     table.add_row("task", str(report["task"]))
     table.add_row("shards", f"{report['shards_done']}/{total if total is not None else '?'} done ({report['partial_shards']} partial)")
     table.add_row("rows", f"{report['rows']} ({report['error_rows']} with errors)")
+    if report["world_size"] > 1:
+        table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
     for run_info in report["runs"]:
+        label = f"rank {run_info.get('rank')}" if report["world_size"] > 1 else "last run"
         table.add_row(
-            "last run",
-            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s (pid {run_info.get('pid')})",
+            label,
+            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s "
+            f"(pid {run_info.get('pid')} on {run_info.get('host')})",
         )
     out_console.print(table)
 
