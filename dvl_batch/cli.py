@@ -109,8 +109,8 @@ Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Discard 
 Strict = Annotated[Optional[bool], typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
 Runner = Annotated[Optional[str], typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
 Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray: 'all' GPUs of the cluster, a number of GPU actors, or 'cpu,cpu'.", rich_help_panel="Scale-out")]
-Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK or SLURM_PROCID).", rich_help_panel="Scale-out")]
-WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE or SLURM_NTASKS).", rich_help_panel="Scale-out")]
+Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
+WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
 RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
 Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe; options given here override it.", show_default=False)]
@@ -127,12 +127,29 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def rank_from_environment() -> tuple[int | None, int | None]:
+    """(rank, world size) as the launcher set them: torchrun's RANK/WORLD_SIZE, else SLURM.
+
+    A SLURM job array (--array=0-N, contiguous) counts each element as a rank, times the
+    tasks of each element; a plain SLURM step uses SLURM_PROCID of SLURM_NTASKS.
+    """
+    if _env_int("RANK") is not None or _env_int("WORLD_SIZE") is not None:
+        return _env_int("RANK"), _env_int("WORLD_SIZE")
+    procid, ntasks = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+    array_count = _env_int("SLURM_ARRAY_TASK_COUNT")
+    if array_count:
+        index = (_env_int("SLURM_ARRAY_TASK_ID") or 0) - (_env_int("SLURM_ARRAY_TASK_MIN") or 0)
+        return index * (ntasks or 1) + (procid or 0), array_count * (ntasks or 1)
+    return procid, ntasks
+
+
 def _overrides(options: dict[str, Any]) -> dict[str, Any]:
     values = {OPTION_PATHS[name]: value for name, value in options.items() if name in OPTION_PATHS}
+    env_rank, env_world = rank_from_environment()
     if values.get("run.rank") is None:
-        values["run.rank"] = _env_int("RANK", "SLURM_PROCID")
+        values["run.rank"] = env_rank
     if values.get("run.world_size") is None:
-        values["run.world_size"] = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+        values["run.world_size"] = env_world
     if values.get("run.ray_address") is None:
         values["run.ray_address"] = os.environ.get("RAY_ADDRESS") or None
     if not values.get("prompt.questions"):
