@@ -67,12 +67,34 @@ def manifest_cost(root: Path, images: int, shard_size: int, results: dict) -> No
     timed(results, f"manifest_load_{images}_images_s", FolderManifest, root / "folder_shards.json")
 
 
+def decode_cost(results: dict, repeats: int) -> None:
+    """Decoder work per image (read, decode, resize+pad, tokenize) on one core, on the example photos."""
+    from dvl_batch.api import default_cache_dir
+    from dvl_batch.preprocess import SamplePreparer
+    from dvl_batch.sources import RawSample, Shard
+    from dvl_batch.spec import build_job_spec
+    from dvl_batch.tiny import ensure_tiny_model
+
+    images = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
+    preparer = SamplePreparer(build_job_spec({}, {"model.name": "tiny"}), str(ensure_tiny_model(default_cache_dir())))
+    shard = Shard("bench", "", "folder")
+    blobs = [p.read_bytes() for p in images]
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for i, blob in enumerate(blobs):
+            preparer.prepare(RawSample(key=str(i), index=i, images=[blob]), shard)
+    per_image = (time.perf_counter() - started) / (repeats * len(blobs))
+    results["decode_ms_per_image_one_core"] = round(per_image * 1000, 2)
+    results["decoder_cores_for_150_img_s"] = round(150 * per_image, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=100_000, help="input shards to list")
     parser.add_argument("--parts", type=int, default=10_000, help="finished parts for status (extrapolate linearly)")
     parser.add_argument("--rows-per-part", type=int, default=1000)
     parser.add_argument("--manifest-images", type=int, default=1_000_000)
+    parser.add_argument("--decode-repeats", type=int, default=30, help="passes over the example photos (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("scaling_costs.json"))
     args = parser.parse_args()
     results: dict = {"shards": args.shards, "parts": args.parts, "cpus": os.cpu_count()}
@@ -94,6 +116,8 @@ def main() -> None:
         status = timed(results, "status_s", collect_status, out)
         assert status["shards_done"] == args.parts
         manifest_cost(root, args.manifest_images, 1000, results)
+    if args.decode_repeats:
+        decode_cost(results, args.decode_repeats)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     width = max(map(len, results))
     for name, value in results.items():

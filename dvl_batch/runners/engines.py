@@ -46,6 +46,13 @@ def parse_device_list(gpus: str, visible_gpus: int | None = None) -> list[str]:
     return devices
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on: a SLURM or cgroup CPU binding, not the whole machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def decoders_per_engine(cpus: int, engines: int) -> int:
     """Split a machine's cores between the decoder pools of its engines (one core each kept)."""
     return max(1, min(MAX_DECODERS_PER_ENGINE, (cpus - engines) // max(engines, 1)))
@@ -55,7 +62,7 @@ def spec_for_engines(spec: JobSpec, engines: int, cpus: int | None = None) -> Jo
     """The spec each engine runs: the decoder count split between engines unless the user set it."""
     if spec.data.workers is not None:
         return spec
-    workers = decoders_per_engine(cpus or os.cpu_count() or 1, engines)
+    workers = decoders_per_engine(cpus or usable_cpus(), engines)
     return replace(spec, data=replace(spec.data, workers=workers))
 
 

@@ -14,6 +14,7 @@ run redoes them); the others carry on and the run then fails with exit code 1.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import signal
 import time
@@ -33,6 +34,7 @@ from .engines import (
     snapshot,
     spec_for_engines,
     stats_from,
+    usable_cpus,
 )
 
 POLL_SECONDS = 0.25
@@ -63,8 +65,22 @@ def _engine_signals(stop_event: Any) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_event.set())
 
 
-def engine_main(task: EngineTask, feed: ShardFeed, events: Any, stop_event: Any) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this engine when the parent dies, even by SIGKILL. The parent's
+    death frees the OUT lock, and a new run must not find an orphan still writing parts."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # elsewhere an orphan finishes its shards; its parts are still whole
+    if os.getppid() != parent_pid:  # the parent died before we asked
+        os._exit(1)
+
+
+def engine_main(task: EngineTask, feed: ShardFeed, events: Any, stop_event: Any, parent_pid: int) -> None:
     """Entry point of one spawned engine process: build the worker, run the feed, report."""
+    _die_with_parent(parent_pid)
     _engine_signals(stop_event)
     try:
         import torch
@@ -116,19 +132,15 @@ class EnginePool:
 
     def start(self) -> None:
         spec = spec_for_engines(self.job.spec, len(self.devices))
-        cpu_engines = self.devices.count("cpu")
-        threads = None
-        if cpu_engines:
-            import os
-
-            threads = max(1, (os.cpu_count() or 1) // len(self.devices))
+        threads = max(1, usable_cpus() // len(self.devices))  # for CPU engines
         for index, device in enumerate(self.devices):
             task = EngineTask(
                 index, device, spec, self.job.model, str(self.job.out.root), self.job.spec.run.rank,
                 self.job.spec.run.world_size, self.job.metadata, threads if device == "cpu" else None,
             )
             process = self.context.Process(
-                target=engine_main, args=(task, self.feed, self.events, self.stop_event), name=f"dvl-batch-engine-{index}"
+                target=engine_main, args=(task, self.feed, self.events, self.stop_event, os.getpid()),
+                name=f"dvl-batch-engine-{index}",
             )
             process.start()
             self.processes.append(process)
