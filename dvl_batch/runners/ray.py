@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -125,11 +127,15 @@ def _connect(address: str | None, cpu_actors: int) -> bool:
     if ray.is_initialized():
         return False
     common: dict[str, Any] = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    ours = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     if address:
         ray.init(address=address, **common)
     else:
         cpus = max(os.cpu_count() or 1, cpu_actors + 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **common)
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in ours.items():  # ray.init installs its own: SIGTERM would end the driver at once
+            signal.signal(signum, handler)
     return True
 
 
