@@ -149,8 +149,9 @@ class WorldLock:
     with a different world size would assign shards differently and redo (or fight
     over) shards another rank owns. Every run therefore holds a shared record lock on
     byte `world_size` of `OUT/.world.lock` and, once, checks that nobody holds any
-    other byte. Two worlds starting at the same instant may both refuse; neither can
-    slip past the other.
+    other byte. The check briefly locks the other bytes itself, so runs must check one
+    at a time (OutputDir.prepare does it under OUT/.job.lock): otherwise two ranks
+    starting together could mistake each other's check for another world.
     """
 
     def __init__(self, path: Path, world_size: int):
@@ -205,7 +206,8 @@ class OutputDir:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _explain(exc, self.parts / "x") from exc
-        self.world_lock.acquire()
+        with self.shared_lock():
+            self.world_lock.acquire()
         try:
             self.lock.acquire()
         except BaseException:

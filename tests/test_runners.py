@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dvl_batch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LockHeldError, UsageError
+from dvl_batch.errors import EXIT_FAILED, EXIT_INTERRUPTED, LockHeldError, UsageError
 from dvl_batch.inspection import collect_status
 from dvl_batch.job import shard_owner
 from dvl_batch.pipeline import RunStats
@@ -113,6 +113,38 @@ def test_ranks_of_one_world_share_out_and_other_worlds_are_refused(tmp_path, cac
     single = OutputDir(out)
     single.prepare()  # the holder died: its locks went with it
     single.release()
+
+
+RANK_STARTS = """
+import sys, time
+from dvl_batch.sink import OutputDir
+out = OutputDir(sys.argv[1], int(sys.argv[2]), 6)
+time.sleep(float(sys.argv[3]) - time.time())  # all start their checks at the same moment
+out.prepare(owns=lambda shard_id: False)
+print("ok", flush=True)
+time.sleep(1)
+"""
+
+
+def test_ranks_starting_together_never_refuse_each_other(tmp_path, cache_dir):
+    start_at = str(time.time() + 3)
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_STARTS, str(tmp_path / "out"), str(r), start_at],
+                              env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(6)]
+    outputs = [proc.communicate(timeout=60) for proc in ranks]
+    assert [o.strip() for o, _ in outputs] == ["ok"] * 6, [e[-300:] for _, e in outputs]
+
+
+def test_overwrite_with_ranks_is_refused_only_when_there_is_something_to_delete(tmp_path):
+    fresh = OutputDir(tmp_path / "fresh", 0, 2)
+    fresh.parts.mkdir(parents=True)
+    fresh.clear()  # nothing there: --overwrite on a new OUT is harmless
+    used = OutputDir(tmp_path / "used", 0, 2)
+    used.parts.mkdir(parents=True)
+    (used.parts / "a-1.parquet").write_bytes(b"part")
+    with pytest.raises(UsageError, match="--overwrite cannot be combined with --world-size"):
+        used.clear()
+    assert (used.parts / "a-1.parquet").exists()
 
 
 def test_stale_temp_parts_are_removed_only_for_owned_shards(tmp_path):
@@ -274,8 +306,6 @@ def test_concurrent_ranks_write_every_row_once(tmp_path, cache_dir):
     assert report["world_size"] == 3 and report["ranks_reporting"] == 3
     assert Counter(r["state"] for r in report["runs"]) == {"finished": 3}
 
-    overwrite = run_cli([*args, "--prompt", "Other.", "--overwrite", "--rank", "0", "--world-size", "3"], cache_dir)
-    assert overwrite.returncode == EXIT_USAGE and "--overwrite cannot be combined" in overwrite.stderr
 
 
 # ------------------------------------------------------------------ Ray
