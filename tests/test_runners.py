@@ -244,28 +244,27 @@ def _assert_rows_exactly_once(out: Path, n_samples: int) -> None:
 
 
 @pytest.mark.slow
-def test_cpu_engine_processes_share_shards_survive_crashes_and_stops(tmp_path, cache_dir):
+def test_cpu_engine_processes_share_shards_survive_stops_and_crashes(tmp_path, cache_dir):
     data, out = tmp_path / "data", tmp_path / "out"
     many_shards(data, 12, 2)
     # one decoder per engine, little read-ahead: shards go to engines as they consume them
     args = ["caption", str(data), "-o", str(out), "--gpus", "cpu,cpu", "--workers", "1", "--prefetch", "1",
-            "--batch-size", "2", *FAST]
+            "--batch-size", "2", "--prefill-batch", "1", *FAST]
+
+    stopped = _start(args, cache_dir)  # SIGTERM to the parent: engines finish in-flight shards, exit 130
+    _wait_for_parts(out, 1, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == EXIT_INTERRUPTED, err
+    assert err.count("dvl-batch summary") == 1
+    assert len(_parts(out)) < 12
 
     crashed = _start(args, cache_dir)  # an engine process dies mid-shard: the other goes on, the run fails
-    _wait_for_parts(out, 1, crashed)
     os.kill(_wait_for_busy_engine(crashed.pid, "spawn_main", crashed), signal.SIGKILL)
     _, err = crashed.communicate(timeout=120)
     assert crashed.returncode == EXIT_FAILED, err
     assert "was killed by SIGKILL" in err and "rerun the same command" in err
     assert not list((out / "parts").glob(".*tmp*"))
-    assert len(_parts(out)) < 12
-
-    stopped = _start(args, cache_dir)  # SIGTERM to the parent: engines finish in-flight shards, exit 130
-    _wait_for_parts(out, len(_parts(out)) + 1, stopped)
-    stopped.send_signal(signal.SIGTERM)
-    _, err = stopped.communicate(timeout=120)
-    assert stopped.returncode == EXIT_INTERRUPTED, err
-    assert err.count("dvl-batch summary") == 1
 
     finished = run_cli(args, cache_dir)
     assert finished.returncode == 0, finished.stderr
