@@ -76,6 +76,10 @@ class _ProgressFile:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "rank": self.job.spec.run.rank,
+            "world_size": self.job.spec.run.world_size,
+            "runner": self.job.spec.run.runner,
+            "gpus": self.job.spec.run.gpus,
         }
 
     def update(self, stats: RunStats, force: bool = False, state: str = "running") -> None:
@@ -117,7 +121,8 @@ def _pick_runner(job: PreparedJob):
         from .runners.ray import run_ray
 
         return run_ray
-    if run_spec.gpus == "all" or (run_spec.gpus and "," in run_spec.gpus):
+    gpus = (run_spec.gpus or "").strip().lower()
+    if gpus == "all" or "," in gpus:
         from .runners.multigpu import run_multi_gpu
 
         return run_multi_gpu

@@ -103,7 +103,7 @@ Workers = Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoder
 Prefetch = Annotated[Optional[int], typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
 FastDecode = Annotated[Optional[bool], typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
 MaxPixels = Annotated[Optional[int], typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
-Limit = Annotated[Optional[int], typer.Option(help="Stop after this many samples (smoke tests).", rich_help_panel="Data")]
+Limit = Annotated[Optional[int], typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
 ShardSize = Annotated[Optional[int], typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
 Engine = Annotated[Optional[str], typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
@@ -114,10 +114,10 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
 Strict = Annotated[Optional[bool], typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
 Runner = Annotated[Optional[str], typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
-Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU.", rich_help_panel="Scale-out")]
-Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK or SLURM_PROCID).", rich_help_panel="Scale-out")]
-WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE or SLURM_NTASKS).", rich_help_panel="Scale-out")]
-RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray.", rich_help_panel="Scale-out")]
+Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray: 'all' GPUs of the cluster, a number of GPU actors, or 'cpu,cpu'.", rich_help_panel="Scale-out")]
+Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
+WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
 Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
 MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
@@ -136,12 +136,31 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def rank_from_environment() -> tuple[int | None, int | None]:
+    """(rank, world size) as the launcher set them: torchrun's RANK/WORLD_SIZE, else SLURM.
+
+    A SLURM job array (--array=0-N, contiguous) counts each element as a rank, times the
+    tasks of each element; a plain SLURM step uses SLURM_PROCID of SLURM_NTASKS.
+    """
+    if _env_int("RANK") is not None or _env_int("WORLD_SIZE") is not None:
+        return _env_int("RANK"), _env_int("WORLD_SIZE")
+    procid, ntasks = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+    array_count = _env_int("SLURM_ARRAY_TASK_COUNT")
+    if array_count:
+        index = (_env_int("SLURM_ARRAY_TASK_ID") or 0) - (_env_int("SLURM_ARRAY_TASK_MIN") or 0)
+        return index * (ntasks or 1) + (procid or 0), array_count * (ntasks or 1)
+    return procid, ntasks
+
+
 def _overrides(options: dict[str, Any]) -> dict[str, Any]:
     values = {OPTION_PATHS[name]: value for name, value in options.items() if name in OPTION_PATHS}
+    env_rank, env_world = rank_from_environment()
     if values.get("run.rank") is None:
-        values["run.rank"] = _env_int("RANK", "SLURM_PROCID")
+        values["run.rank"] = env_rank
     if values.get("run.world_size") is None:
-        values["run.world_size"] = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+        values["run.world_size"] = env_world
+    if values.get("run.ray_address") is None:
+        values["run.ray_address"] = os.environ.get("RAY_ADDRESS") or None
     if not values.get("prompt.questions"):
         values.pop("prompt.questions", None)
     return values
@@ -177,6 +196,8 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
     if not spec.output.path:
         raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
+    if spec.run.world_size > 1:
+        err.print(f"[yellow]rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}[/]")
     result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
     _print_summary(result)
     if result.interrupted:
@@ -410,10 +431,14 @@ def status(
     table.add_row("task", str(report["task"]))
     table.add_row("shards", f"{report['shards_done']}/{total if total is not None else '?'} done ({report['partial_shards']} partial)")
     table.add_row("rows", f"{report['rows']} ({report['error_rows']} with errors)")
+    if report["world_size"] > 1:
+        table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
     for run_info in report["runs"]:
+        label = f"rank {run_info.get('rank')}" if report["world_size"] > 1 else "last run"
         table.add_row(
-            "last run",
-            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s (pid {run_info.get('pid')})",
+            label,
+            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s "
+            f"(pid {run_info.get('pid')} on {run_info.get('host')})",
         )
     out_console.print(table)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ def collect_status(out: Path) -> dict[str, Any]:
         rows += info.get("rows", 0)
         errors += info.get("errors", 0)
         partial += bool(info.get("partial"))
-    progress = [json.loads(p.read_text()) for p in sorted(out.glob("progress*.json"))]
-    total = sum(p.get("shards_total", 0) for p in progress) or None
+    progress = current_world(json.loads(p.read_text()) for p in sorted(out.glob("progress*.json")))
+    world_size = progress[0].get("world_size", 1) if progress else 1
+    total = sum(p.get("shards_total", 0) for p in progress) if len(progress) == world_size else None
     return {
         "output": str(out),
         "model": job.get("model"),
@@ -73,5 +75,22 @@ def collect_status(out: Path) -> dict[str, Any]:
         "partial_shards": partial,
         "rows": rows,
         "error_rows": errors,
+        "world_size": world_size,
+        "ranks_reporting": len(progress),
         "runs": progress,
     }
+
+
+def current_world(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The progress records of the latest world: one per rank, ordered by rank.
+
+    Ranks of one `--world-size` each keep a progress file; files left by earlier runs
+    with another world size (or by a single run) are not part of the current picture.
+    """
+    records = list(records)
+    if not records:
+        return []
+    latest = max(records, key=lambda r: str(r.get("updated", "")))
+    world = latest.get("world_size", 1)
+    mine = [r for r in records if r.get("world_size", 1) == world]
+    return sorted(mine, key=lambda r: r.get("rank", 0))

@@ -35,8 +35,12 @@ class PreparedJob:
     def done_before(self) -> int:
         return len(self.shards) - len(self.todo)
 
+    def owns(self, shard_id: str) -> bool:
+        """Whether this rank owns a shard: only its owner ever writes the shard's part."""
+        return shard_owner(shard_id, self.spec.run.world_size) == self.spec.run.rank
+
     def release(self) -> None:
-        self.out.lock.release()
+        self.out.release()
 
 
 def shard_owner(shard_id: str, world_size: int) -> int:
@@ -70,8 +74,9 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
     """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
     discover_shards(spec.data.inputs, spec.data.shard_size)  # fail on bad inputs before touching OUT
     model = resolve_model(spec.model, cache_dir, offline)
-    out = OutputDir(spec.output.path, spec.run.rank, spec.run.world_size)
-    out.prepare()
+    rank, world_size = spec.run.rank, spec.run.world_size
+    out = OutputDir(spec.output.path, rank, world_size)
+    out.prepare(owns=lambda shard_id: shard_owner(shard_id, world_size) == rank)
     try:
         record = {
             "fingerprint": spec.fingerprint(model.label),
@@ -90,6 +95,6 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
         done = out.done_shards()
         todo = [s for s in mine if s.id not in done]
     except BaseException:
-        out.lock.release()
+        out.release()
         raise
     return PreparedJob(spec, model, out, mine, todo, job_metadata(spec, model))

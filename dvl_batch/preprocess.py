@@ -152,11 +152,13 @@ def _identity(item):
 
 
 def _worker_init(_worker_id: int) -> None:
-    """Workers ignore SIGINT: Ctrl-C goes to the whole process group, and the main
-    process, not each decoder, decides how to stop."""
+    """Workers ignore SIGINT and SIGTERM: Ctrl-C goes to the whole process group, and
+    schedulers (SLURM) send SIGTERM to every process of a job; the main process, not
+    each decoder, decides how to stop (a decoder whose parent is gone exits by itself)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers(cpu_count: int | None = None) -> int:

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,47 @@ class RunLock:
         self.release()
 
 
+class WorldLock:
+    """Lets the ranks of one `--world-size` share OUT and refuses runs with another.
+
+    Each rank has its own exclusive lock, so ranks of one world never collide. A run
+    with a different world size would assign shards differently and redo (or fight
+    over) shards another rank owns. Every run therefore holds a shared record lock on
+    byte `world_size` of `OUT/.world.lock` and, once, checks that nobody holds any
+    other byte. The check briefly locks the other bytes itself, so runs must check one
+    at a time (OutputDir.prepare does it under OUT/.job.lock): otherwise two ranks
+    starting together could mistake each other's check for another world.
+    """
+
+    def __init__(self, path: Path, world_size: int):
+        self.path, self.world_size = path, world_size
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _explain(exc, self.path) from exc
+        w = self.world_size
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, w)
+            for length, start in ((w, 0), (0, w + 1)):  # every byte but ours; length 0 = to the end
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+                fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
+        except (BlockingIOError, PermissionError):
+            os.close(fd)  # drops our shared byte too
+            raise LockHeldError(
+                f"{self.path.parent} is in use by a dvl-batch run with a different --world-size; "
+                "wait for it or use another output folder"
+            ) from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class OutputDir:
     """Layout of OUT: job.json, parts/, progress files, locks, the folder manifest."""
 
@@ -152,18 +194,45 @@ class OutputDir:
         self.manifest_file = self.root / "folder_shards.json"
         suffix = "" if world_size == 1 else f"-rank{rank}of{world_size}"
         self.lock = RunLock(self.root / f".lock{suffix}")
+        self.world_lock = WorldLock(self.root / ".world.lock", world_size)
         self.progress_file = self.root / f"progress{suffix}.json"
 
-    def prepare(self) -> None:
-        """Create OUT, take the run lock, and clear temp files a killed run left behind."""
+    def prepare(self, owns: Callable[[str], bool] | None = None) -> None:
+        """Create OUT, take the locks, and clear temp files a killed run left behind.
+
+        `owns(shard_id)` says which shards this rank owns (needed when world_size > 1).
+        """
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _explain(exc, self.parts / "x") from exc
-        self.lock.acquire()
+        with self.shared_lock():
+            self.world_lock.acquire()
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self.world_lock.release()
+            raise
+        self.remove_stale_temp(owns)
+
+    def release(self) -> None:
+        self.lock.release()
+        self.world_lock.release()
+
+    def remove_stale_temp(self, owns: Callable[[str], bool] | None = None) -> int:
+        """Delete half-written parts of dead writers; returns how many.
+
+        Only the holder of a shard's rank lock (and the engine processes or actors it
+        runs) ever writes that shard, so while we hold it every temp file of a shard we
+        own is stale. Other ranks' temp files may be live: they are left alone.
+        """
+        removed = 0
         for stale in self.parts.glob(".*.tmp-*"):
-            if self.world_size == 1 or not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shard_id = stale.name[1:].split(".parquet.tmp-", 1)[0]
+            if self.world_size == 1 or (owns is not None and owns(shard_id)):
                 stale.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def shared_lock(self) -> RunLock:
         """A short-lived lock all ranks take around job.json and the folder manifest."""
@@ -194,7 +263,7 @@ class OutputDir:
 
     def clear(self) -> None:
         """Delete this tool's results in OUT (parts, job.json, progress, manifest) and nothing else."""
-        if self.world_size > 1:
+        if self.world_size > 1 and (self.job_file.exists() or self.done_shards()):
             raise UsageError("--overwrite cannot be combined with --world-size; clear OUT with one run first")
         for part in self.parts.glob("*.parquet"):
             part.unlink()
@@ -206,16 +275,6 @@ class OutputDir:
 
     def remove_tree(self) -> None:
         shutil.rmtree(self.root)
-
-
-def _pid_alive(text: str) -> bool:
-    try:
-        os.kill(int(text), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -244,6 +303,7 @@ class ParquetSink:
             "rows": len(rows),
             "errors": sum(1 for r in rows if r.error),
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "writer": f"{socket.gethostname()}:{os.getpid()}",  # which engine process or actor wrote it
         }
         meta = {METADATA_KEY: json.dumps({"job": self.job_metadata, "shard": shard_meta}).encode()}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -28,6 +29,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 TURN_ROLES = ("user", "assistant")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 RUNNERS = ("local", "ray")
+# run.gpus: "all", or a comma list of GPU indices ("0,1"), "cuda:N" or "cpu" (one engine per entry)
+GPUS_PATTERN = re.compile(r"all|(cpu|\d+|cuda:\d+)(,(cpu|\d+|cuda:\d+))*")
 DEFAULT_CAPTION_PROMPT = "Describe this image."
 
 
@@ -393,6 +396,10 @@ def validate(spec: JobSpec) -> None:
         f"model.device_map must be one of {', '.join(DEVICE_MAPS)} (or unset), got '{m.device_map}'",
     )
     _check(r.runner in RUNNERS, f"run.runner must be one of {', '.join(RUNNERS)}, got '{r.runner}'")
+    _check(
+        r.gpus is None or bool(GPUS_PATTERN.fullmatch(r.gpus.strip().lower().replace(" ", ""))),
+        f"run.gpus must be 'all', GPU indices like '0,1', or 'cpu,cpu', got '{r.gpus}'",
+    )
     _check(r.world_size >= 1, f"run.world_size must be >= 1, got {r.world_size}")
     _check(0 <= r.rank < r.world_size, f"run.rank must be in [0, {r.world_size}), got {r.rank}")
 

@@ -72,6 +72,8 @@ class DeviceWorker:
         self.resolved = model
         self.device = pick_device(device or spec.model.device)
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda"/"auto": name the current GPU
+                self.device = torch.device("cuda", torch.cuda.current_device())
             prepare_cuda_process(self.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
         self.processor = load_processor(model, spec.model.revision)

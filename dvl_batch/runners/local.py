@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..job import PreparedJob
 from ..pipeline import RunStats, StopFlag
 from ..preprocess import ShardFeed
 from ..worker import DeviceWorker
+from .engines import parse_device_list
 
 
 def run_local(job: PreparedJob, on_progress: Callable[[RunStats], None], stop: StopFlag) -> RunStats:
-    gpus = job.spec.run.gpus
-    worker = DeviceWorker(job.spec, job.model, device=f"cuda:{int(gpus)}" if gpus and gpus.isdigit() else None)
+    gpus = job.spec.run.gpus  # one entry ('1', 'cuda:1', 'cpu') or None for --device
+    worker = DeviceWorker(job.spec, job.model, device=parse_device_list(gpus)[0] if gpus else None)
     feed = ShardFeed(job.todo)
     return worker.process(feed, job.out, job.metadata, on_progress=on_progress, stop=stop)
