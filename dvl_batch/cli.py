@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -29,7 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line in logs
 out_console = Console()
 
 # Option name -> JobSpec field. Options left unset (None) keep the recipe's or the default value.
@@ -163,8 +164,12 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | None, op
         raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
     if not spec.output.path:
         raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
-    result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
-    _print_summary(result)
+    try:
+        result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
+        _print_summary(result)
+    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
+        err.print(f"[red]aborted[/]: parts already in {spec.output.path}/parts are complete; rerun the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if result.interrupted:
         err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -370,8 +375,16 @@ def inspect(
     out_console.print(table)
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_cli() -> None:
     """Console-script entry: map our errors to one line and an exit code."""
+    # SIGTERM outside a job's own handling (start-up, model loading) ends the run like
+    # Ctrl-C: a message and exit 130 instead of a silent death. api.run installs the
+    # graceful "finish in-flight shards" handler for the job itself.
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         app()
     except DvlError as exc:

@@ -103,6 +103,8 @@ class SamplePreparer:
                 sample.pixels = self._pixels(raw.images)
             except ImageError as exc:
                 sample.error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one odd image must not end a million-image job
+                sample.error = f"image preprocessing failed ({type(exc).__name__}: {exc})"
         if sample.error is None:
             n_images = len(raw.images)
             for request in sample.requests:

@@ -92,6 +92,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _explain(exc, path) from exc
+    except BaseException:  # a second Ctrl-C mid-write: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -123,9 +126,12 @@ class RunLock:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             raise LockHeldError(f"another dvl-batch run holds {self.path.parent} ({holder}); exiting") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self.fd = fd
+        try:  # who holds it, for the message of a second run; the lock itself is what counts
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self.fd is not None:
@@ -161,7 +167,7 @@ class OutputDir:
         except OSError as exc:
             raise _explain(exc, self.parts / "x") from exc
         self.lock.acquire()
-        for stale in self.parts.glob(".*.tmp-*"):
+        for stale in [*self.parts.glob(".*.tmp-*"), *self.root.glob(".*.tmp-*")]:
             if self.world_size == 1 or not _pid_alive(stale.name.rsplit("-", 1)[-1]):
                 stale.unlink(missing_ok=True)
 
@@ -259,7 +265,7 @@ class ParquetSink:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _explain(exc, path) from exc
-        except Exception:
+        except BaseException:  # includes the KeyboardInterrupt of a second Ctrl-C mid-write
             tmp.unlink(missing_ok=True)
             raise
         return path
