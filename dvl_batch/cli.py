@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -148,10 +149,7 @@ def _quiet_transformers() -> None:
 
 
 def _execute(task: str | None, inputs: list[str] | None, recipe: Path | None, options: dict[str, Any]) -> None:
-    from .api import run
     from .spec import build_job_spec, load_recipe
-
-    _quiet_transformers()
 
     recipe_values = load_recipe(recipe) if recipe else {}
     overrides = _overrides(options)
@@ -164,18 +162,26 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | None, op
         raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
     if not spec.output.path:
         raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
+    from .api import run  # torch and transformers load only once the options are known to be valid
+
+    _quiet_transformers()
     try:
-        result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
+        result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
         _print_summary(result)
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
-        err.print(f"[red]aborted[/]: parts already in {spec.output.path}/parts are complete; rerun the same command to resume")
+        err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if result.interrupted:
         err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
-    if spec.output.strict and result.stats.error_rows:
-        err.print(f"[red]strict mode[/]: {result.stats.error_rows} rows have errors")
-        raise typer.Exit(EXIT_ERROR_ROWS)
+    if spec.output.strict:
+        from .inspection import collect_status
+
+        # all parts count, so a resumed or repeated run still reports errors written earlier
+        error_rows = collect_status(result.out)["error_rows"]
+        if error_rows:
+            err.print(f"[red]strict mode[/]: {error_rows} rows have errors ({result.stats.error_rows} written by this run)")
+            raise typer.Exit(EXIT_ERROR_ROWS)
 
 
 def _print_summary(result) -> None:
@@ -388,7 +394,7 @@ def run_cli() -> None:
     try:
         app()
     except DvlError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")  # paths and messages may hold [brackets]
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[red]aborted[/]: parts already written are complete; rerun to resume")

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED
 
-from .conftest import cli_env, example_images, write_image_shard
+from .conftest import cli_env, example_images, read_rows, write_image_shard
+from .hostile_files import solid_png
 
 SUPPORT = Path(__file__).parent / "support"
 QUESTIONS = ["What is this?", "Is it outdoors?"]
@@ -434,3 +437,66 @@ def test_second_run_on_same_output_exits_at_once_and_a_killed_runs_lock_is_no_ob
     )
     assert third.returncode == 0, third.stderr
     check_parts(out, layout, complete=True)
+
+
+# ---------------------------------------------------------------- out of memory on the device
+
+
+def simulated_oom(what: str) -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({what}, simulated by the test)")
+
+
+def is_poison(pixels: torch.Tensor) -> bool:
+    """The all-black image: the device "runs out of memory" for it even alone."""
+    return any(float(image.float().std()) == 0.0 for image in pixels)
+
+
+class OomAboveOneImage(VisionLanguageModel):
+    """transformers' modules as usual, but encoding more than one image at once (or the black one)
+    raises torch.OutOfMemoryError, as a GPU that is nearly full would."""
+
+    def image_features(self, pixels):
+        first = next(iter(pixels.values()))
+        if first.shape[0] > 1 or is_poison(first):
+            raise simulated_oom(f"{first.shape[0]} images")
+        return super().image_features(pixels)
+
+
+def oom_above_one_prompt(model):
+    real_generate = model.generate
+
+    def generate(**kwargs):
+        if kwargs["input_ids"].shape[0] > 1 or is_poison(kwargs["pixel_values"]):
+            raise simulated_oom(f"batch of {kwargs['input_ids'].shape[0]}")
+        return real_generate(**kwargs)
+
+    model.generate = generate
+    return model
+
+
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_out_of_memory_batches_are_split_and_the_job_goes_on(tmp_path, cache_dir, tiny_model_dir, monkeypatch, capsys,
+                                                              engine):
+    from dvl_batch import cli, worker
+
+    if engine == "continuous":
+        monkeypatch.setattr(worker, "VisionLanguageModel", OomAboveOneImage)
+    else:
+        real_load = worker.load_model
+        monkeypatch.setattr(worker, "load_model", lambda *a, **k: oom_above_one_prompt(real_load(*a, **k)))
+    photos = example_images()
+    photos["black"] = solid_png(64, 64, (0, 0, 0))
+    write_image_shard(tmp_path / "data" / "photos.tar", photos)
+    out = tmp_path / "out"
+    code = cli.app(["caption", str(tmp_path / "data"), "-o", str(out), "--model", "tiny", "--engine", engine,
+                    "--batch-size", "4", "--max-new-tokens", "3", "--workers", "0", "--no-progress"],
+                   standalone_mode=False)
+    stderr = capsys.readouterr().err
+    assert code in (None, 0), stderr
+    rows = read_rows(out).to_pandas().set_index("key")
+    assert len(rows) == len(photos) == 7
+    good = rows.drop(index="black")
+    assert good["error"].isna().all() and good["answer"].notna().all()
+    assert "out of memory on the device" in rows.loc["black", "error"]
+    retries = [line for line in stderr.splitlines() if "out-of-memory retries" in line]
+    assert len(retries) == 1 and int(retries[0].split()[-2]) >= 3, stderr
