@@ -200,6 +200,8 @@ def _print_summary(result) -> None:
     engine = stats.engine
     if engine.get("oom_splits"):
         table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))
+    if stats.decoder_restarts:
+        table.add_row("decoder processes restarted", str(stats.decoder_restarts))
     if engine.get("idle_seconds"):
         table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s")
     err.print(table)

@@ -13,6 +13,10 @@ Faults:
 - "fail_part_write": an errno name (ENOSPC, EROFS), with "after_parts": N. Every part
   write after the first N fails half-way through its temporary file with that OSError,
   as a full or read-only disk would.
+- "crash_on_bytes": text. A process asked to open an image whose bytes contain it dies
+  of SIGSEGV, as a decoder hitting a bug in a native image library would.
+- "slow_image_open": seconds added to every image open (a slow decoder), so a test can
+  kill a decoder process while it is working.
 """
 
 from __future__ import annotations
@@ -64,5 +68,27 @@ def _install_part_write_faults() -> None:
     pq.write_table = write_table
 
 
+def _install_decoder_faults() -> None:
+    import io
+    import signal
+    import time
+
+    from PIL import Image
+
+    real_open = Image.open
+
+    def open_image(fp, *args, **kwargs):
+        if isinstance(fp, io.BytesIO):
+            if FAULTS.get("crash_on_bytes") and FAULTS["crash_on_bytes"].encode() in fp.getvalue():
+                _announce(f"decoder {os.getpid()} crashing")
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(float(FAULTS.get("slow_image_open", 0)))
+        return real_open(fp, *args, **kwargs)
+
+    Image.open = open_image
+
+
 if "pause_part_write" in FAULTS or "fail_part_write" in FAULTS:
     _install_part_write_faults()
+if "crash_on_bytes" in FAULTS or "slow_image_open" in FAULTS:
+    _install_decoder_faults()
