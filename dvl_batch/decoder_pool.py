@@ -4,7 +4,7 @@ A native crash in an image library or the kernel's OOM killer can end a decoder 
 at any moment, and torch's DataLoader then fails the whole iteration. `supervised_stream`
 runs the DataLoader so that a dead decoder costs a restart, not the job:
 
-- every decoder records in shared memory its pid and the shard it is working on;
+- every decoder records in shared memory its pid, its shard and the sample it is preparing;
 - when one dies, a fresh pool resumes every shard that was in flight at its first sample
   the device process has not received (samples before it were already delivered; the
   ones after it may have been lost in the dead process's queue);
@@ -117,7 +117,7 @@ def _in_flight(
     slots: WorkerSlots, shards: list[Shard], previous: list[ResumePoint], delivered: _Delivered,
     strikes: Counter, reason: str,
 ) -> list[ResumePoint]:
-    """The shards to resume after a pool failed, with strikes against samples next in line at a dead decoder."""
+    """The shards to resume after a pool failed; each sample a dead decoder was preparing gets a strike."""
     open_shards: dict[str, Shard] = {p.shard.id: p.shard for p in previous}
     for pid, index, sample in slots.entries():
         if index < 0:
