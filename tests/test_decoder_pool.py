@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .cli_processes import Run, fault_env, wait_until
 from .conftest import example_images, read_rows, write_image_shard
-from .test_reliability import Run, fault_env, wait_until
 
 POISON = "DVL-TEST-POISON"
 

@@ -9,13 +9,11 @@ which the subprocess loads from its PYTHONPATH; the product code has no test hoo
 from __future__ import annotations
 
 import json
-import os
 import queue
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,25 +26,15 @@ import torch
 from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED
 
-from .conftest import cli_env, example_images, read_rows, write_image_shard
+from .cli_processes import Run, fault_env, holds_lock, wait_until
+from .conftest import example_images, read_rows, write_image_shard
 from .hostile_files import solid_png
 
-SUPPORT = Path(__file__).parent / "support"
 QUESTIONS = ["What is this?", "Is it outdoors?"]
 SHARD_SIZES = [1, 2, 1, 2, 1]  # 7 samples x 2 questions = 14 rows per complete run
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def fault_env(cache_dir: Path, faults: dict | None = None) -> dict[str, str]:
-    """cli_env plus the fault-injection folder on PYTHONPATH; one torch thread per run."""
-    env = cli_env(cache_dir)
-    env["PYTHONPATH"] = str(SUPPORT) + os.pathsep + env["PYTHONPATH"]
-    env["OMP_NUM_THREADS"] = "1"
-    if faults:
-        env["DVL_TEST_FAULTS"] = json.dumps(faults)
-    return env
 
 
 def write_dataset(folder: Path, sizes: list[int] = SHARD_SIZES) -> dict[str, list[str]]:
@@ -69,71 +57,6 @@ def vqa_args(data: Path, out: Path, workers: int = 1) -> list[str]:
     for q in QUESTIONS:
         args += ["-q", q]
     return [*args, "--no-progress"]
-
-
-class Run:
-    """A CLI subprocess whose stderr is collected by a thread (and watched for a line)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dvl_batch", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.seen = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            with self.seen:
-                self.lines.append(line)
-                self.seen.notify_all()
-        with self.seen:
-            self.seen.notify_all()
-
-    def wait_for_line(self, text: str, timeout: float = 120) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.seen:
-            while not any(text in line for line in self.lines):
-                if self.proc.poll() is not None and not self.reader.is_alive():
-                    return False
-                waited = self.seen.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
-                if not waited and time.monotonic() > deadline:
-                    return False
-            return True
-
-    def wait(self, timeout: float = 180) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        self.proc.stdout.close()
-        return code
-
-    def lines_with(self, text: str) -> list[str]:
-        with self.seen:
-            return [line for line in self.lines if text in line]
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-
-def holds_lock(out: Path, pid: int) -> bool:
-    try:
-        return f"pid {pid} " in (out / ".lock").read_text()
-    except OSError:
-        return False
-
-
-def wait_until(condition, timeout: float, proc: subprocess.Popen | None = None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return condition()
-        time.sleep(0.02)
-    return False
 
 
 def check_parts(out: Path, layout: dict[str, list[str]], complete: bool) -> set[str]:
