@@ -161,6 +161,9 @@ def run(
         with _Signals(stop, say):
             stats = runner(job, on_progress, stop)
         state = "interrupted" if stop.requested else "finished"
+    except KeyboardInterrupt:
+        state = "aborted"
+        raise
     finally:
         reporter.close()
         try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -30,7 +32,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line in logs
 out_console = Console()
 
 # Option name -> JobSpec field. Options left unset (None) keep the recipe's or the default value.
@@ -179,11 +181,8 @@ def _quiet_transformers() -> None:
 
 
 def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | None, options: dict[str, Any]) -> None:
-    from .api import run
     from .recipebook import read_recipe
     from .spec import build_job_spec
-
-    _quiet_transformers()
 
     recipe_values, origin = read_recipe(recipe) if recipe else ({}, "recipe")
     overrides = _overrides(options)
@@ -198,14 +197,26 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
     if spec.run.world_size > 1:
         err.print(f"[yellow]rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}[/]")
-    result = run(spec, say=lambda text: err.print(f"[yellow]{text}[/]"))
-    _print_summary(result)
+    from .api import run  # torch and transformers load only once the options are known to be valid
+
+    _quiet_transformers()
+    try:
+        result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
+        _print_summary(result)
+    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
+        err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if result.interrupted:
         err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
-    if spec.output.strict and result.stats.error_rows:
-        err.print(f"[red]strict mode[/]: {result.stats.error_rows} rows have errors")
-        raise typer.Exit(EXIT_ERROR_ROWS)
+    if spec.output.strict:
+        from .inspection import collect_status
+
+        # all parts count, so a resumed or repeated run still reports errors written earlier
+        error_rows = collect_status(result.out)["error_rows"]
+        if error_rows:
+            err.print(f"[red]strict mode[/]: {error_rows} rows have errors ({result.stats.error_rows} written by this run)")
+            raise typer.Exit(EXIT_ERROR_ROWS)
 
 
 def _print_summary(result) -> None:
@@ -224,6 +235,8 @@ def _print_summary(result) -> None:
     engine = stats.engine
     if engine.get("oom_splits"):
         table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))
+    if stats.decoder_restarts:
+        table.add_row("decoder processes restarted", str(stats.decoder_restarts))
     if engine.get("idle_seconds"):
         table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s")
     err.print(table)
@@ -527,12 +540,20 @@ def bench(
     err.print(f"results written to {out}")
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_cli() -> None:
     """Console-script entry: map our errors to one line and an exit code."""
+    # SIGTERM outside a job's own handling (start-up, model loading) ends the run like
+    # Ctrl-C: a message and exit 130 instead of a silent death. api.run installs the
+    # graceful "finish in-flight shards" handler for the job itself.
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         app()
     except DvlError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")  # paths and messages may hold [brackets]
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[red]aborted[/]: parts already written are complete; rerun to resume")

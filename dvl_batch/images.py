@@ -123,8 +123,9 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
                 raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
             if width < 1 or height < 1:
                 raise ImageError(f"image has no pixels ({width}x{height})")
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animations and multi-page files: the first frame
+            # Animations (GIF, APNG, WebP) and multi-page files (TIFF, MPO): Image.open is
+            # positioned on the first frame, which is what gets used. (Not asking for
+            # n_frames spares scanning every frame of a long animation.)
             if draft_side and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
                 image.draft("RGB", fitted_size(width, height, draft_side, 1))
             image.load()
@@ -138,6 +139,8 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
         raise ImageError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise ImageError(f"corrupt or truncated image data: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - crafted files make Pillow raise anything (struct.error, KeyError...)
+        raise ImageError(f"corrupt image data ({type(exc).__name__}: {exc})") from None
 
 
 def resize_and_pad(image: Image.Image, view: ImageView) -> np.ndarray:

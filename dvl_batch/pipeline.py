@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .decoder_pool import DecoderRestart
 from .engine.types import Completion, Engine, EnginePrompt, WorkItem
 from .preprocess import PreparedSample, ShardFeed, prepared_stream
 from .sink import AnswerRow, ParquetSink
@@ -27,6 +28,7 @@ class RunStats:
 
     shards_written: int = 0
     shards_partial: int = 0
+    decoder_restarts: int = 0  # decoder processes that died and were replaced
     samples: int = 0
     rows: int = 0
     error_rows: int = 0
@@ -36,7 +38,8 @@ class RunStats:
     engine: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: "RunStats") -> None:
-        for name in ("shards_written", "shards_partial", "samples", "rows", "error_rows", "generated_tokens"):
+        for name in ("shards_written", "shards_partial", "decoder_restarts", "samples", "rows", "error_rows",
+                     "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.decode_seconds += other.decode_seconds
         for key, value in other.engine.items():
@@ -162,6 +165,9 @@ def _work_items(
     for item in stream:
         if isinstance(item, ShardEnd):
             assembler.end_shard(item)
+            continue
+        if isinstance(item, DecoderRestart):
+            assembler.stats.decoder_restarts += 1
             continue
         if stop.requested or (limit is not None and assembler.stats.samples >= limit):
             feed.close()

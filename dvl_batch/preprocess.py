@@ -9,15 +9,18 @@ anywhere here is still sent, with `error` set: the sink must write a row for it.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from .decoder_pool import ResumePoint, WorkerSlots, supervised_stream
 from .images import ImageError, ImageView, decode_image, render_views, views_from_image_processor
 from .prompts import PromptRenderer, QuestionBook
 from .sources import RawSample, Shard, ShardEnd, read_shard
@@ -59,12 +62,15 @@ class ShardFeed:
         self._next = context.Value("q", 0)
         self._closed = context.Value("b", 0)
 
-    def take(self) -> Shard | None:
+    def take(self, claim: Callable[[int], None] | None = None) -> Shard | None:
+        """The next shard; `claim(index)` records the taker under the lock (see decoder_pool)."""
         with self._next.get_lock():
             index = self._next.value
             if self._closed.value or index >= len(self.shards):
                 return None
             self._next.value = index + 1
+            if claim is not None:
+                claim(index)
         return self.shards[index]
 
     def close(self) -> None:
@@ -105,6 +111,8 @@ class SamplePreparer:
                 sample.pixels = self._pixels(raw.images)
             except ImageError as exc:
                 sample.error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one odd image must not end a million-image job
+                sample.error = f"image preprocessing failed ({type(exc).__name__}: {exc})"
         if sample.error is None:
             n_images = len(raw.images)
             for request in sample.requests:
@@ -134,31 +142,60 @@ class SamplePreparer:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Iterable over PreparedSample and ShardEnd items, shards pulled from a feed."""
+    """Iterable over PreparedSample and ShardEnd items, shards pulled from a feed.
 
-    def __init__(self, spec: JobSpec, model_path: str, feed: ShardFeed):
+    After a decoder died, a fresh pool first finishes the shards that were in flight
+    (`resume`, shared out by worker id), then pulls new ones; `slots` tells the
+    supervisor which decoder holds which shard.
+    """
+
+    def __init__(self, spec: JobSpec, model_path: str, feed: ShardFeed,
+                 resume: list[ResumePoint] | None = None, slots: WorkerSlots | None = None):
         super().__init__()
         self.spec, self.model_path, self.feed = spec, model_path, feed
+        self.resume, self.slots = list(resume or ()), slots
 
     def __iter__(self) -> Iterator[PreparedSample | ShardEnd]:
         preparer = SamplePreparer(self.spec, self.model_path)
-        while (shard := self.feed.take()) is not None:
-            for item in read_shard(shard, self.spec.data.image_field, self.spec.data.key_field):
-                yield item if isinstance(item, ShardEnd) else preparer.prepare(item, shard)
+        info = torch.utils.data.get_worker_info()
+        worker_id, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        claim = (lambda index: self.slots.working_on(worker_id, index)) if self.slots else None
+        for point in self.resume[worker_id::n_workers]:
+            if claim:
+                claim(self.feed.shards.index(point.shard))
+            yield from self._shard_items(preparer, point.shard, worker_id, point)
+        while (shard := self.feed.take(claim)) is not None:
+            yield from self._shard_items(preparer, shard, worker_id, None)
+
+    def _shard_items(self, preparer: SamplePreparer, shard: Shard, worker_id: int, resume: ResumePoint | None):
+        for item in read_shard(shard, self.spec.data.image_field, self.spec.data.key_field):
+            if isinstance(item, ShardEnd):
+                yield item
+                continue
+            if resume is not None and item.index < resume.start:
+                continue  # delivered before the pool was restarted
+            if resume is not None and item.index in resume.poisoned:
+                item.error = f"a decoder process died twice while preparing this sample ({resume.reason})"
+            elif self.slots is not None:
+                self.slots.preparing(worker_id, item.index)
+            yield preparer.prepare(item, shard)
 
 
 def _identity(item):
     return item
 
 
-def _worker_init(_worker_id: int) -> None:
+def _worker_init(slots: WorkerSlots | None, worker_id: int) -> None:
     """Workers ignore SIGINT and SIGTERM: Ctrl-C goes to the whole process group, and
     schedulers (SLURM) send SIGTERM to every process of a job; the main process, not
-    each decoder, decides how to stop (a decoder whose parent is gone exits by itself)."""
+    each decoder, decides how to stop (a decoder whose parent is gone exits by itself).
+    They also say who they are, so a dead decoder's shard can be resumed."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if slots is not None:
+        slots.register(worker_id)
 
 
 def default_workers(cpu_count: int | None = None) -> int:
@@ -169,19 +206,22 @@ def default_workers(cpu_count: int | None = None) -> int:
 
 def prepared_stream(spec: JobSpec, model_path: str, feed: ShardFeed) -> Iterator[PreparedSample | ShardEnd]:
     """The preprocessing stage: in-process when workers == 0, else a DataLoader pool."""
-    dataset = ShardStream(spec, model_path, feed)
     workers = default_workers() if spec.data.workers is None else spec.data.workers
     if workers == 0:
-        yield from dataset
+        yield from ShardStream(spec, model_path, feed)
         return
-    loader_kwargs: dict[str, Any] = dict(
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=spec.data.prefetch,
-        collate_fn=_identity,
-        worker_init_fn=_worker_init,
-        multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
-    )
-    if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
-        loader_kwargs["in_order"] = False  # a slow shard must not hold back the others
-    yield from torch.utils.data.DataLoader(dataset, **loader_kwargs)
+
+    def make_loader(resume: list[ResumePoint], slots: WorkerSlots) -> torch.utils.data.DataLoader:
+        loader_kwargs: dict[str, Any] = dict(
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=spec.data.prefetch,
+            collate_fn=_identity,
+            worker_init_fn=functools.partial(_worker_init, slots),
+            multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
+        )
+        if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
+            loader_kwargs["in_order"] = False  # a slow shard must not hold back the others
+        return torch.utils.data.DataLoader(ShardStream(spec, model_path, feed, resume, slots), **loader_kwargs)
+
+    yield from supervised_stream(make_loader, feed.shards, workers)

@@ -93,6 +93,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _explain(exc, path) from exc
+    except BaseException:  # a second Ctrl-C mid-write: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -124,9 +127,12 @@ class RunLock:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             raise LockHeldError(f"another dvl-batch run holds {self.path.parent} ({holder}); exiting") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self.fd = fd
+        try:  # who holds it, for the message of a second run; the lock itself is what counts
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self.fd is not None:
@@ -220,16 +226,22 @@ class OutputDir:
         self.world_lock.release()
 
     def remove_stale_temp(self, owns: Callable[[str], bool] | None = None) -> int:
-        """Delete half-written parts of dead writers; returns how many.
+        """Delete half-written files of dead writers; returns how many.
 
         Only the holder of a shard's rank lock (and the engine processes or actors it
         runs) ever writes that shard, so while we hold it every temp file of a shard we
-        own is stale. Other ranks' temp files may be live: they are left alone.
+        own is stale. Other ranks' temp files may be live: they are left alone. Temp
+        files of OUT's own bookkeeping (job.json, progress) are stale once we hold the
+        lock in a single-rank run.
         """
         removed = 0
         for stale in self.parts.glob(".*.tmp-*"):
             shard_id = stale.name[1:].split(".parquet.tmp-", 1)[0]
             if self.world_size == 1 or (owns is not None and owns(shard_id)):
+                stale.unlink(missing_ok=True)
+                removed += 1
+        if self.world_size == 1:
+            for stale in self.root.glob(".*.tmp-*"):
                 stale.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -319,7 +331,7 @@ class ParquetSink:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _explain(exc, path) from exc
-        except Exception:
+        except BaseException:  # includes the KeyboardInterrupt of a second Ctrl-C mid-write
             tmp.unlink(missing_ok=True)
             raise
         return path

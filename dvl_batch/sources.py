@@ -270,56 +270,96 @@ def _tar_sample(key: str, index: int, members: dict[str, bytes], image_field: st
     return sample
 
 
+class _TarEnding:
+    """Tells a tar stream that ended at its end-of-archive block from one that was cut.
+
+    tarfile stops iterating *silently* at a missing, short or garbled header, which is
+    exactly what a shard cut at a member boundary (or a half-downloaded .tgz) looks
+    like. The TarInfo subclass handed to tarfile sees the header block that ended the
+    iteration and records why, so such a shard is reported partial, not complete.
+    """
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        ending = self
+
+        class RecordingTarInfo(tarfile.TarInfo):
+            @classmethod
+            def frombuf(cls, buf, encoding, errors):
+                try:
+                    return super().frombuf(buf, encoding, errors)
+                except tarfile.EOFHeaderError:
+                    raise  # the zero block that ends a complete archive
+                except tarfile.HeaderError as exc:
+                    ending.problem = (
+                        "the archive ends without its end-of-archive block (cut short?)"
+                        if isinstance(exc, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError))
+                        else f"corrupt member header ({exc})"
+                    )
+                    raise
+
+        self.tarinfo = RecordingTarInfo
+
+
+def _shard_error_sample(message: str) -> RawSample:
+    """The single row that says a shard could not be read at all (so it is not silently empty)."""
+    return RawSample(key=SHARD_ROW_KEY, index=0, error=message)
+
+
 def read_webdataset(shard: Shard, image_field: str | None) -> Iterator[RawSample | ShardEnd]:
-    """Stream a tar/tgz shard, grouping consecutive members by key as webdataset does."""
+    """Stream a tar/tgz shard, grouping consecutive members by key as webdataset does.
+
+    Cut shards keep every sample read before the cut; the sample whose member data was
+    cut becomes an error row, and the ShardEnd says partial. Member names are only
+    ever split into key and field, never used as paths: absolute and `..` names are
+    reported as error rows and skipped.
+    """
     count = 0
     current_key: str | None = None
     members: dict[str, bytes] = {}
-    unsafe: list[RawSample] = []
+    reading: str | None = None  # "key.ext" of the member whose data is being read
+    ending = _TarEnding()
     try:
-        with _open_stream(shard.url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        with _open_stream(shard.url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=ending.tarinfo) as archive:
             for info in archive:
                 if not info.isfile():
                     continue
                 name = info.name
                 if _unsafe_member(name):
-                    unsafe.append(RawSample(key=name, index=-1, error=f"unsafe tar member name '{name}' skipped"))
+                    yield RawSample(key=name, index=count, error=f"unsafe tar member name '{name}' skipped")
+                    count += 1
                     continue
                 split = split_member_name(name)
                 if split is None or PurePosixPath(name).name.startswith("__"):
                     continue
                 key, ext = split
-                handle = archive.extractfile(info)
-                data = handle.read() if handle is not None else b""
                 if key != current_key and current_key is not None:
                     yield _tar_sample(current_key, count, members, image_field)
                     count += 1
                     members = {}
-                current_key = key
-                members[ext] = data
-                for bad in unsafe:
-                    bad.index = count
-                    yield bad
-                    count += 1
-                unsafe = []
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if current_key is not None:
-            broken = RawSample(key=current_key, index=count, error=f"shard truncated inside this sample: {exc}")
-            yield broken
+                current_key, reading = key, name
+                handle = archive.extractfile(info)
+                members[ext] = handle.read() if handle is not None else b""
+                reading = None
+    except Exception as exc:  # noqa: BLE001 - any read failure ends the shard; rows before it stay
+        message = f"read error after {count} complete samples: {exc}"
+        if reading is not None:
+            yield RawSample(key=current_key or reading, index=count, error=f"shard cut inside this sample ('{reading}'): {exc}")
             count += 1
-        for bad in unsafe:
-            bad.index = count
-            yield bad
+        elif current_key is not None:
+            yield _tar_sample(current_key, count, members, image_field)
             count += 1
-        yield ShardEnd(shard, count, partial=True, message=f"read error after {count} samples: {exc}")
+        elif count == 0:
+            yield _shard_error_sample(f"unreadable tar shard: {exc}")
+            count = 1
+        yield ShardEnd(shard, count, partial=True, message=message)
         return
     if current_key is not None:
         yield _tar_sample(current_key, count, members, image_field)
         count += 1
-    for bad in unsafe:
-        bad.index = count
-        yield bad
-        count += 1
+    if ending.problem:
+        yield ShardEnd(shard, count, partial=True, message=f"{ending.problem} after {count} samples")
+        return
     yield ShardEnd(shard, count)
 
 
@@ -406,32 +446,38 @@ def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable shard
-        yield ShardEnd(shard, 0, partial=True, message=f"unreadable parquet file: {exc}")
+        yield _shard_error_sample(f"unreadable parquet file: {exc}")
+        yield ShardEnd(shard, 1, partial=True, message=f"unreadable parquet file: {exc}")
         return
+    no_image = None
     if layout.image_column is None:
-        names = ", ".join(source.schema_arrow.names)
-        yield ShardEnd(shard, 0, partial=True, message=f"no image column found; columns: {names}")
-        return
-    columns = sorted({layout.image_column, *layout.text_columns} | ({layout.key_column} if layout.key_column else set()))
+        no_image = f"no image column found; columns: {', '.join(source.schema_arrow.names)}"
+    columns = sorted({layout.image_column, *layout.text_columns, layout.key_column} - {None})
     base_dir = Path(shard.url).parent
     try:
-        for batch in source.iter_batches(batch_size=64, columns=columns):
+        for batch in source.iter_batches(batch_size=64, columns=columns or None):
             for row in batch.to_pylist():
                 key = str(row[layout.key_column]) if layout.key_column and row.get(layout.key_column) is not None else f"{count:08d}"
                 fields = {c: row[c] for c in layout.text_columns if row.get(c) is not None}
                 sample = RawSample(
-                    key=key, index=count, fields=fields, field_names=tuple(columns), image_names=(layout.image_column,)
+                    key=key, index=count, fields=fields, field_names=tuple(source.schema_arrow.names),
+                    image_names=(layout.image_column,) if layout.image_column else (), error=no_image,
                 )
                 try:
-                    sample.images = _parquet_images(row[layout.image_column], layout.image_kind, base_dir)
-                    if not sample.images:
-                        sample.error = f"no image data in column '{layout.image_column}' (null)"
+                    if no_image is None:
+                        sample.images = _parquet_images(row[layout.image_column], layout.image_kind, base_dir)
+                        if not sample.images:
+                            sample.error = f"no image data in column '{layout.image_column}' (null)"
                 except OSError as exc:
                     sample.error = f"cannot read image file: {exc}"
                 yield sample
                 count += 1
     except Exception as exc:  # noqa: BLE001 - a corrupt page ends the shard, rows before it stay
-        yield ShardEnd(shard, count, partial=True, message=f"read error after {count} rows: {exc}")
+        message = f"read error after {count} rows: {exc}"
+        if count == 0:
+            yield _shard_error_sample(f"unreadable parquet file: {exc}")
+            count = 1
+        yield ShardEnd(shard, count, partial=True, message=message)
         return
     yield ShardEnd(shard, count)
 

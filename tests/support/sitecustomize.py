@@ -1,0 +1,94 @@
+"""Test-only fault injection for dvl-batch subprocesses; never imported by the product.
+
+Python imports `sitecustomize` at start-up from sys.path. The reliability tests put this
+folder on a subprocess's PYTHONPATH and describe the faults in the DVL_TEST_FAULTS
+environment variable (a JSON object); without it this module does nothing. The product
+code has no test hooks: the faults wrap `pyarrow.parquet.write_table`, which the sink
+calls to fill a part's temporary file.
+
+Faults:
+- "pause_part_write": seconds. Each part's bytes are written in two halves; in between
+  the process prints "dvl-test: part half-written <temp file>" on stderr and sleeps,
+  so a test can signal it exactly while a part file is being written.
+- "fail_part_write": an errno name (ENOSPC, EROFS), with "after_parts": N. Every part
+  write after the first N fails half-way through its temporary file with that OSError,
+  as a full or read-only disk would.
+- "crash_on_bytes": text. A process asked to open an image whose bytes contain it dies
+  of SIGSEGV, as a decoder hitting a bug in a native image library would.
+- "slow_image_open": seconds added to every image open (a slow decoder), so a test can
+  kill a decoder process while it is working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+FAULTS = json.loads(os.environ.get("DVL_TEST_FAULTS") or "{}")
+PART_TEMP_MARK = ".parquet.tmp-"
+
+
+def _announce(text: str) -> None:
+    import sys
+
+    print(f"dvl-test: {text}", file=sys.stderr, flush=True)
+
+
+def _install_part_write_faults() -> None:
+    import errno
+    import io
+    import time
+
+    import pyarrow.parquet as pq
+
+    real_write_table = pq.write_table
+    completed = 0
+
+    def write_table(table, where, *args, **kwargs):
+        nonlocal completed
+        name = str(getattr(where, "name", where))
+        if PART_TEMP_MARK not in name:
+            return real_write_table(table, where, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_write_table(table, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        where.write(data[: len(data) // 2])
+        where.flush()
+        if "fail_part_write" in FAULTS and completed >= FAULTS.get("after_parts", 0):
+            code = getattr(errno, FAULTS["fail_part_write"])
+            _announce(f"failing part write {name} with {FAULTS['fail_part_write']}")
+            raise OSError(code, os.strerror(code), name)
+        if "pause_part_write" in FAULTS:
+            _announce(f"part half-written {name}")
+            time.sleep(float(FAULTS["pause_part_write"]))
+        where.write(data[len(data) // 2 :])
+        completed += 1
+        return None
+
+    pq.write_table = write_table
+
+
+def _install_decoder_faults() -> None:
+    import io
+    import signal
+    import time
+
+    from PIL import Image
+
+    real_open = Image.open
+
+    def open_image(fp, *args, **kwargs):
+        if isinstance(fp, io.BytesIO):
+            if FAULTS.get("crash_on_bytes") and FAULTS["crash_on_bytes"].encode() in fp.getvalue():
+                _announce(f"decoder {os.getpid()} crashing")
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(float(FAULTS.get("slow_image_open", 0)))
+        return real_open(fp, *args, **kwargs)
+
+    Image.open = open_image
+
+
+if "pause_part_write" in FAULTS or "fail_part_write" in FAULTS:
+    _install_part_write_faults()
+if "crash_on_bytes" in FAULTS or "slow_image_open" in FAULTS:
+    _install_decoder_faults()

@@ -1,0 +1,77 @@
+"""Bad configuration ends the real command with one `error:` line and exit code 2, never a traceback,
+and before anything is written to OUT."""
+
+from __future__ import annotations
+
+import pytest
+
+from dvl_batch.errors import EXIT_USAGE
+
+from .conftest import EXAMPLES, run_cli
+
+SHARDS = str(EXAMPLES / "shards")
+
+
+def recipe(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def model_dir_without_processor(tmp_path) -> str:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "deepseek_vl"}')
+    (folder / "model.safetensors").write_bytes(b"")
+    return str(folder)
+
+
+CASES = {
+    "unknown recipe key": (lambda t: ["-r", recipe(t, "batch:\n  batch_sise: 4\n")], "unknown key 'batch.batch_sise'"),
+    "unknown recipe section": (lambda t: ["-r", recipe(t, "modle:\n  name: tiny\n")], "unknown key 'modle' (did you mean 'model'?)"),
+    "recipe not yaml": (lambda t: ["-r", recipe(t, "batch: [unclosed\n")], "is not valid YAML"),
+    "recipe missing": (lambda t: ["-r", str(t / "nowhere.yaml")], "recipe not found"),
+    "negative batch size": (lambda t: ["--batch-size", "-3"], "batch_size"),
+    "negative batch size in recipe": (lambda t: ["-r", recipe(t, "batch:\n  batch_size: -3\n")], "batch_size"),
+    "zero pixel limit": (lambda t: ["--max-image-pixels", "0"], "max_image_pixels must be >= 1"),
+    "model dir without processor": (lambda t: ["--model", model_dir_without_processor(t)], "has no processor"),
+    "model path missing": (lambda t: ["--model", str(t / "no-such-model")], "model not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_configuration_is_one_line_and_exit_2(tmp_path, cache_dir, case):
+    make_args, message = CASES[case]
+    out = tmp_path / "out"
+    result = run_cli(["caption", SHARDS, "-o", str(out), *make_args(tmp_path)], cache_dir)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not out.exists(), "nothing may be written for a usage error"
+
+
+def test_missing_input_and_missing_question(tmp_path, cache_dir):
+    for args, message in (
+        (["caption", str(tmp_path / "missing"), "-o", str(tmp_path / "a")], "input not found"),
+        (["vqa", SHARDS, "-o", str(tmp_path / "b")], "question"),
+        (["caption", SHARDS], "no output folder"),
+    ):
+        result = run_cli(args, cache_dir)
+        assert result.returncode == EXIT_USAGE, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_malformed_option_value_is_a_usage_error(tmp_path, cache_dir):
+    """Typer's own usage errors (its usage line and error box) also exit 2 without a traceback."""
+    result = run_cli(["caption", SHARDS, "-o", str(tmp_path / "out"), "--batch-size", "many"], cache_dir)
+    assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr
+    assert "Invalid value for '--batch-size'" in result.stderr
+
+
+def test_messages_with_brackets_are_printed_verbatim(tmp_path, cache_dir):
+    missing = tmp_path / "data[train]" / "[/x].tar"
+    result = run_cli(["caption", str(missing), "-o", str(tmp_path / "out")], cache_dir)
+    assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr, result.stderr
+    assert f"error: input not found: {missing}" in result.stderr

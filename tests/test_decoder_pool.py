@@ -1,0 +1,86 @@
+"""decoder_pool end to end: a decoder process that dies costs a restart, not the job.
+
+The real command runs with decoder processes; one is killed from outside, or crashes with
+SIGSEGV on a poison image (injected by tests/support/sitecustomize.py, as a bug in a native
+image library would). Every sample still gets exactly one row.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from .cli_processes import Run, fault_env, wait_until
+from .conftest import example_images, read_rows, write_image_shard
+
+POISON = "DVL-TEST-POISON"
+
+
+def write_shards(folder: Path, poison_key: str | None = None) -> list[str]:
+    photos = list(example_images().values())
+    keys = []
+    for s in range(3):
+        images = {f"s{s}_{i}": photos[(2 * s + i) % len(photos)] for i in range(2)}
+        if poison_key in images:
+            images[poison_key] += POISON.encode()  # bytes after the JPEG's end: a valid image otherwise
+        write_image_shard(folder / f"shard-{s}.tar", images)
+        keys += list(images)
+    return keys
+
+
+def caption_args(data: Path, out: Path, workers: int) -> list[str]:
+    return ["caption", str(data), "-o", str(out), "--model", "tiny", "--max-new-tokens", "3", "--workers", str(workers),
+            "--no-progress"]
+
+
+def restarts_in(stderr: str) -> int:
+    lines = [line for line in stderr.splitlines() if "decoder processes restarted" in line]
+    return int(lines[0].split()[-2]) if lines else 0
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+@pytest.mark.slow
+def test_poison_image_that_kills_its_decoder_becomes_an_error_row(tmp_path, cache_dir, tiny_model_dir):
+    keys = write_shards(tmp_path / "data", poison_key="s1_1")
+    out = tmp_path / "out"
+    run = Run(caption_args(tmp_path / "data", out, workers=2), fault_env(cache_dir, {"crash_on_bytes": POISON}))
+    assert run.wait(timeout=300) == 0, run.stderr
+    assert len(run.lines_with("crashing")) == 2, run.stderr  # tried twice, then given up
+    rows = read_rows(out).to_pandas()
+    assert sorted(rows["key"]) == sorted(keys)
+    poisoned = rows.set_index("key").loc["s1_1"]
+    assert "a decoder process died twice while preparing this sample" in poisoned["error"]
+    assert rows.drop(rows.index[rows["key"] == "s1_1"])["error"].isna().all()
+    assert restarts_in(run.stderr) == 2
+
+
+@pytest.mark.slow
+def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path, cache_dir, tiny_model_dir):
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("needs /proc/PID/task/TID/children to find the decoder processes")
+    keys = write_shards(tmp_path / "data")
+    out = tmp_path / "out"
+    run = Run(caption_args(tmp_path / "data", out, workers=1), fault_env(cache_dir, {"slow_image_open": 0.4}))
+    assert wait_until(lambda: child_pids(run.proc.pid), 120, run.proc), run.stderr
+    time.sleep(1.5)  # the decoder is part-way through the slow images
+    decoders = child_pids(run.proc.pid)
+    assert decoders, "the decoder should still be working"
+    for pid in decoders:  # a plain SIGKILL, as the kernel's OOM killer sends
+        os.kill(pid, signal.SIGKILL)
+    assert run.wait(timeout=300) == 0, run.stderr
+    rows = read_rows(out).to_pandas()
+    assert sorted(rows["key"]) == sorted(keys) and rows["error"].isna().all()
+    assert restarts_in(run.stderr) >= 1
