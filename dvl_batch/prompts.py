@@ -124,6 +124,7 @@ class PromptRenderer:
         self.system_prompt = system_prompt
         self.turns = tuple(turns)
         self.max_prompt_tokens = max_prompt_tokens
+        self._cache: dict[tuple[str, int], TokenizedPrompt] = {}
 
     @classmethod
     def from_spec(cls, processor, spec: PromptSpec) -> PromptRenderer:
@@ -170,7 +171,20 @@ class PromptRenderer:
         return ids
 
     def tokenize(self, question: str, n_images: int) -> TokenizedPrompt:
-        """Token ids of one prompt; over `max_prompt_tokens`, the question text is cut (never images)."""
+        """Token ids of one prompt; over `max_prompt_tokens`, the question text is cut (never images).
+
+        Memoised: a caption job asks the same question of every image, and tokenizing a
+        prompt with 576 placeholders costs about as much as resizing the image.
+        """
+        key = (question, n_images)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._tokenize(question, n_images)
+            if len(self._cache) < 4096:
+                self._cache[key] = cached
+        return cached
+
+    def _tokenize(self, question: str, n_images: int) -> TokenizedPrompt:
         ids = self._ids(question, n_images)
         cut = 0
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:

@@ -24,7 +24,7 @@ import torch
 
 from ..images import ImageView
 from ..spec import BatchSpec, GenerationSpec
-from .attention import SlotKV, route_attention
+from .attention import AttentionStep, SlotKV, route_attention
 from .model import VisionLanguageModel
 from .slots import NO_FORCE, Launched, Layout, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
@@ -125,11 +125,14 @@ class SlotEngine:
         self.group_live: dict[int, int] = {}
         self.launched: deque[Launched] = deque()  # token batches in flight, read in launch order
         self.rows_per_group = 1
+        self.prefill_batch_limit: int | None = None  # set when a measured prefill batch would not fit
         route_attention(vlm.language_model)
 
     # ------------------------------------------------------------ sizing
 
     def _prefill_batch(self) -> int:
+        if self.prefill_batch_limit:
+            return self.prefill_batch_limit
         if self.batch.prefill_batch:
             return self.batch.prefill_batch
         return 32 if self.device.type == "cuda" else 4
@@ -148,18 +151,55 @@ class SlotEngine:
         return Layout(n_groups, q, prefix_cap, suffix_cap)
 
     def _groups_from_memory(self, prefix_cap: int, suffix_cap: int, q: int) -> int:
-        """As many groups as fit in free memory after a reserve for prefill activations."""
+        """As many groups as fit in free memory after a measured reserve for prefill.
+
+        The reserve is the peak of one real prefill batch (dummy inputs of the layout's
+        shapes), so models with heavy vision towers (the 7B's 1024px SAM branch) get
+        room for them; a batch that takes more than 40% of free memory is halved first.
+        """
         free, _ = torch.cuda.mem_get_info(self.device)
-        kv_per_token = 2 * self.vlm.num_layers * self.vlm.num_kv_heads * self.vlm.head_dim * self.vlm.dtype.itemsize
-        # activations of one prefill batch plus the keys/values its compiled pass hands back
-        per_prefix = prefix_cap * (self.vlm.hidden_size * 64 + kv_per_token)
-        reserve = 6 * 2**30 + self._prefill_batch() * per_prefix
+        rows = 1024
+        logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * 3  # decode logits, argmax and graph pool
+        reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, prefix_cap, q, suffix_cap,
             torch.finfo(self.vlm.dtype).bits // 8,
         )
         budget = max(0, (free - reserve)) * self.kv_memory_fraction
-        return int(max(1, min(1024 // q, budget // per_group - 1)))
+        return int(max(1, min(rows // q, budget // per_group - 1)))
+
+    @torch.inference_mode()
+    def _prefill_peak(self, prefix_cap: int, free: int) -> int:
+        """Peak bytes of one prefill batch, shrinking the batch until it fits comfortably."""
+        while True:
+            batch = self._prefill_batch()
+            try:
+                peak = self._measure_prefill(batch, prefix_cap)
+            except torch.OutOfMemoryError:
+                peak = free
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+            if peak <= 0.4 * free or batch == 1:
+                return peak
+            self.prefill_batch_limit = max(1, batch // 2)
+
+    def _measure_prefill(self, batch: int, prefix_cap: int) -> int:
+        vlm, dev = self.vlm, self.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        roots = {v.name: v for v in self.views.values()}
+        pixels = {name: torch.zeros(batch, 3, v.size, v.size, dtype=vlm.dtype, device=dev) for name, v in roots.items()}
+        features = vlm.image_features(pixels)
+        ids = torch.full((batch, prefix_cap), self.pad_id, dtype=torch.long, device=dev)
+        positions = torch.arange(prefix_cap, device=dev)[None].expand(batch, -1)
+        step = AttentionStep(None, "prefix", collect=[])  # keys/values come back, as from the compiled pass
+        hidden = vlm.language_forward(vlm.embed_tokens(ids), positions, dvl_step=step)
+        vlm.lm_head(hidden[:, -1]).float()
+        torch.cuda.synchronize(dev)
+        del features, hidden, step
+        return torch.cuda.max_memory_allocated(dev) - base
 
     def close(self) -> None:
         """Free the KV cache and the captured graph (the engine allocates again when reused)."""
