@@ -103,18 +103,18 @@ def main() -> None:
                         feats = [torch.randn(1, 576, vlm.hidden_size, device=device, dtype=torch.bfloat16)] * n
                         if compiled:
                             store.prefix_fn = torch.compile(store._prefix_pass, dynamic=False)
-                        t = timed(lambda: store.prefill_prefixes(prefixes, list(range(n)), feats))
+                        t = timed(lambda store=store, prefixes=prefixes, n=n, feats=feats: store.prefill_prefixes(prefixes, list(range(n)), feats))
                         rows.append((f"prefix prefill {label}", n, t * 1000, t / n * 1000))
                         pixels = [(i, {"pixel_values": torch.randint(0, 255, (1, 3, 384, 384), dtype=torch.uint8)}) for i in range(n)]
                         if compiled:
                             store.vision_fn = torch.compile(vlm.image_features, dynamic=False)
-                        t = timed(lambda: store.encode_images(pixels))
+                        t = timed(lambda store=store, pixels=pixels: store.encode_images(pixels))
                         rows.append((f"encode images {label}", n, t * 1000, t / n * 1000))
                 del store
                 gc.collect()
                 torch.cuda.empty_cache()
 
-    results["rows"] = [dict(zip(("phase", "batch", "ms", "ms_per_item"), r)) for r in rows]
+    results["rows"] = [dict(zip(("phase", "batch", "ms", "ms_per_item"), r, strict=True)) for r in rows]
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{'phase':<24} {'batch':>6} {'ms':>9} {'ms/item':>9}")
     for phase, batch, ms, per in rows:

@@ -12,9 +12,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .job import PreparedJob, prepare_job
 from .pipeline import RunStats, StopFlag
@@ -103,7 +104,7 @@ class _Signals:
         self.stop.reason = signal.Signals(signum).name
         self.say(f"{self.stop.reason} received: finishing in-flight shards, then exiting (again to abort now)")
 
-    def __enter__(self) -> "_Signals":
+    def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)

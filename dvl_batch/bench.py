@@ -44,7 +44,7 @@ MEASURED_BF16_PEAK_TFLOPS = {"H100": 795.0, "H200": 790.0}  # 8192^3 bf16 matmul
 
 @dataclass
 class BenchConfig:
-    profile: str = "caption-varlen"  # caption-varlen | vqa | both
+    profile: str = "caption-varlen"  # caption-varlen | vqa | both | preprocess
     shape: str = "real-1.3b"  # real-1.3b | tiny
     requests: int = 2048
     max_new_tokens: int = 128
@@ -183,7 +183,7 @@ class FlopModel:
     params_bytes: float
 
     @classmethod
-    def of(cls, model) -> "FlopModel":
+    def of(cls, model) -> FlopModel:
         t, v = model.config.text_config, model.config.vision_config
         h, f, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
         kv = (getattr(t, "num_key_value_heads", None) or t.num_attention_heads) * (h // t.num_attention_heads)
@@ -391,7 +391,7 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
     result.notes.append(f"prompt tokens: {prompt_tokens} ({prompt_tokens - 576} text + 576 image)")
     useful_flops = sum(
         flops.request_flops(len(p.input_ids), stop_after(_key_index(s.key) * n_q + p.index), 1, share_image=p.index > 0)
-        for s, item in zip(samples, items) for p in item.prompts
+        for s, item in zip(samples, items, strict=True) for p in item.prompts
     )
 
     dvl = run_dvl(spec, worker, shards, warm_shards, n_q, cfg.host_profile)
@@ -484,6 +484,51 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         results["vqa_answers_per_s_over_caption_images_per_s"] = round(vqa / cap, 3)
     Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def run_preprocess_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
+    """Decode + resize + pad + tokenize rate of one core on the profile's ~1024px JPEGs.
+
+    This is what one decoder process does per sample (`SamplePreparer.prepare`), measured in
+    this process with torch limited to one thread, for the fast (JPEG draft) and the exact
+    (the checkpoint's processor on a full decode) paths. The processor is the tiny model's,
+    which is the real checkpoint's image processor and chat template.
+    """
+    from .tiny import ensure_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="dvl-bench-"))
+    data = Path(cfg.data_dir) if cfg.data_dir else work / "data"
+    count = min(cfg.requests, 512)
+    shards = make_jpeg_shards(data / "preprocess", count, cfg.images_per_shard, cfg.image_side, os.cpu_count() or 1)
+    model_path = str(ensure_tiny_model(cache_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for fast in (True, False):
+            spec = _spec(cfg, "caption", shards, work / "unused", model_path, "cpu")
+            spec = replace(spec, data=replace(spec.data, fast_decode=fast))
+            _prepare_in_memory(spec, model_path, shards[:1])  # warm: imports, tokenizer cache
+            samples, seconds = _prepare_in_memory(spec, model_path, shards)
+            errors = sum(s.error is not None for s in samples)
+            rows.append({"path": "fast (draft decode)" if fast else "exact (processor)", "images": len(samples),
+                         "seconds": round(seconds, 3), "images_per_s_per_core": round(len(samples) / seconds, 1),
+                         "errors": errors})
+    finally:
+        torch.set_num_threads(threads)
+    results = {"config": asdict(cfg), "device": platform.processor() or "cpu", "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "preprocess": rows}
+    Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def format_preprocess_table(results: dict[str, Any]) -> str:
+    lines = [f"preprocess, one core, {results['config']['image_side']}px JPEGs (torch {results['torch']})",
+             f"{'path':<22} {'images':>7} {'seconds':>8} {'img/s/core':>11} {'errors':>7}"]
+    for row in results["preprocess"]:
+        lines.append(f"{row['path']:<22} {row['images']:>7} {row['seconds']:>8.2f} {row['images_per_s_per_core']:>11.1f} "
+                     f"{row['errors']:>7}")
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -82,46 +82,46 @@ OPTION_PATHS = {
 }
 
 Inputs = Annotated[list[str], typer.Argument(help="Webdataset .tar/.tgz shards, parquet files, image folders, or brace patterns like 'shards/{000..099}.tar'.", show_default=False)]
-Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder: parts/*.parquet, job.json, progress.json.", show_default=False)]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder; 'tiny' for the offline test model. Default: deepseek-community/deepseek-vl-1.3b-chat, or the tiny model when it is unreachable.", rich_help_panel="Model")]
-Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).", rich_help_panel="Model")]
-Dtype = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, float32 on CPU).", rich_help_panel="Model")]
-Attn = Annotated[Optional[str], typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
-Quantize = Annotated[Optional[str], typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
-DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
-Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="Caption instruction.", rich_help_panel="Prompt")]
-Question = Annotated[Optional[list[str]], typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
-QuestionsFile = Annotated[Optional[str], typer.Option(help="JSONL ({key, question|questions}) or CSV (key,question) with per-image questions.", rich_help_panel="Prompt")]
-QuestionField = Annotated[Optional[str], typer.Option(help="Input field/column holding each sample's question (e.g. 'question', 'txt', 'json.question').", rich_help_panel="Prompt")]
-SystemPrompt = Annotated[Optional[str], typer.Option(help="Replace the checkpoint's system prompt.", rich_help_panel="Prompt")]
-MaxNew = Annotated[Optional[int], typer.Option(help="Longest answer in tokens. [default: 128]", rich_help_panel="Generation")]
-Temperature = Annotated[Optional[float], typer.Option(help="0 for greedy decoding (default); > 0 samples.", rich_help_panel="Generation")]
-TopP = Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold.", rich_help_panel="Generation")]
-Seed = Annotated[Optional[int], typer.Option(help="Sampling seed.", rich_help_panel="Generation")]
-ImageField = Annotated[Optional[str], typer.Option(help="Image field/column (auto-detected); comma-separated for multi-image samples.", rich_help_panel="Data")]
-KeyField = Annotated[Optional[str], typer.Option(help="Parquet column with sample keys (default: key/__key__/id, else row number).", rich_help_panel="Data")]
-Workers = Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoder processes (default: CPU count - 1; 0 decodes in-process).", rich_help_panel="Data")]
-Prefetch = Annotated[Optional[int], typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
-FastDecode = Annotated[Optional[bool], typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
-MaxPixels = Annotated[Optional[int], typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
-Limit = Annotated[Optional[int], typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
-ShardSize = Annotated[Optional[int], typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
-Engine = Annotated[Optional[str], typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
-TokenBudget = Annotated[Optional[int], typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
-PrefillBatch = Annotated[Optional[int], typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
-CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
-Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA (one-time cost of about a minute).", rich_help_panel="Batching")]
-Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
-Strict = Annotated[Optional[bool], typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
-Runner = Annotated[Optional[str], typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
-Gpus = Annotated[Optional[str], typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray: 'all' GPUs of the cluster, a number of GPU actors, or 'cpu,cpu'.", rich_help_panel="Scale-out")]
-Rank = Annotated[Optional[int], typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
-WorldSize = Annotated[Optional[int], typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
-RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
-Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
-Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
+Output = Annotated[str | None, typer.Option("--output", "-o", help="Output folder: parts/*.parquet, job.json, progress.json.", show_default=False)]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder; 'tiny' for the offline test model. Default: deepseek-community/deepseek-vl-1.3b-chat, or the tiny model when it is unreachable.", rich_help_panel="Model")]
+Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).", rich_help_panel="Model")]
+Dtype = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, float32 on CPU).", rich_help_panel="Model")]
+Attn = Annotated[str | None, typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
+Quantize = Annotated[str | None, typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
+DeviceMap = Annotated[str | None, typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
+Prompt = Annotated[str | None, typer.Option("--prompt", "-p", help="Caption instruction.", rich_help_panel="Prompt")]
+Question = Annotated[list[str] | None, typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
+QuestionsFile = Annotated[str | None, typer.Option(help="JSONL ({key, question|questions}) or CSV (key,question) with per-image questions.", rich_help_panel="Prompt")]
+QuestionField = Annotated[str | None, typer.Option(help="Input field/column holding each sample's question (e.g. 'question', 'txt', 'json.question').", rich_help_panel="Prompt")]
+SystemPrompt = Annotated[str | None, typer.Option(help="Replace the checkpoint's system prompt.", rich_help_panel="Prompt")]
+MaxNew = Annotated[int | None, typer.Option(help="Longest answer in tokens. [default: 128]", rich_help_panel="Generation")]
+Temperature = Annotated[float | None, typer.Option(help="0 for greedy decoding (default); > 0 samples.", rich_help_panel="Generation")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.", rich_help_panel="Generation")]
+Seed = Annotated[int | None, typer.Option(help="Sampling seed.", rich_help_panel="Generation")]
+ImageField = Annotated[str | None, typer.Option(help="Image field/column (auto-detected); comma-separated for multi-image samples.", rich_help_panel="Data")]
+KeyField = Annotated[str | None, typer.Option(help="Parquet column with sample keys (default: key/__key__/id, else row number).", rich_help_panel="Data")]
+Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Decoder processes (default: CPU count - 1; 0 decodes in-process).", rich_help_panel="Data")]
+Prefetch = Annotated[int | None, typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
+FastDecode = Annotated[bool | None, typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
+MaxPixels = Annotated[int | None, typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
+Limit = Annotated[int | None, typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
+ShardSize = Annotated[int | None, typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
+Engine = Annotated[str | None, typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
+TokenBudget = Annotated[int | None, typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
+PrefillBatch = Annotated[int | None, typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
+CudaGraphs = Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA (one-time cost of about a minute).", rich_help_panel="Batching")]
+Overwrite = Annotated[bool | None, typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
+Strict = Annotated[bool | None, typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
+Runner = Annotated[str | None, typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
+Gpus = Annotated[str | None, typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray: 'all' GPUs of the cluster, a number of GPU actors, or 'cpu,cpu'.", rich_help_panel="Scale-out")]
+Rank = Annotated[int | None, typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
+WorldSize = Annotated[int | None, typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
+RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
+Progress = Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
 MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
 Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
 InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
@@ -250,7 +250,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
 ) -> None:
     """Caption and question-answer millions of images with DeepSeek-VL."""
 
@@ -462,7 +462,7 @@ def inspect(
     image_field: ImageField = None,
     key_field: KeyField = None,
     shard_size: Annotated[int, typer.Option(help="Images per shard for plain folders.")] = 1000,
-    max_shards: Annotated[Optional[int], typer.Option(help="Read only the first N shards (default: all).")] = None,
+    max_shards: Annotated[int | None, typer.Option(help="Read only the first N shards (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List shards, sample counts and fields of the inputs, without loading a model."""
@@ -501,11 +501,13 @@ def inspect(
 
 @app.command()
 def bench(
-    profile: Annotated[str, typer.Option(help="caption-varlen, vqa (5 questions per image) or both.")] = "caption-varlen",
+    profile: Annotated[str, typer.Option(
+        help="caption-varlen, vqa (5 questions per image), both, or preprocess (CPU decode rate per core, no model).",
+    )] = "caption-varlen",
     shape: Annotated[str, typer.Option(help="real-1.3b (random weights of the checkpoint's shape) or tiny.")] = "real-1.3b",
     requests: Annotated[int, typer.Option(help="Images in the run (>= 2048 for the reference numbers).")] = 2048,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap; the stop schedule ends most answers earlier.")] = 128,
-    hf_batch_size: Annotated[Optional[list[int]], typer.Option(help="generate batch sizes to try (best is reported; repeatable).")] = None,
+    hf_batch_size: Annotated[list[int] | None, typer.Option(help="generate batch sizes to try (best is reported; repeatable).")] = None,
     hf_cache: Annotated[str, typer.Option(help="static (compiled decode) or dynamic cache for the generate baseline.")] = "static",
     skip_hf: Annotated[bool, typer.Option("--skip-hf", help="Only run dvl-batch.")] = False,
     batch_size: BatchSize = None,
@@ -516,14 +518,14 @@ def bench(
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
-    data_dir: Annotated[Optional[str], typer.Option(help="Where to write (or reuse) the generated shards.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Where to write (or reuse) the generated shards.")] = None,
     device: Device = None,
     out: Annotated[str, typer.Option("--out", help="JSON results file.")] = "bench.json",
-    host_profile: Annotated[Optional[str], typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")] = None,
+    host_profile: Annotated[str | None, typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")] = None,
 ) -> None:
     """Benchmark dvl-batch end to end against transformers' generate on the same inputs (prints a table, writes JSON)."""
     from .api import default_cache_dir
-    from .bench import BenchConfig, format_table, run_bench
+    from .bench import BenchConfig, format_preprocess_table, format_table, run_bench, run_preprocess_bench
 
     _quiet_transformers()
     cfg = BenchConfig(
@@ -533,10 +535,12 @@ def bench(
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
         triton_attention=triton_attention, host_profile=host_profile, out=out,
     )
-    if profile not in ("caption-varlen", "vqa", "both") or shape not in ("real-1.3b", "tiny"):
-        raise UsageError("--profile must be caption-varlen, vqa or both; --shape real-1.3b or tiny")
-    results = run_bench(cfg, default_cache_dir())
-    print(format_table(results))
+    if profile not in ("caption-varlen", "vqa", "both", "preprocess") or shape not in ("real-1.3b", "tiny"):
+        raise UsageError("--profile must be caption-varlen, vqa, both or preprocess; --shape real-1.3b or tiny")
+    if profile == "preprocess":
+        print(format_preprocess_table(run_preprocess_bench(cfg, default_cache_dir())))
+    else:
+        print(format_table(run_bench(cfg, default_cache_dir())))
     err.print(f"results written to {out}")
 
 

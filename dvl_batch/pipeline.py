@@ -9,8 +9,9 @@ answer arrives. Samples that failed before the engine become error rows directly
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class RunStats:
     seconds: float = 0.0
     engine: dict[str, float] = field(default_factory=dict)
 
-    def add(self, other: "RunStats") -> None:
+    def add(self, other: RunStats) -> None:
         for name in ("shards_written", "shards_partial", "decoder_restarts", "samples", "rows", "error_rows",
                      "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))

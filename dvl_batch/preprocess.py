@@ -3,7 +3,7 @@
 Workers pull whole shards from a shared `ShardFeed` (so a fast consumer simply takes
 more shards), read them, decode and resize every image, render and tokenize every
 question, and hand `PreparedSample`s to the device process through a torch
-DataLoader (tensors travel through shared memory, not pipes). A sample that fails
+DataLoader (large items spilled to tmpfs, see handoff.py). A sample that fails
 anywhere here is still sent, with `error` set: the sink must write a row for it.
 """
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .decoder_pool import ResumePoint, WorkerSlots, supervised_stream
+from .handoff import SpillDir
 from .images import ImageError, ImageView, decode_image, render_views, views_from_image_processor
 from .prompts import PromptRenderer, QuestionBook
 from .sources import RawSample, Shard, ShardEnd, read_shard
@@ -45,7 +46,7 @@ class PreparedSample:
     key: str
     index: int
     # view name -> [n_images, 3, S, S]; numpy, not torch: a tensor crosses the worker boundary
-    # through a file descriptor handshake (~2 ms each), an array as plain bytes in the pipe
+    # through a file descriptor handshake (~2 ms each), an array in a spill file (handoff.py)
     pixels: dict[str, np.ndarray] = field(default_factory=dict)
     requests: list[PromptRequest] = field(default_factory=list)
     error: str | None = None
@@ -181,19 +182,35 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield preparer.prepare(item, shard)
 
 
-def _identity(item):
-    return item
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this decoder when the process that forked it dies.
+
+    torch's own check notices a dead parent only every few seconds, and an orphan keeps
+    the parent's inherited sockets open: a killed Ray actor is not seen as dead (and not
+    restarted) while its decoders live on.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: torch's watchdog still ends orphans
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the parent died before the prctl took effect
 
 
-def _worker_init(slots: WorkerSlots | None, worker_id: int) -> None:
+def _worker_init(slots: WorkerSlots | None, parent_pid: int, worker_id: int) -> None:
     """Workers ignore SIGINT and SIGTERM: Ctrl-C goes to the whole process group, and
     schedulers (SLURM) send SIGTERM to every process of a job; the main process, not
-    each decoder, decides how to stop (a decoder whose parent is gone exits by itself).
-    They also say who they are, so a dead decoder's shard can be resumed."""
+    each decoder, decides how to stop. They die with their parent, and say who they
+    are, so a dead decoder's shard can be resumed."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
     if slots is not None:
         slots.register(worker_id)
 
@@ -211,17 +228,23 @@ def prepared_stream(spec: JobSpec, model_path: str, feed: ShardFeed) -> Iterator
         yield from ShardStream(spec, model_path, feed)
         return
 
+    spill = SpillDir()
+
     def make_loader(resume: list[ResumePoint], slots: WorkerSlots) -> torch.utils.data.DataLoader:
+        spill.clear()  # a previous pool's unread items: their shards are resumed
         loader_kwargs: dict[str, Any] = dict(
             batch_size=None,
             num_workers=workers,
             prefetch_factor=spec.data.prefetch,
-            collate_fn=_identity,
-            worker_init_fn=functools.partial(_worker_init, slots),
+            collate_fn=spill.wrap,  # runs in the decoder, on each item it yields
+            worker_init_fn=functools.partial(_worker_init, slots, os.getpid()),
             multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
         )
         if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
             loader_kwargs["in_order"] = False  # a slow shard must not hold back the others
         return torch.utils.data.DataLoader(ShardStream(spec, model_path, feed, resume, slots), **loader_kwargs)
 
-    yield from supervised_stream(make_loader, feed.shards, workers)
+    try:
+        yield from supervised_stream(make_loader, feed.shards, workers)
+    finally:
+        spill.remove()

@@ -6,7 +6,9 @@ each Ray actor: runners differ only in how they create feeds and collect stats.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -57,10 +59,8 @@ def prepare_cuda_process(device: torch.device) -> None:
     """
     if device.index is not None:
         torch.cuda.set_device(device)
-    try:
+    with contextlib.suppress(AttributeError, RuntimeError):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):
-        pass
     torch.set_num_threads(min(4, torch.get_num_threads()))
 
 
@@ -81,7 +81,7 @@ class DeviceWorker:
         self._finish_setup()
 
     @classmethod
-    def from_loaded(cls, spec: JobSpec, resolved: ResolvedModel, model, processor) -> "DeviceWorker":
+    def from_loaded(cls, spec: JobSpec, resolved: ResolvedModel, model, processor) -> DeviceWorker:
         """Wrap an already loaded model (the benchmark builds random-weight models itself)."""
         worker = cls.__new__(cls)
         worker.spec, worker.resolved, worker.model, worker.processor = spec, resolved, model, processor

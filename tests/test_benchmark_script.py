@@ -1,4 +1,4 @@
-"""benchmarks/quant_and_7b.py keeps working against the engines (narrow layers, CPU)."""
+"""Benchmark programs keep working against the engines (tiny model, CPU): bench.py, benchmarks/."""
 
 from __future__ import annotations
 
@@ -21,3 +21,29 @@ def test_quant_and_7b_benchmark_runs_at_tiny_scale(tmp_path, cache_dir):
     for engine in ("slot", "generate"):
         assert runs[("bf16", engine)]["error"] is None and runs[("bf16", engine)]["images_per_second"] > 0
         assert runs[("fp8", engine)]["note"].startswith("skipped:"), "fp8 cannot run on a CPU and says so"
+
+
+def test_bench_command_compares_with_generate_on_the_tiny_model(tmp_path, cache_dir):
+    """`dvl-batch bench` runs both engines on the same generated shards and reports a ratio."""
+    report = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "dvl_batch", "bench", "--shape", "tiny", "--device", "cpu", "--requests", "6",
+            "--images-per-shard", "3", "--image-side", "256", "--max-new-tokens", "8", "--hf-batch-size", "6",
+            "--hf-cache", "dynamic", "--no-compile", "--no-cuda-graphs", "--no-triton-attention", "--workers", "1",
+            "--data-dir", str(tmp_path / "data"), "--out", str(report)]
+    result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "img/s" in result.stdout and "outputs identical to generate: 6/6" in result.stdout
+    caption = json.loads(report.read_text())["profiles"]["caption"]["engines"]
+    assert caption["dvl"]["images_per_s"] > 0 and caption["dvl"]["ratio_vs_best_generate"] > 0
+
+
+def test_bench_preprocess_profile_measures_decode_rate_per_core(tmp_path, cache_dir):
+    report = tmp_path / "pre.json"
+    args = [sys.executable, "-m", "dvl_batch", "bench", "--profile", "preprocess", "--requests", "8",
+            "--images-per-shard", "4", "--data-dir", str(tmp_path / "data"), "--out", str(report)]
+    result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "img/s/core" in result.stdout
+    rows = {r["path"]: r for r in json.loads(report.read_text())["preprocess"]}
+    assert set(rows) == {"fast (draft decode)", "exact (processor)"}
+    assert all(r["images"] == 8 and r["errors"] == 0 and r["images_per_s_per_core"] > 0 for r in rows.values())

@@ -34,7 +34,7 @@ class SlotKV:
     suffix_v: torch.Tensor
 
     @classmethod
-    def allocate(cls, layers, groups, rows, kv_heads, prefix_len, suffix_len, head_dim, dtype, device) -> "SlotKV":
+    def allocate(cls, layers, groups, rows, kv_heads, prefix_len, suffix_len, head_dim, dtype, device) -> SlotKV:
         def make(count: int, length: int) -> torch.Tensor:
             return torch.zeros(layers, count, kv_heads, length, head_dim, dtype=dtype, device=device)
 

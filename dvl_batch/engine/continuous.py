@@ -17,8 +17,8 @@ from __future__ import annotations
 import gc
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -267,7 +267,7 @@ class SlotEngine:
             for j in range(q)
         ]
         new_rows = {}
-        for gi, (group, slot) in enumerate(zip(groups, slots)):
+        for gi, (group, slot) in enumerate(zip(groups, slots, strict=True)):
             self.group_live[slot] = len(group.prompts)
             for j, prompt in enumerate(group.prompts):
                 row = _Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
@@ -341,11 +341,11 @@ class SlotEngine:
             self.unplanned.clear()
             yield from self._reject_too_long()
             busy = self.rows or self.launched
-            if self.layout is None or (not busy and self.deferred and not self.pending):
-                if not self._reallocate():
-                    if exhausted:
-                        return
-                    continue
+            needs_layout = self.layout is None or (not busy and self.deferred and not self.pending)
+            if needs_layout and not self._reallocate():
+                if exhausted:
+                    return
+                continue
             yield from self._admit_ready(exhausted)
             if self.rows or self.launched:
                 yield from self._decode()

@@ -8,7 +8,7 @@ exotic checkpoints) and as the baseline every benchmark compares against.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -104,7 +104,7 @@ class GenerateEngine:
             half = len(batch) // 2
             return self._generate(batch[:half]) + self._generate(batch[half:])
         done = []
-        for (item, prompt), row in zip(batch, tokens):
+        for (item, prompt), row in zip(batch, tokens, strict=True):
             kept, reason = trim_at_eos(row, self.eos_ids)
             self.stats.generated_tokens += len(kept)
             done.append(Completion(item.uid, prompt.index, kept, reason, len(prompt.input_ids)))

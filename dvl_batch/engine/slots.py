@@ -197,7 +197,7 @@ class SlotStore:
         return self.vlm.lm_head(picked).float(), keys, values
 
     def _store_prefix_kv(self, slots: torch.Tensor, logits, keys, values) -> torch.Tensor:
-        for layer, (key, value) in enumerate(zip(keys, values)):
+        for layer, (key, value) in enumerate(zip(keys, values, strict=True)):
             length = key.shape[2]
             self.kv.prefix_k[layer, slots, :, :length] = key
             self.kv.prefix_v[layer, slots, :, :length] = value

@@ -111,7 +111,7 @@ def _suffix_kernel(
 
 
 @triton.jit
-def _combine_kernel(ACC, M, L, O, stride_or, stride_oh, HEADS: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
+def _combine_kernel(ACC, M, L, OUT, stride_or, stride_oh, HEADS: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
                     PARTS_PAD: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
@@ -126,7 +126,7 @@ def _combine_kernel(ACC, M, L, O, stride_or, stride_oh, HEADS: tl.constexpr, D: 
     offs_d = tl.arange(0, D)
     acc = tl.load(ACC + (base + parts)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / total
-    tl.store(O + row * stride_or + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    tl.store(OUT + row * stride_or + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
 BLOCK_N = 64
