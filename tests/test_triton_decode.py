@@ -76,7 +76,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
         for name in kernel.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
-            elif name in ("Q", "PK", "PV", "SK", "SV", "O"):
+            elif name in ("Q", "PK", "PV", "SK", "SV", "OUT"):
                 signature[name] = "*bf16"
             elif name in ("ACC", "M", "L"):
                 signature[name] = "*fp32"
