@@ -5,6 +5,12 @@ Decoding is where hostile data lives, so `decode_image` turns every failure into
 checkpoint's image processor (longest side to N, pad to a centred square) is
 reproduced here on uint8 pixels with the processor's own settings, so that workers
 ship 3 bytes per pixel and the float normalisation runs on the device.
+
+Exactness: the result equals the processor's output bit for bit, except for JPEGs that
+fast decoding shrank while decoding (draft mode; photos at least twice the view's side).
+Their pixels already differ from a full decode, so they are also resized with torch's
+antialiased bicubic on uint8 (within 2 levels of Pillow's, 3x faster: Pillow's resize was
+half of a worker's time per image).
 """
 
 from __future__ import annotations
@@ -112,6 +118,11 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
     `draft_side` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the image will be
     shrunk to that side anyway, which is most of the decode cost of large JPEGs.
     """
+    return decode_image_drafted(data, max_pixels, draft_side)[0]
+
+
+def decode_image_drafted(data: bytes, max_pixels: int, draft_side: int | None = None) -> tuple[Image.Image, bool]:
+    """`decode_image`, also saying whether libjpeg decoded at a reduced scale."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -129,8 +140,9 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
             if draft_side and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
                 image.draft("RGB", fitted_size(width, height, draft_side, 1))
             image.load()
+            drafted = image.size != (width, height)
             image = ImageOps.exif_transpose(image) or image
-            return _to_rgb(image)
+            return _to_rgb(image), drafted
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -143,13 +155,29 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
         raise ImageError(f"corrupt image data ({type(exc).__name__}: {exc})") from None
 
 
-def resize_and_pad(image: Image.Image, view: ImageView) -> np.ndarray:
-    """Resize (longest side) and pad to a centred square, as uint8 HWC."""
+def _resize_uint8_torch(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic resize of an RGB image with torch's uint8 kernels, as HWC."""
+    import torch
+
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
+    return resized[0].permute(1, 2, 0).numpy()
+
+
+def resize_and_pad(image: Image.Image, view: ImageView, approximate: bool = False) -> np.ndarray:
+    """Resize (longest side) and pad to a centred square, as uint8 HWC.
+
+    `approximate` allows torch's faster bicubic for an image that is already approximate
+    (draft-decoded); otherwise Pillow's, the processor's own, bit for bit.
+    """
     width, height = image.size
     new_w, new_h = fitted_size(width, height, view.size, view.min_size)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), resample=view.resample)
-    array = np.asarray(image, dtype=np.uint8)
+    if (new_w, new_h) == (width, height):
+        array = np.asarray(image, dtype=np.uint8)
+    elif approximate and view.resample == Image.BICUBIC and image.mode == "RGB":
+        array = _resize_uint8_torch(image, (new_w, new_h))
+    else:
+        array = np.asarray(image.resize((new_w, new_h), resample=view.resample), dtype=np.uint8)
     side = max(new_w, new_h)
     if new_w == new_h:
         return array
@@ -164,12 +192,15 @@ def resize_and_pad(image: Image.Image, view: ImageView) -> np.ndarray:
     return canvas
 
 
-def render_views(image: Image.Image, views: list[ImageView]) -> dict[str, np.ndarray]:
-    """All views of one image as uint8 CHW arrays, honouring each view's source."""
+def render_views(image: Image.Image, views: list[ImageView], approximate: bool = False) -> dict[str, np.ndarray]:
+    """All views of one image as uint8 CHW arrays, honouring each view's source.
+
+    `approximate`: the image was draft-decoded, so a faster resize is fine (see module doc).
+    """
     rendered_hwc: dict[str, np.ndarray] = {}
     for view in views:
         base = image if view.source is None else Image.fromarray(rendered_hwc[view.source])
-        rendered_hwc[view.name] = resize_and_pad(base, view)
+        rendered_hwc[view.name] = resize_and_pad(base, view, approximate)
     return {name: np.ascontiguousarray(array.transpose(2, 0, 1)) for name, array in rendered_hwc.items()}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .decoder_pool import ResumePoint, WorkerSlots, supervised_stream
 from .handoff import SpillDir
-from .images import ImageError, ImageView, decode_image, render_views, views_from_image_processor
+from .images import ImageError, ImageView, decode_image_drafted, render_views, views_from_image_processor
 from .prompts import PromptRenderer, QuestionBook
 from .sources import RawSample, Shard, ShardEnd, read_shard
 from .spec import JobSpec
@@ -132,9 +132,9 @@ class SamplePreparer:
     def _pixels(self, images: list[bytes]) -> dict[str, np.ndarray]:
         per_view: dict[str, list[np.ndarray]] = {v.name: [] for v in self.views}
         for data in images:
-            image = decode_image(data, self.spec.data.max_image_pixels, self.draft_side)
+            image, drafted = decode_image_drafted(data, self.spec.data.max_image_pixels, self.draft_side)
             if self.spec.data.fast_decode:
-                rendered = render_views(image, self.views)
+                rendered = render_views(image, self.views, approximate=drafted)
             else:
                 rendered = {k: np.asarray(v[0]) for k, v in self.processor.image_processor(image).items()}
             for name, array in rendered.items():

@@ -72,3 +72,39 @@ def test_pixel_limit_is_checked_before_any_pixel_is_decoded():
     assert decode_image(next(c for c in CASES if c.name == "dot.png").data, 1).size == (1, 1)  # limit is inclusive
     with pytest.raises(ImageError, match="exceeds the limit of 4"):
         decode_image(next(c for c in CASES if c.name == "wide.png").data, 4)
+
+
+def _jpeg(image, quality: int = 92) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_large_jpegs_are_draft_decoded_and_resized_fast_small_ones_exactly(tiny_processor):
+    """Fast decoding trades exactness only where the draft decode already did: big JPEGs."""
+    from PIL import Image
+
+    from dvl_batch.images import decode_image_drafted
+
+    from .conftest import IMAGES
+
+    view = views_from_image_processor(tiny_processor.image_processor)[0]
+    photo = Image.open(IMAGES / "rocket.jpg").convert("RGB")
+    big = _jpeg(photo.resize((photo.width * 2, photo.height * 2), Image.BICUBIC))  # 1280 px: halved by libjpeg
+    image, drafted = decode_image_drafted(big, 100 * LIMIT, draft_side=view.size)
+    assert drafted and image.size == (photo.width, photo.height)
+    fast = render_views(image, [view], approximate=True)[view.name].astype(int)
+    pillow = render_views(image, [view])[view.name].astype(int)
+    assert fast.shape == pillow.shape == (3, view.size, view.size)
+    assert np.abs(fast - pillow).max() <= 3 and np.abs(fast - pillow).mean() < 1.0
+
+    small = (IMAGES / "rocket.jpg").read_bytes()  # 640 px: under twice the view's side, decoded in full
+    image, drafted = decode_image_drafted(small, LIMIT, draft_side=view.size)
+    assert not drafted
+    processor_pixels = tiny_processor.image_processor(image, return_tensors="np")["pixel_values"][0]
+    ours = render_views(image, [view])[view.name]
+    restored = ours.astype(np.float64) * view.rescale_factor
+    expected = (restored.astype(np.float32) - np.float32(view.mean[0])) / np.float32(view.std[0])
+    assert np.array_equal(expected.astype(np.float32), processor_pixels.astype(np.float32))
