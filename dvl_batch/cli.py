@@ -6,11 +6,14 @@ Errors the user can fix print one line and exit with the documented code (README
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -255,7 +258,39 @@ def main(
     """Caption and question-answer millions of images with DeepSeek-VL."""
 
 
+# Options every job command (caption, vqa, run) takes after its own, in help order.
+JOB_OPTIONS: dict[str, Any] = {
+    "max_new_tokens": MaxNew, "temperature": Temperature, "top_p": TopP, "seed": Seed,
+    "batch_size": BatchSize, "engine": Engine, "token_budget": TokenBudget, "prefill_batch": PrefillBatch,
+    "cuda_graphs": CudaGraphs, "compile": Compile,
+    "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
+    "key_field": KeyField, "max_image_pixels": MaxPixels, "limit": Limit, "shard_size": ShardSize,
+    "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
+    "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress,
+    "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,
+}
+
+
+def job_command(function: Callable[..., None]) -> Callable[..., None]:
+    """Give a job command the shared JOB_OPTIONS after its own parameters.
+
+    Typer reads a command's options from its signature; spelling the 32 shared options out
+    in three signatures let them drift apart. The command receives them in `**options`.
+    """
+    own = [p for p in signature(function, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [Parameter(name, Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+              for name, annotation in JOB_OPTIONS.items()]
+
+    @functools.wraps(function)
+    def command(**options: Any) -> None:
+        function(**options)
+
+    command.__signature__ = Signature(own + shared)  # type: ignore[attr-defined]
+    return command
+
+
 @app.command()
+@job_command
 def caption(
     inputs: Inputs,
     output: Output = None,
@@ -264,45 +299,16 @@ def caption(
     prompt: Prompt = None,
     system_prompt: SystemPrompt = None,
     max_prompt_tokens: MaxPromptTokens = None,
-    max_new_tokens: MaxNew = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    seed: Seed = None,
-    batch_size: BatchSize = None,
-    engine: Engine = None,
-    token_budget: TokenBudget = None,
-    prefill_batch: PrefillBatch = None,
-    cuda_graphs: CudaGraphs = None,
-    compile: Compile = None,
-    workers: Workers = None,
-    prefetch: Prefetch = None,
-    fast_decode: FastDecode = None,
-    image_field: ImageField = None,
-    key_field: KeyField = None,
-    max_image_pixels: MaxPixels = None,
-    limit: Limit = None,
-    shard_size: ShardSize = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    attn_implementation: Attn = None,
-    quantize: Quantize = None,
-    device_map: DeviceMap = None,
-    revision: Revision = None,
-    overwrite: Overwrite = None,
-    strict: Strict = None,
-    progress: Progress = None,
-    gpus: Gpus = None,
-    rank: Rank = None,
-    world_size: WorldSize = None,
-    runner: Runner = None,
-    ray_address: RayAddress = None,
+    **options: Any,
 ) -> None:
     """Write a caption for every image. Rerun the same command to resume."""
-    options = dict(locals())
-    _execute("caption", options.pop("inputs"), options.pop("recipe"), options)
+    options.update(output=output, model=model, prompt=prompt, system_prompt=system_prompt,
+                   max_prompt_tokens=max_prompt_tokens)
+    _execute("caption", inputs, recipe, options)
 
 
 @app.command()
+@job_command
 def vqa(
     inputs: Inputs,
     output: Output = None,
@@ -313,45 +319,16 @@ def vqa(
     model: Model = None,
     system_prompt: SystemPrompt = None,
     max_prompt_tokens: MaxPromptTokens = None,
-    max_new_tokens: MaxNew = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    seed: Seed = None,
-    batch_size: BatchSize = None,
-    engine: Engine = None,
-    token_budget: TokenBudget = None,
-    prefill_batch: PrefillBatch = None,
-    cuda_graphs: CudaGraphs = None,
-    compile: Compile = None,
-    workers: Workers = None,
-    prefetch: Prefetch = None,
-    fast_decode: FastDecode = None,
-    image_field: ImageField = None,
-    key_field: KeyField = None,
-    max_image_pixels: MaxPixels = None,
-    limit: Limit = None,
-    shard_size: ShardSize = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    attn_implementation: Attn = None,
-    quantize: Quantize = None,
-    device_map: DeviceMap = None,
-    revision: Revision = None,
-    overwrite: Overwrite = None,
-    strict: Strict = None,
-    progress: Progress = None,
-    gpus: Gpus = None,
-    rank: Rank = None,
-    world_size: WorldSize = None,
-    runner: Runner = None,
-    ray_address: RayAddress = None,
+    **options: Any,
 ) -> None:
     """Answer questions about every image: one row per (image, question)."""
-    options = dict(locals())
-    _execute("vqa", options.pop("inputs"), options.pop("recipe"), options)
+    options.update(output=output, question=question, questions_file=questions_file, question_field=question_field,
+                   model=model, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens)
+    _execute("vqa", inputs, recipe, options)
 
 
 @app.command("run")
+@job_command
 def run_recipe(
     recipe: Annotated[str, typer.Argument(help="A bundled recipe name (see `dvl-batch recipes`) or a YAML file.", show_default=False)],
     inputs: InputOption = None,
@@ -364,41 +341,13 @@ def run_recipe(
     system_prompt: SystemPrompt = None,
     max_prompt_tokens: MaxPromptTokens = None,
     model: Model = None,
-    max_new_tokens: MaxNew = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    seed: Seed = None,
-    batch_size: BatchSize = None,
-    engine: Engine = None,
-    token_budget: TokenBudget = None,
-    prefill_batch: PrefillBatch = None,
-    cuda_graphs: CudaGraphs = None,
-    workers: Workers = None,
-    prefetch: Prefetch = None,
-    fast_decode: FastDecode = None,
-    image_field: ImageField = None,
-    key_field: KeyField = None,
-    max_image_pixels: MaxPixels = None,
-    limit: Limit = None,
-    shard_size: ShardSize = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    attn_implementation: Attn = None,
-    quantize: Quantize = None,
-    device_map: DeviceMap = None,
-    revision: Revision = None,
-    overwrite: Overwrite = None,
-    strict: Strict = None,
-    progress: Progress = None,
-    gpus: Gpus = None,
-    rank: Rank = None,
-    world_size: WorldSize = None,
-    runner: Runner = None,
-    ray_address: RayAddress = None,
+    **options: Any,
 ) -> None:
     """Run a recipe: `dvl-batch run short-caption -i SHARDS -o OUT`. Options override the recipe."""
-    options = dict(locals())
-    _execute(None, options.pop("inputs"), options.pop("recipe"), options)
+    options.update(output=output, task=task, prompt=prompt, question=question, questions_file=questions_file,
+                   question_field=question_field, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
+                   model=model)
+    _execute(None, inputs, recipe, options)
 
 
 @app.command("recipes")
