@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,13 +79,14 @@ def _explain(exc: OSError, path: Path) -> OutputError:
     return OutputError(f"writing {path} failed: {exc.strerror or exc}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: temp name, fsync, rename, fsync the folder."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a whole file or nothing: `write(handle)` to a temp name, fsync, rename, fsync
+    the folder. A failure (disk full, read-only) becomes a one-line OutputError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -96,6 +97,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:  # a second Ctrl-C mid-write: leave nothing half-written behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -320,20 +325,7 @@ class ParquetSink:
         meta = {METADATA_KEY: json.dumps({"job": self.job_metadata, "shard": shard_meta}).encode()}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
         path = self.out.part_path(shard.id)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                pq.write_table(table, handle, compression="zstd")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _explain(exc, path) from exc
-        except BaseException:  # includes the KeyboardInterrupt of a second Ctrl-C mid-write
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
         return path
 
 
