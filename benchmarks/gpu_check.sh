@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, check the environment, run the GPU tests,
 # profile the engine's phases and run the product benchmark. Output under $OUT.
+# The GPU box is offline and lacks webdataset/typer/torchao: first, on a machine with PyPI,
+#   pip download --no-deps -d .whl webdataset braceexpand typer annotated-doc shellingham rich markdown-it-py mdurl pygments torchao
+# (plus pydantic if the box lacks it; check with `python3 -c "import pydantic"`)
+# and carry .whl with the call. Usage: bash benchmarks/gpu_check.sh tests|profile|bench|all
 set -uo pipefail
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 DVL_BATCH_CACHE=/tmp/dvl-cache
