@@ -9,7 +9,7 @@ ship 3 bytes per pixel and the float normalisation runs on the device.
 Exactness: the result equals the processor's output bit for bit, except for JPEGs that
 fast decoding shrank while decoding (draft mode; photos at least twice the view's side).
 Their pixels already differ from a full decode, so they are also resized with torch's
-antialiased bicubic on uint8 (within 2 levels of Pillow's, 3x faster: Pillow's resize was
+antialiased bicubic on uint8 (within 3 of 255 levels of Pillow's, 3x faster: Pillow's resize was
 half of a worker's time per image).
 """
 
