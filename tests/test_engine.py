@@ -190,3 +190,29 @@ def test_prompt_longer_than_model_positions_is_an_error_row(tiny_model, tiny_pro
     results = list(engine.run(iter(items[:2])))
     assert len(results) == 2
     assert all(r.finish_reason == "error" and "positions" in r.error for r in results)
+
+
+def test_prefill_reserve_halves_the_prefill_batch_until_it_fits(tiny_model, tiny_processor, monkeypatch):
+    """The memory reserve for prefill is measured; a batch whose peak (or an OOM) takes more
+    than 40% of free memory is halved first (what made the 7B hybrid fit beside its slots)."""
+    eos = tiny_processor.tokenizer.eos_token_id
+    _, views = _items(tiny_processor, lambda uid: 1)
+    engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=4),
+                        BatchSpec(prefill_batch=32), [eos], eos)
+    gib = 2**30
+    tried = []
+
+    def measure(batch, prefix_cap):
+        tried.append(batch)
+        if batch > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch * gib
+
+    monkeypatch.setattr(engine, "_measure_prefill", measure)
+    assert engine._prefill_peak(prefix_cap=600, free=20 * gib) == 8 * gib
+    assert tried == [32, 16, 8] and engine._prefill_batch() == 8
+
+    engine.prefill_batch_limit = None
+    monkeypatch.setattr(engine, "_measure_prefill", lambda batch, prefix_cap: 100 * gib)
+    assert engine._prefill_peak(prefix_cap=600, free=20 * gib) == 100 * gib  # batch 1: report, do not loop
+    assert engine._prefill_batch() == 1
