@@ -508,7 +508,7 @@ def run_preprocess_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         for fast in (True, False):
             spec = _spec(cfg, "caption", shards, work / "unused", model_path, "cpu")
             spec = replace(spec, data=replace(spec.data, fast_decode=fast))
-            _prepare_in_memory(spec, model_path, shards[:1])  # warm: imports, tokenizer cache
+            _prepare_in_memory(spec, model_path, shards[:1])  # warm: imports, the OS file cache
             samples, seconds = _prepare_in_memory(spec, model_path, shards)
             errors = sum(s.error is not None for s in samples)
             rows.append({"path": "fast (draft decode)" if fast else "exact (processor)", "images": len(samples),

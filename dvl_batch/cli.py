@@ -271,26 +271,31 @@ JOB_OPTIONS: dict[str, Any] = {
 }
 
 
-def job_command(function: Callable[..., None]) -> Callable[..., None]:
-    """Give a job command the shared JOB_OPTIONS after its own parameters.
+def job_command(task: str | None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Make a job command from a function that only declares its own parameters and help.
 
-    Typer reads a command's options from its signature; spelling the 32 shared options out
-    in three signatures let them drift apart. The command receives them in `**options`.
+    Typer reads a command's options from its signature: the shared JOB_OPTIONS are appended
+    to the function's own (spelled out in three signatures, they drifted apart), and every
+    job command runs the same way: `_execute(task, inputs, recipe, all other options)`.
     """
-    own = [p for p in signature(function, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    shared = [Parameter(name, Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-              for name, annotation in JOB_OPTIONS.items()]
 
-    @functools.wraps(function)
-    def command(**options: Any) -> None:
-        function(**options)
+    def decorate(function: Callable[..., None]) -> Callable[..., None]:
+        own = list(signature(function, eval_str=True).parameters.values())
+        shared = [Parameter(name, Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+                  for name, annotation in JOB_OPTIONS.items()]
 
-    command.__signature__ = Signature(own + shared)  # type: ignore[attr-defined]
-    return command
+        @functools.wraps(function)
+        def command(**options: Any) -> None:
+            _execute(task, options.pop("inputs"), options.pop("recipe"), options)
+
+        command.__signature__ = Signature(own + shared)  # type: ignore[attr-defined]
+        return command
+
+    return decorate
 
 
 @app.command()
-@job_command
+@job_command("caption")
 def caption(
     inputs: Inputs,
     output: Output = None,
@@ -299,16 +304,12 @@ def caption(
     prompt: Prompt = None,
     system_prompt: SystemPrompt = None,
     max_prompt_tokens: MaxPromptTokens = None,
-    **options: Any,
 ) -> None:
     """Write a caption for every image. Rerun the same command to resume."""
-    options.update(output=output, model=model, prompt=prompt, system_prompt=system_prompt,
-                   max_prompt_tokens=max_prompt_tokens)
-    _execute("caption", inputs, recipe, options)
 
 
 @app.command()
-@job_command
+@job_command("vqa")
 def vqa(
     inputs: Inputs,
     output: Output = None,
@@ -319,16 +320,12 @@ def vqa(
     model: Model = None,
     system_prompt: SystemPrompt = None,
     max_prompt_tokens: MaxPromptTokens = None,
-    **options: Any,
 ) -> None:
     """Answer questions about every image: one row per (image, question)."""
-    options.update(output=output, question=question, questions_file=questions_file, question_field=question_field,
-                   model=model, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens)
-    _execute("vqa", inputs, recipe, options)
 
 
 @app.command("run")
-@job_command
+@job_command(None)  # the task comes from the recipe or --task
 def run_recipe(
     recipe: Annotated[str, typer.Argument(help="A bundled recipe name (see `dvl-batch recipes`) or a YAML file.", show_default=False)],
     inputs: InputOption = None,
@@ -341,13 +338,8 @@ def run_recipe(
     system_prompt: SystemPrompt = None,
     max_prompt_tokens: MaxPromptTokens = None,
     model: Model = None,
-    **options: Any,
 ) -> None:
     """Run a recipe: `dvl-batch run short-caption -i SHARDS -o OUT`. Options override the recipe."""
-    options.update(output=output, task=task, prompt=prompt, question=question, questions_file=questions_file,
-                   question_field=question_field, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
-                   model=model)
-    _execute(None, inputs, recipe, options)
 
 
 @app.command("recipes")
