@@ -11,6 +11,8 @@ online softmax in float32; a second kernel merges the partial results (split-K
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -129,7 +131,18 @@ def _combine_kernel(ACC, M, L, OUT, stride_or, stride_oh, HEADS: tl.constexpr, D
     tl.store(OUT + row * stride_or + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
-BLOCK_N = 64
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the decode kernels (chosen by measurement, see benchmarks/profile_engine.py)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    suffix_block_n: int = 64
+    suffix_warps: int = 4
+
+
+DEFAULT_CONFIG = KernelConfig()
 
 
 def decode_attention(
@@ -143,8 +156,10 @@ def decode_attention(
     rows_per_group: int,
     scale: float,
     splits: int,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Attention output [R, H, D] of one new token per row over [group prefix | own suffix]."""
+    cfg = config or DEFAULT_CONFIG
     rows, heads, dim = query.shape
     groups = rows // rows_per_group
     rep = heads // prefix_k.shape[1]
@@ -162,8 +177,8 @@ def decode_attention(
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
         scale,
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
-        BLOCK_N=BLOCK_N, PARTS=parts, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), BLOCK_N),
-        IEEE=query.dtype == torch.float32,
+        BLOCK_N=cfg.block_n, PARTS=parts, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
+        IEEE=query.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _suffix_kernel[(rows, heads)](
         query, suffix_k, suffix_v, row_len, acc, m, l_sum,
@@ -171,7 +186,8 @@ def decode_attention(
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
         scale,
-        HEADS=heads, REP=rep, D=dim, BLOCK_N=BLOCK_N, PARTS=parts, TILES=triton.cdiv(suffix_k.shape[2], BLOCK_N),
+        HEADS=heads, REP=rep, D=dim, BLOCK_N=cfg.suffix_block_n, PARTS=parts,
+        TILES=triton.cdiv(suffix_k.shape[2], cfg.suffix_block_n), num_warps=cfg.suffix_warps,
     )
     out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
     _combine_kernel[(rows, heads)](
