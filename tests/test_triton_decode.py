@@ -33,6 +33,9 @@ CHECK = textwrap.dedent(
         prefix_len = torch.randint(1, prefix_cap + 1, (groups,))
         prefix_len[0] = prefix_cap
         row_len = torch.randint(0, suffix_cap, (rows,))
+        if groups > 2:  # a released group: no prefix, rows back at their first suffix position
+            prefix_len[-1] = 0
+            row_len[-q_rows:] = 0
         query = torch.randn(rows, heads, 1, dim)
         prefix_range, suffix_range = torch.arange(prefix_cap), torch.arange(suffix_cap)
         prefix_bias = torch.zeros(groups, prefix_cap).masked_fill(prefix_range[None] >= prefix_len[:, None], float("-inf"))
@@ -67,8 +70,10 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     from dvl_batch.engine import triton_decode as td
 
     cases = [
-        (td._prefix_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, PARTS=3, TILES=5, IEEE=False)),
-        (td._suffix_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=64, PARTS=2, TILES=3)),
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
+                                 SUFFIX_BLOCK_N=32)),
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
+                                 SUFFIX_BLOCK_N=32)),
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2)),
     ]
     for kernel, consts in cases:

@@ -25,6 +25,7 @@ import torch
 from ..images import ImageView
 from ..spec import BatchSpec, GenerationSpec
 from .attention import AttentionStep, SlotKV, route_attention
+from .device_clock import DeviceClock, phase
 from .model import VisionLanguageModel
 from .slots import NO_FORCE, Launched, Layout, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
@@ -122,10 +123,12 @@ class SlotEngine:
         self.deferred: deque[_Group] = deque()  # groups that need a larger layout
         self.rows: dict[int, _Row] = {}
         self.free_groups: list[int] = []
+        self.freed: list[int] = []  # groups freed since the last decode launch (reset on the device)
         self.group_live: dict[int, int] = {}
         self.launched: deque[Launched] = deque()  # token batches in flight, read in launch order
         self.rows_per_group = 1
         self.prefill_batch_limit: int | None = None  # set when a measured prefill batch would not fit
+        self.device_clock: DeviceClock | None = None  # set by the bench: device time per phase
         route_attention(vlm.language_model)
 
     # ------------------------------------------------------------ sizing
@@ -223,6 +226,7 @@ class SlotEngine:
         self.layout = layout
         self.stats.slots = layout.rows
         self.free_groups = list(range(layout.groups - 1, -1, -1))
+        self.freed = []
         self.group_live = {}
         self.rows = {}
 
@@ -253,14 +257,17 @@ class SlotEngine:
         store, q = self.store, self.layout.rows_per_group
         items = list({id(g.item): g.item for g in groups}.values())
         clock = _PhaseClock(self.device, self.batch.phase_timing)
-        features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
+        with phase(self.device_clock, "vision"):
+            features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
         self.stats.vision_seconds += clock.lap()
-        logits = store.prefill_prefixes([g.prefix for g in groups], slots, [features.get(g.item.uid) for g in groups])
+        with phase(self.device_clock, "prefix"):
+            logits = store.prefill_prefixes([g.prefix for g in groups], slots, [features.get(g.item.uid) for g in groups])
         self.stats.prefix_seconds += clock.lap()
-        if q == 1:
-            rows_t = store.start_whole_prompt_rows(slots)
-        else:
-            logits, rows_t = store.prefill_suffixes([g.suffix(j) for g in groups for j in range(q)], slots)
+        with phase(self.device_clock, "suffix"):
+            if q == 1:
+                rows_t = store.start_whole_prompt_rows(slots)
+            else:
+                logits, rows_t = store.prefill_suffixes([g.suffix(j) for g in groups for j in range(q)], slots)
         force = [
             (g.prompts[j].force_eos_after or NO_FORCE) if j < len(g.prompts) else NO_FORCE
             for g in groups
@@ -273,7 +280,8 @@ class SlotEngine:
                 row = _Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
                 self.rows[slot * q + j] = row
                 new_rows[slot * q + j] = (row, gi * q + j)
-        self.launched.append(store.start_rows(rows_t, logits, force, new_rows))
+        with phase(self.device_clock, "suffix"):
+            self.launched.append(store.start_rows(rows_t, logits, force, new_rows))
         return []
 
     def _append(self, row_id: int, row: _Row, token: int) -> Completion | None:
@@ -290,6 +298,7 @@ class SlotEngine:
         if self.group_live[slot] == 0:
             del self.group_live[slot]
             self.free_groups.append(slot)
+            self.freed.append(slot)
         self.stats.generated_tokens += len(row.tokens)
         return Completion(row.uid, row.index, row.tokens, reason, row.prompt_tokens)
 
@@ -301,11 +310,15 @@ class SlotEngine:
         has the newest step queued while the host turns older tokens into answers)."""
         started = time.perf_counter()
         if self.rows:
-            self.launched.append(self.store.launch_decode(self.rows))
+            with phase(self.device_clock, "decode"):
+                self.launched.append(self.store.launch_decode(self.rows))
             self.stats.decode_steps += 1
         done: list[Completion] = []
         while len(self.launched) > 1 or (self.launched and not self.rows):
             done.extend(self._collect(self.launched.popleft()))
+        with phase(self.device_clock, "decode"):
+            self.store.release_groups(self.freed)
+        self.freed.clear()
         self.stats.decode_seconds += time.perf_counter() - started
         return done
 

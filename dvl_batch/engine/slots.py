@@ -198,9 +198,8 @@ class SlotStore:
 
     def _store_prefix_kv(self, slots: torch.Tensor, logits, keys, values) -> torch.Tensor:
         for layer, (key, value) in enumerate(zip(keys, values, strict=True)):
-            length = key.shape[2]
-            self.kv.prefix_k[layer, slots, :, :length] = key
-            self.kv.prefix_v[layer, slots, :, :length] = value
+            store_prefix(self.kv.prefix_k[layer], slots, key)
+            store_prefix(self.kv.prefix_v[layer], slots, value)
         return logits
 
     def prefill_prefixes(self, prefixes: list[list[int]], slots: list[int], features: list[torch.Tensor]):
@@ -338,6 +337,22 @@ class SlotStore:
         self.graph = graph
         self._reset_rows()
 
+    def release_groups(self, slots: list[int]) -> None:
+        """Mark freed groups empty on the device, so decode attention reads none of their keys.
+
+        A finished group's slot stays in the fixed-shape decode step until it is refilled;
+        with its prefix length and its rows' suffix lengths at zero the kernels skip it
+        (masked loads move no data) instead of re-reading a dead prompt at every step.
+        Enqueued in stream order, so a later admission into the same slot wins.
+        """
+        if not slots:
+            return
+        groups = self._upload(slots)
+        q = self.layout.rows_per_group
+        rows = (groups[:, None] * q + torch.arange(q, device=self.device)[None]).reshape(-1)
+        self.group_prefix.index_fill_(0, groups, 0)
+        self.row_len.index_fill_(0, rows, 0)
+
     def _reset_rows(self) -> None:
         self.row_len.zero_()
         self.n_gen.zero_()
@@ -356,6 +371,19 @@ class SlotStore:
         self.row_len.add_(1).clamp_(max=self.layout.suffix_cap - 1)
         self.n_gen.add_(1)
         return self._send_home(tokens, {row_id: (row, row_id) for row_id, row in rows.items()})
+
+
+def store_prefix(cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    """Write prefill keys (or values) [B, H, T, D] into cache [G, H, P, D] at group `slots`.
+
+    A full-width write (the compiled pass's fixed shapes) is one `index_copy_` of whole
+    group blocks; a narrower one (eager, batch-wide prefix length) indexes the positions.
+    """
+    length = kv.shape[2]
+    if length == cache.shape[2]:
+        cache.index_copy_(0, slots, kv)
+    else:
+        cache[slots, :, :length] = kv
 
 
 def _triton_splits(layout: Layout, vlm: VisionLanguageModel, device: torch.device) -> int:

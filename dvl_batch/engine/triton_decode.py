@@ -19,17 +19,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _prefix_kernel(
-    Q, PK, PV, PLEN, ACC, M, L,
+def _prefix_part(
+    Q, PK, PV, PLEN, ACC, M, L, g, h, split,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Partial attention of a group's Q rows over one split of the group's prefix."""
-    g = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
     kvh = h // REP
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -72,16 +69,14 @@ def _prefix_kernel(
 
 
 @triton.jit
-def _suffix_kernel(
-    Q, SK, SV, RLEN, ACC, M, L,
+def _suffix_part(
+    Q, SK, SV, RLEN, ACC, M, L, row, h,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_vr, stride_vh, stride_vp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
-    TILES: tl.constexpr,
 ):
-    """Partial attention of one row over its own suffix (question + answer so far + new token)."""
-    row = tl.program_id(0)
-    h = tl.program_id(1)
+    """Partial attention of one row over its own suffix (question + answer so far + new token),
+    up to its valid length only (a dynamic loop bound: no tiles past the row's end)."""
     kvh = h // REP
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,8 +87,8 @@ def _suffix_kernel(
     acc = tl.zeros([D], tl.float32)
     k_base = SK + row * stride_kr + kvh * stride_kh
     v_base = SV + row * stride_vr + kvh * stride_vh
-    for tile in range(TILES):
-        pos = tile * BLOCK_N + offs_n
+    for begin in range(0, rlen, BLOCK_N):
+        pos = begin + offs_n
         ok = pos < rlen
         k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
@@ -110,6 +105,37 @@ def _suffix_kernel(
     tl.store(M + out, m_i)
     tl.store(L + out, l_i)
     tl.store(ACC + out * D + offs_d, acc)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, PK, PV, PLEN, SK, SV, RLEN, ACC, M, L,
+    stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
+    stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
+    scale,
+    HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
+    SUFFIX_BLOCK_N: tl.constexpr,
+):
+    """One launch for both levels: programs 0..SPLITS-1 of axis 2 take prefix splits, the last
+    takes the suffixes of the group's rows. The short, latency-bound suffix work then runs
+    beside the bandwidth-bound prefix work instead of in a launch of its own."""
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    if split < SPLITS:
+        _prefix_part(
+            Q, PK, PV, PLEN, ACC, M, L, g, h, split,
+            stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
+            HEADS, REP, Q_ROWS, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE,
+        )
+    else:
+        for qi in tl.static_range(Q_ROWS):
+            _suffix_part(
+                Q, SK, SV, RLEN, ACC, M, L, g * Q_ROWS + qi, h,
+                stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
+                HEADS, REP, D, SUFFIX_BLOCK_N, SPLITS + 1,
+            )
 
 
 @triton.jit
@@ -138,8 +164,7 @@ class KernelConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    suffix_block_n: int = 64
-    suffix_warps: int = 4
+    suffix_block_n: int = 32
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -170,24 +195,18 @@ def decode_attention(
     acc = torch.empty(rows, heads, parts, dim, dtype=torch.float32, device=query.device)
     m = torch.empty(rows, heads, parts, dtype=torch.float32, device=query.device)
     l_sum = torch.empty_like(m)
-    _prefix_kernel[(groups, heads, splits)](
-        query, prefix_k, prefix_v, prefix_len, acc, m, l_sum,
+    _decode_kernel[(groups, heads, splits + 1)](
+        query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-        scale,
-        HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
-        BLOCK_N=cfg.block_n, PARTS=parts, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
-        IEEE=query.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _suffix_kernel[(rows, heads)](
-        query, suffix_k, suffix_v, row_len, acc, m, l_sum,
-        query.stride(0), query.stride(1),
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
         scale,
-        HEADS=heads, REP=rep, D=dim, BLOCK_N=cfg.suffix_block_n, PARTS=parts,
-        TILES=triton.cdiv(suffix_k.shape[2], cfg.suffix_block_n), num_warps=cfg.suffix_warps,
+        HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
+        BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
+        IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
     _combine_kernel[(rows, heads)](

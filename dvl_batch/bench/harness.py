@@ -15,31 +15,21 @@ useful tokens/s, peak GPU memory, MFU and the ratio; results go to a JSON file.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
-
-VQA_QUESTIONS = (
-    "What is the main subject of this image?",
-    "What colours dominate the picture?",
-    "Is this photo taken indoors or outdoors?",
-    "How many people are visible?",
-    "What is happening in the background?",
-)
-# A system prompt that makes the tiny tokenizer's caption prompt 616 tokens, like the real one's.
-BENCH_SYSTEM_PROMPT = "You are a helpful language and vision assistant. Describe what you see in the image here."
-MEASURED_BF16_PEAK_TFLOPS = {"H100": 795.0, "H200": 790.0}  # 8192^3 bf16 matmul on the lent machines
+from ..spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
+from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, key_index, make_jpeg_shards, stop_after
+from .device_time import attach_clock, decode_split, per_image
+from .shapes import FlopModel, build_model, measured_peak
 
 
 @dataclass
@@ -66,150 +56,7 @@ class BenchConfig:
     out: str = "bench.json"
 
 
-def stop_after(index: int) -> int:
-    """The profile's stop schedule: request i ends with EOS as token number 16 + (i*37 % 113)."""
-    return 16 + (index * 37) % 113
-
-
-def _key_index(key: str) -> int:
-    return int(key.rsplit("-", 1)[-1])
-
-
-# ------------------------------------------------------------------ data
-
-
-def _render_jpeg(args: tuple[int, int, list[bytes]]) -> tuple[str, bytes]:
-    """A ~side-px JPEG: a crop of a real photo, resized and jittered so every image differs."""
-    from PIL import Image, ImageEnhance
-
-    index, side, sources = args
-    base = Image.open(io.BytesIO(sources[index % len(sources)])).convert("RGB")
-    w, h = base.size
-    crop = 0.6 + 0.4 * ((index * 7919) % 97) / 96
-    cw, ch = int(w * crop), int(h * crop)
-    left, top = (index * 31) % max(1, w - cw + 1), (index * 17) % max(1, h - ch + 1)
-    image = base.crop((left, top, left + cw, top + ch))
-    aspect = image.width / image.height
-    size = (side, max(1, int(side / aspect))) if aspect >= 1 else (max(1, int(side * aspect)), side)
-    image = image.resize(size, Image.BICUBIC)
-    image = ImageEnhance.Brightness(image).enhance(0.8 + 0.4 * ((index * 13) % 11) / 10)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return f"img-{index:07d}", buffer.getvalue()
-
-
-def make_jpeg_shards(folder: Path, count: int, per_shard: int, side: int, workers: int) -> list[Path]:
-    """Webdataset shards of `count` JPEGs (cached: reused when already complete)."""
-    import tarfile
-
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / f"complete-{count}-{per_shard}-{side}.json"
-    n_shards = -(-count // per_shard)
-    paths = [folder / f"bench-{s:06d}.tar" for s in range(n_shards)]
-    if marker.exists():
-        return paths
-    sources = [p.read_bytes() for p in sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.jpg"))]
-    if not sources:
-        raise RuntimeError("benchmark needs examples/images/*.jpg")
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        rendered = list(pool.map(_render_jpeg, [(i, side, sources) for i in range(count)], chunksize=16))
-    for s, path in enumerate(paths):
-        with tarfile.open(path, "w") as archive:
-            for key, data in rendered[s * per_shard : (s + 1) * per_shard]:
-                info = tarfile.TarInfo(f"{key}.jpg")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-    marker.write_text(json.dumps({"count": count}))
-    return paths
-
-
 # ------------------------------------------------------------------ model
-
-
-def _real_config(image_token_id: int, vocab: int, bos: int, eos: int):
-    from transformers import DeepseekVLConfig
-
-    return DeepseekVLConfig(
-        text_config=dict(
-            hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-            num_key_value_heads=16, vocab_size=vocab, max_position_embeddings=16384, rms_norm_eps=1e-6,
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-        ),
-        vision_config=dict(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=384, patch_size=16,
-        ),
-        image_token_id=image_token_id,
-        tie_word_embeddings=False,
-    )
-
-
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, cache_dir: Path):
-    """Random weights of the chosen shape with the tiny model's tokenizer and processor.
-
-    Returns (model, processor, processor_dir); the pipeline's workers load the
-    processor from processor_dir.
-    """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from .tiny import ensure_tiny_model
-
-    tiny = ensure_tiny_model(cache_dir)
-    processor = AutoProcessor.from_pretrained(tiny)
-    if shape == "tiny":
-        model = AutoModelForImageTextToText.from_pretrained(tiny, dtype=dtype).to(device).eval()
-        return model, processor, str(tiny)
-    tok = processor.tokenizer
-    config = _real_config(processor.image_token_id, 102400, tok.bos_token_id, tok.eos_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.eos_token_id
-    return model.eval(), processor, str(tiny)
-
-
-# ------------------------------------------------------------------ accounting
-
-
-@dataclass
-class FlopModel:
-    """FLOPs of the useful work, from the model's shapes (2 per multiply-add)."""
-
-    vision_per_image: float
-    llm_per_token: float  # all linear layers of the language model
-    lm_head_per_token: float
-    attn_per_token_per_ctx: float  # QK^T and PV per token per attended position
-    params_bytes: float
-
-    @classmethod
-    def of(cls, model) -> FlopModel:
-        t, v = model.config.text_config, model.config.vision_config
-        h, f, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
-        kv = (getattr(t, "num_key_value_heads", None) or t.num_attention_heads) * (h // t.num_attention_heads)
-        llm = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * f)
-        vh, vf, vl = v.hidden_size, v.intermediate_size, v.num_hidden_layers
-        n = (v.image_size // v.patch_size) ** 2
-        vision = 2 * vl * n * (4 * vh * vh + 2 * vh * vf) + 4 * vl * n * n * vh + 2 * n * (3 * v.patch_size**2 * vh)
-        vision += 2 * n * (vh * h + h * h)  # aligner
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
-        return cls(vision, llm, 2 * h * t.vocab_size, 4 * layers * h, params)
-
-    def request_flops(self, prompt_tokens: int, generated: int, images: int, share_image: bool = False) -> float:
-        prefill = prompt_tokens * self.llm_per_token + self.attn_per_token_per_ctx * prompt_tokens * prompt_tokens / 2
-        decode = generated * (self.llm_per_token + self.lm_head_per_token)
-        decode += self.attn_per_token_per_ctx * sum(prompt_tokens + t for t in range(generated))
-        return (0 if share_image else images * self.vision_per_image) + prefill + decode + self.lm_head_per_token
-
-
-def _peak_tflops() -> tuple[float, str]:
-    if not torch.cuda.is_available():
-        return float("nan"), "n/a (CPU)"
-    name = torch.cuda.get_device_name()
-    for key, value in MEASURED_BF16_PEAK_TFLOPS.items():
-        if key in name:
-            return value, f"{value:.0f} TFLOP/s measured bf16 matmul peak ({name})"
-    return float("nan"), f"unknown peak ({name})"
 
 
 # ------------------------------------------------------------------ runs
@@ -232,8 +79,8 @@ def _spec(cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path
 
 def _prepare_in_memory(spec: JobSpec, model_path: str, shards: list[Path]):
     """Decode every sample once (for the generate baseline and the per-core decode rate)."""
-    from .preprocess import SamplePreparer
-    from .sources import ShardEnd, discover_shards, read_shard
+    from ..preprocess import SamplePreparer
+    from ..sources import ShardEnd, discover_shards, read_shard
 
     preparer = SamplePreparer(spec, model_path)
     samples, seconds = [], 0.0
@@ -248,11 +95,11 @@ def _prepare_in_memory(spec: JobSpec, model_path: str, shards: list[Path]):
 
 
 def _work_items(samples, n_questions: int):
-    from .engine.types import EnginePrompt, WorkItem
+    from ..engine.types import EnginePrompt, WorkItem
 
     items = []
     for uid, sample in enumerate(samples):
-        index = _key_index(sample.key)
+        index = key_index(sample.key)
         prompts = [
             EnginePrompt(q, r.input_ids, r.prefix_len, stop_after(index * n_questions + q))
             for q, r in enumerate(sample.requests)
@@ -272,8 +119,8 @@ def _peak_gib() -> float:
 
 
 def run_generate(model, processor, views, items, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
-    from .engine.generate import GenerateEngine
-    from .worker import eos_ids
+    from ..engine.generate import GenerateEngine
+    from ..worker import eos_ids
 
     eos = eos_ids(processor, model)
     cache = cfg.hf_cache if torch.cuda.is_available() else None
@@ -299,13 +146,13 @@ def _sync() -> None:
 def run_dvl(
     spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], n_questions: int, host_profile: str | None = None
 ) -> dict[str, Any]:
-    from .pipeline import process_shards
-    from .preprocess import ShardFeed
-    from .sink import OutputDir, ParquetSink
-    from .sources import discover_shards
+    from ..pipeline import process_shards
+    from ..preprocess import ShardFeed
+    from ..sink import OutputDir, ParquetSink
+    from ..sources import discover_shards
 
     def force(key: str, q: int) -> int:
-        return stop_after(_key_index(key) * n_questions + q)
+        return stop_after(key_index(key) * n_questions + q)
 
     def one(run_spec: JobSpec, paths: list[Path]):
         out = OutputDir(run_spec.output.path)
@@ -320,6 +167,7 @@ def run_dvl(
     warm_spec = replace(spec, output=replace(spec.output, path=spec.output.path + "-warmup"))
     one(warm_spec, warm_shards)  # allocates the KV slots and captures the CUDA graph
     worker.engine.stats = type(worker.engine.stats)(slots=worker.engine.stats.slots)
+    clock = attach_clock(worker.engine)
     _reset_peak()
     profiler = None
     if host_profile:
@@ -340,7 +188,10 @@ def run_dvl(
             stats_view = pstats.Stats(profiler, stream=handle)
             stats_view.sort_stats("tottime").print_stats(30)
             stats_view.sort_stats("cumulative").print_stats(40)
-    return {"seconds": seconds, "stats": stats, "peak_gib": _peak_gib()}
+    device = clock.seconds() if clock is not None else {}
+    if clock is not None:
+        worker.engine.device_clock = None
+    return {"seconds": seconds, "stats": stats, "peak_gib": _peak_gib(), "device": device}
 
 
 def _read_answers(out: Path) -> dict[tuple[str, int], tuple[str, int]]:
@@ -375,14 +226,14 @@ def _summarise(name, seconds, images, answers, tokens, flops, peak_gib, peak_tfl
 
 
 def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work_dir: Path) -> ProfileResult:
-    from .images import views_from_image_processor
+    from ..images import views_from_image_processor
 
     n_q = len(VQA_QUESTIONS) if task == "vqa" else 1
     spec = _spec(cfg, task, shards, work_dir / f"out-{task}", worker.resolved.path, str(worker.device))
     samples, decode_seconds = _prepare_in_memory(spec, worker.resolved.path, shards)
     items = _work_items(samples, n_q)
     flops = FlopModel.of(worker.model)
-    peak_tflops, _ = _peak_tflops()
+    peak_tflops, _ = measured_peak()
     result = ProfileResult(task, len(samples), sum(len(i.prompts) for i in items))
     result.notes.append(
         f"preprocess (decode+resize+tokenize, fast decode) on one core: {len(samples) / decode_seconds:.1f} img/s"
@@ -390,11 +241,13 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
     prompt_tokens = len(items[0].prompts[0].input_ids)
     result.notes.append(f"prompt tokens: {prompt_tokens} ({prompt_tokens - 576} text + 576 image)")
     useful_flops = sum(
-        flops.request_flops(len(p.input_ids), stop_after(_key_index(s.key) * n_q + p.index), 1, share_image=p.index > 0)
+        flops.request_flops(len(p.input_ids), stop_after(key_index(s.key) * n_q + p.index), 1, share_image=p.index > 0)
         for s, item in zip(samples, items, strict=True) for p in item.prompts
     )
 
     dvl = run_dvl(spec, worker, shards, warm_shards, n_q, cfg.host_profile)
+    mean_answer = round(sum(stop_after(key_index(s.key) * n_q + q) for s in samples for q in range(n_q)) / result.answers)
+    split = decode_split(worker.engine, prompt_tokens, mean_answer)
     if hasattr(worker.engine, "close"):
         worker.engine.close()  # give the KV slots back before the baseline allocates its own
     dvl_answers = _read_answers(Path(spec.output.path))
@@ -411,6 +264,14 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
         decode_steps=int(engine_stats.get("decode_steps", 0)),
         slots=int(engine_stats.get("slots", 0)),
     )
+    if dvl["device"]:
+        device_ms = per_image(dvl["device"], split, dvl["seconds"], len(samples))
+        entry["device_ms_per_image"] = device_ms
+        entry["decode_attention"] = split
+        prefill_flops = flops.vision_per_image + flops.request_flops(prompt_tokens, 0, 0) - flops.lm_head_per_token
+        prefill_ms = device_ms.get("vision", 0.0) + device_ms.get("prefix", 0.0)
+        if prefill_ms and peak_tflops == peak_tflops:
+            entry["prefill_mfu"] = round(prefill_flops / (prefill_ms / 1000) / (peak_tflops * 1e12), 3)
     result.engines["dvl"] = entry
 
     if not cfg.skip_hf and task == "caption":
@@ -449,8 +310,8 @@ def _compare(hf_completions, dvl_answers, samples, worker) -> str:
 def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     import transformers
 
-    from .engine.model import ResolvedModel, pick_device, pick_dtype
-    from .worker import DeviceWorker
+    from ..engine.model import ResolvedModel, pick_device, pick_dtype
+    from ..worker import DeviceWorker
 
     device = pick_device(cfg.device)
     dtype = pick_dtype("auto", device)
@@ -460,7 +321,7 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     shards = make_jpeg_shards(data / "main", cfg.requests, cfg.images_per_shard, cfg.image_side, cpu)
     warm = make_jpeg_shards(data / "warm", min(cfg.images_per_shard, 64), 64, cfg.image_side, cpu)
     if device.type == "cuda":
-        from .worker import prepare_cuda_process
+        from ..worker import prepare_cuda_process
 
         prepare_cuda_process(device)
     model, processor, path = build_model(cfg.shape, device, dtype, cache_dir)
@@ -470,7 +331,7 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "peak": _peak_tflops()[1],
+        "peak": measured_peak()[1],
         "profiles": {},
     }
     for task in ["caption", "vqa"] if cfg.profile == "both" else [cfg.profile.replace("caption-varlen", "caption")]:
@@ -494,7 +355,7 @@ def run_preprocess_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     (the checkpoint's processor on a full decode) paths. The processor is the tiny model's,
     which is the real checkpoint's image processor and chat template.
     """
-    from .tiny import ensure_tiny_model
+    from ..tiny import ensure_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="dvl-bench-"))
     data = Path(cfg.data_dir) if cfg.data_dir else work / "data"
@@ -522,35 +383,3 @@ def run_preprocess_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     return results
 
 
-def format_preprocess_table(results: dict[str, Any]) -> str:
-    lines = [f"preprocess, one core, {results['config']['image_side']}px JPEGs (torch {results['torch']})",
-             f"{'path':<22} {'images':>7} {'seconds':>8} {'img/s/core':>11} {'errors':>7}"]
-    for row in results["preprocess"]:
-        lines.append(f"{row['path']:<22} {row['images']:>7} {row['seconds']:>8.2f} {row['images_per_s_per_core']:>11.1f} "
-                     f"{row['errors']:>7}")
-    return "\n".join(lines)
-
-
-def format_table(results: dict[str, Any]) -> str:
-    lines = [f"device: {results['device']}  torch {results['torch']}  transformers {results['transformers']}",
-             f"MFU relative to: {results['peak']}"]
-    header = f"{'profile':<9} {'engine':<42} {'img/s':>8} {'ans/s':>8} {'tok/s':>9} {'peak GiB':>9} {'MFU':>6} {'ratio':>6}"
-    lines += [header, "-" * len(header)]
-    for name, profile in results["profiles"].items():
-        for entry in profile["engines"].values():
-            mfu = f"{entry['mfu']:.3f}" if entry.get("mfu") is not None else "-"
-            ratio = f"{entry['ratio_vs_best_generate']:.2f}x" if "ratio_vs_best_generate" in entry else ""
-            lines.append(
-                f"{name:<9} {entry['engine']:<42} {entry['images_per_s']:>8.2f} {entry['answers_per_s']:>8.2f} "
-                f"{entry['useful_tokens_per_s']:>9.1f} {entry['peak_gpu_gib']:>9.2f} {mfu:>6} {ratio:>6}"
-            )
-        dvl = profile["engines"]["dvl"]
-        lines.append(
-            f"          dvl: {dvl['slots']} slots, {dvl['decode_steps']} decode steps; host time in admissions "
-            f"{dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
-            f"device idle waiting for data {dvl['idle_seconds']} s"
-        )
-        lines += [f"          {note}" for note in profile["notes"]]
-    if "vqa_answers_per_s_over_caption_images_per_s" in results:
-        lines.append(f"VQA answers/s over caption images/s: {results['vqa_answers_per_s_over_caption_images_per_s']:.2f}x")
-    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""The bench's tables: what a person reads at the end of `dvl-batch bench`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_preprocess_table(results: dict[str, Any]) -> str:
+    lines = [f"preprocess, one core, {results['config']['image_side']}px JPEGs (torch {results['torch']})",
+             f"{'path':<22} {'images':>7} {'seconds':>8} {'img/s/core':>11} {'errors':>7}"]
+    for row in results["preprocess"]:
+        lines.append(f"{row['path']:<22} {row['images']:>7} {row['seconds']:>8.2f} {row['images_per_s_per_core']:>11.1f} "
+                     f"{row['errors']:>7}")
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"device: {results['device']}  torch {results['torch']}  transformers {results['transformers']}",
+             f"MFU relative to: {results['peak']}"]
+    header = f"{'profile':<9} {'engine':<42} {'img/s':>8} {'ans/s':>8} {'tok/s':>9} {'peak GiB':>9} {'MFU':>6} {'ratio':>6}"
+    lines += [header, "-" * len(header)]
+    for name, profile in results["profiles"].items():
+        for entry in profile["engines"].values():
+            mfu = f"{entry['mfu']:.3f}" if entry.get("mfu") is not None else "-"
+            ratio = f"{entry['ratio_vs_best_generate']:.2f}x" if "ratio_vs_best_generate" in entry else ""
+            lines.append(
+                f"{name:<9} {entry['engine']:<42} {entry['images_per_s']:>8.2f} {entry['answers_per_s']:>8.2f} "
+                f"{entry['useful_tokens_per_s']:>9.1f} {entry['peak_gpu_gib']:>9.2f} {mfu:>6} {ratio:>6}"
+            )
+        dvl = profile["engines"]["dvl"]
+        lines.append(
+            f"          dvl: {dvl['slots']} slots, {dvl['decode_steps']} decode steps; host (not device) time in "
+            f"admissions {dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
+            f"engine waiting for input with nothing to run {dvl['idle_seconds']} s"
+        )
+        if "device_ms_per_image" in dvl:
+            lines.append(f"          {device_line(dvl)}")
+        lines += [f"          {note}" for note in profile["notes"]]
+    if "vqa_answers_per_s_over_caption_images_per_s" in results:
+        lines.append(f"VQA answers/s over caption images/s: {results['vqa_answers_per_s_over_caption_images_per_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def device_line(dvl: dict[str, Any]) -> str:
+    """Device milliseconds per image by phase (CUDA events), decode attention's bandwidth, prefill MFU."""
+    ms = dvl["device_ms_per_image"]
+    parts = [f"{name} {ms[name]:.2f}" for name in ("vision", "prefix", "suffix", "decode") if name in ms]
+    text = "device ms/image: " + ", ".join(parts)
+    split = dvl.get("decode_attention")
+    if split and "decode_attention" in ms:
+        text += (f" (attention {ms['decode_attention']:.2f} at {split['attention_TBps']:.2f} TB/s, copy "
+                 f"{split['copy_TBps']:.2f}; rest {ms['decode_rest']:.2f})")
+    text += f"; busy {ms['busy']:.2f}, idle {ms['idle']:.2f}"
+    vision_prefix = ms.get("vision", 0.0) + ms.get("prefix", 0.0)
+    text += f"; vision+prefix {vision_prefix:.2f}"
+    if dvl.get("prefill_mfu") is not None:
+        text += f" at {dvl['prefill_mfu']:.0%} MFU"
+    return text
