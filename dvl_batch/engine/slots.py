@@ -192,8 +192,10 @@ class SlotStore:
         step = AttentionStep(self.kv, "prefix", collect=[])
         hidden = self.vlm.language_forward(embeds, positions, dvl_step=step)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        keys = [k for k, _ in step.collect]
-        values = [v for _, v in step.collect]
+        # contiguous [B, H, T, D]: the compiled graph writes them in the cache's layout, so
+        # storing them is a copy of whole group blocks (strided views copied at ~1 TB/s)
+        keys = [k.contiguous() for k, _ in step.collect]
+        values = [v.contiguous() for _, v in step.collect]
         return self.vlm.lm_head(picked).float(), keys, values
 
     def _store_prefix_kv(self, slots: torch.Tensor, logits, keys, values) -> torch.Tensor:

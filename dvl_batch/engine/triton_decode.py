@@ -117,12 +117,14 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     SUFFIX_BLOCK_N: tl.constexpr,
 ):
-    """One launch for both levels: programs 0..SPLITS-1 of axis 2 take prefix splits, the last
-    takes the suffixes of the group's rows. The short, latency-bound suffix work then runs
-    beside the bandwidth-bound prefix work instead of in a launch of its own."""
-    g = tl.program_id(0)
+    """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the last
+    takes the suffixes of the group's rows. Axis 0 varies fastest in the launch order, so the
+    short, latency-bound suffix programs run beside the bandwidth-bound prefix programs
+    instead of as a tail of their own (measured: a suffix kernel of its own took 136 us of a
+    590 us layer at 384 rows)."""
+    split = tl.program_id(0)  # the fastest grid axis: suffix programs interleave with prefix ones
     h = tl.program_id(1)
-    split = tl.program_id(2)
+    g = tl.program_id(2)
     if split < SPLITS:
         _prefix_part(
             Q, PK, PV, PLEN, ACC, M, L, g, h, split,
@@ -163,7 +165,7 @@ class KernelConfig:
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     suffix_block_n: int = 32
 
 
@@ -195,7 +197,7 @@ def decode_attention(
     acc = torch.empty(rows, heads, parts, dim, dtype=torch.float32, device=query.device)
     m = torch.empty(rows, heads, parts, dtype=torch.float32, device=query.device)
     l_sum = torch.empty_like(m)
-    _decode_kernel[(groups, heads, splits + 1)](
+    _decode_kernel[(splits + 1, heads, groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
