@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +30,7 @@ import torch
 from ..spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
 from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, key_index, make_jpeg_shards, stop_after
 from .device_time import attach_clock, decode_split, per_image
+from .report import format_table
 from .shapes import FlopModel, build_model, measured_peak
 
 
@@ -339,6 +341,8 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         worker = DeviceWorker.from_loaded(spec, resolved, model, processor)
         outcome = bench_profile(cfg, task, worker, shards, warm, work)
         results["profiles"][task] = asdict(outcome)
+        Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))  # a cut-short run keeps its profiles
+        print(f"profile {task} done:\n{format_table(results)}", file=sys.stderr, flush=True)
     if "caption" in results["profiles"] and "vqa" in results["profiles"]:
         cap = results["profiles"]["caption"]["engines"]["dvl"]["images_per_s"]
         vqa = results["profiles"]["vqa"]["engines"]["dvl"]["answers_per_s"]
