@@ -48,11 +48,11 @@ def main() -> None:
 
     from dvl_batch.api import default_cache_dir
     from dvl_batch.bench import BENCH_SYSTEM_PROMPT, build_model
+    from dvl_batch.config.spec import GenerationSpec
     from dvl_batch.engine.model import VisionLanguageModel
     from dvl_batch.engine.slots import Layout, SlotStore
-    from dvl_batch.images import views_from_image_processor
-    from dvl_batch.prompts import PromptRenderer
-    from dvl_batch.spec import GenerationSpec
+    from dvl_batch.preprocess.images import views_from_image_processor
+    from dvl_batch.preprocess.prompts import PromptRenderer
 
     device = torch.device("cuda")
     model, processor, _ = build_model("real-1.3b", device, torch.bfloat16, default_cache_dir())

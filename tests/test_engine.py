@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dvl_batch.config.spec import BatchSpec, GenerationSpec
 from dvl_batch.engine.continuous import SlotEngine, plan_groups
 from dvl_batch.engine.generate import ForcedEOS, GenerateEngine, trim_at_eos
 from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.engine.types import EnginePrompt, WorkItem
-from dvl_batch.images import decode_image, normalize_pixels, render_views, views_from_image_processor
-from dvl_batch.prompts import PromptRenderer
-from dvl_batch.spec import BatchSpec, GenerationSpec
+from dvl_batch.preprocess.images import decode_image, normalize_pixels, render_views, views_from_image_processor
+from dvl_batch.preprocess.prompts import PromptRenderer
 
 from .conftest import example_images
 

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from dvl_batch.handoff import SPILL_PREFIX, SpillDir, Spilled, sweep_stale_spill_dirs
-from dvl_batch.preprocess import PreparedSample, PromptRequest
+from dvl_batch.preprocess.handoff import SPILL_PREFIX, SpillDir, Spilled, sweep_stale_spill_dirs
+from dvl_batch.records import PreparedSample, PromptRequest
 
 
 def _sample(side: int = 384) -> PreparedSample:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from dvl_batch.images import ImageError, decode_image, render_views, views_from_image_processor
+from dvl_batch.preprocess.images import ImageError, decode_image, render_views, views_from_image_processor
 
 from .hostile_files import BLUE, GREEN, RED, animated_gif, hostile_images, multipage_tiff, png_header_only
 
@@ -86,7 +86,7 @@ def test_large_jpegs_are_draft_decoded_and_resized_fast_small_ones_exactly(tiny_
     """Fast decoding trades exactness only where the draft decode already did: big JPEGs."""
     from PIL import Image
 
-    from dvl_batch.images import decode_image_drafted
+    from dvl_batch.preprocess.images import decode_image_drafted
 
     from .conftest import IMAGES
 

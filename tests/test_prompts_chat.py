@@ -7,10 +7,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from dvl_batch.config.spec import JobSpec, build_job_spec, spec_from_json
 from dvl_batch.errors import UsageError
-from dvl_batch.prompts import PromptRenderer
-from dvl_batch.spec import JobSpec, build_job_spec, spec_from_json
-from dvl_batch.tiny import DEFAULT_SYSTEM_PROMPT
+from dvl_batch.preprocess.prompts import DEFAULT_SYSTEM_PROMPT, PromptRenderer
 
 from .conftest import EXAMPLES, read_rows, run_cli
 

@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from dvl_batch.api import run
+from dvl_batch.config.spec import BatchSpec, GenerationSpec, JobSpec, ModelSpec
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.generate import GenerateEngine
-from dvl_batch.engine.model import VisionLanguageModel, load_model, load_processor, resolve_model
+from dvl_batch.engine.model import VisionLanguageModel, load_model
 from dvl_batch.engine.quantize import check_quantize, int4_group_size
 from dvl_batch.errors import EXIT_USAGE, UsageError
-from dvl_batch.progress import NullReporter
-from dvl_batch.spec import BatchSpec, GenerationSpec, JobSpec, ModelSpec
-from dvl_batch.worker import build_engine
+from dvl_batch.preprocess.preparer import load_processor
+from dvl_batch.runtime.models import resolve_model
+from dvl_batch.runtime.progress import NullReporter
+from dvl_batch.runtime.worker import build_engine
 
 from .conftest import EXAMPLES, cli_env, job_json, read_rows, run_cli
 from .test_multi_image import CASES, _items, _reference

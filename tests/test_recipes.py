@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from dvl_batch import JobSpec, bundled_recipes, run
+from dvl_batch.config.recipes import find_recipe
+from dvl_batch.config.spec import option_path, spec_from_recipe
 from dvl_batch.errors import EXIT_USAGE, UsageError
-from dvl_batch.progress import NullReporter
-from dvl_batch.recipebook import find_recipe, option_path, spec_from_recipe
+from dvl_batch.runtime.progress import NullReporter
 
 from .conftest import EXAMPLES, REPO, job_json, read_rows, run_cli
 

@@ -400,7 +400,8 @@ def oom_above_one_prompt(model):
 @pytest.mark.parametrize("engine", ["continuous", "generate"])
 def test_out_of_memory_batches_are_split_and_the_job_goes_on(tmp_path, cache_dir, tiny_model_dir, monkeypatch, capsys,
                                                               engine):
-    from dvl_batch import cli, worker
+    from dvl_batch import cli
+    from dvl_batch.runtime import worker
 
     if engine == "continuous":
         monkeypatch.setattr(worker, "VisionLanguageModel", OomAboveOneImage)

@@ -15,12 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from dvl_batch.config.launch import decoders_per_engine, parse_device_list
 from dvl_batch.errors import EXIT_FAILED, EXIT_INTERRUPTED, LockHeldError, UsageError
-from dvl_batch.inspection import collect_status
-from dvl_batch.job import shard_owner
-from dvl_batch.pipeline import RunStats
-from dvl_batch.runners.engines import StatsTally, decoders_per_engine, parse_device_list
-from dvl_batch.sink import OutputDir
+from dvl_batch.inspect import collect_status
+from dvl_batch.runtime.job import shard_owner
+from dvl_batch.runtime.pipeline import RunStats
+from dvl_batch.runtime.runners.engines import StatsTally
+from dvl_batch.sink.output import OutputDir
 
 from .conftest import IMAGES, cli_env, many_shards, read_rows, run_cli
 
@@ -75,7 +76,7 @@ def test_tally_sums_engines_and_takes_peak_memory_as_max():
     ],
 )
 def test_rank_and_world_size_from_launchers(monkeypatch, env, expected):
-    from dvl_batch.cli import rank_from_environment
+    from dvl_batch.config.launch import rank_from_environment
 
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -86,7 +87,7 @@ def test_rank_and_world_size_from_launchers(monkeypatch, env, expected):
 
 HOLD_RANK_LOCK = """
 import sys, time
-from dvl_batch.sink import OutputDir
+from dvl_batch.sink.output import OutputDir
 OutputDir(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])).prepare(owns=lambda shard_id: False)
 print("locked", flush=True)
 time.sleep(600)
@@ -117,7 +118,7 @@ def test_ranks_of_one_world_share_out_and_other_worlds_are_refused(tmp_path, cac
 
 RANK_STARTS = """
 import sys, time
-from dvl_batch.sink import OutputDir
+from dvl_batch.sink.output import OutputDir
 out = OutputDir(sys.argv[1], int(sys.argv[2]), 6)
 time.sleep(float(sys.argv[3]) - time.time())  # all start their checks at the same moment
 out.prepare(owns=lambda shard_id: False)
@@ -331,16 +332,16 @@ def test_ray_runner_survives_a_killed_actor(tmp_path, cache_dir):
     assert run_cli(["status", str(out), "--json"], cache_dir).returncode == 0
 
 
-def test_ray_runner_refuses_gpu_indices(tmp_path, cache_dir):
+def test_ray_runner_reads_gpus_as_one_actor_per_entry(tmp_path, cache_dir):
     pytest.importorskip("ray")
-    from dvl_batch.runners.ray import make_chunks, ray_engine_devices
+    from dvl_batch.runtime.runners.ray import make_chunks, ray_engine_devices
 
     assert ray_engine_devices("all", cluster_gpus=4) == ["cuda:0"] * 4
-    assert ray_engine_devices("2", cluster_gpus=0) == ["cuda:0"] * 2
+    assert ray_engine_devices("0,1", cluster_gpus=2) == ["cuda:0"] * 2  # Ray places each GPU actor
     assert ray_engine_devices("cpu,cpu,cpu", cluster_gpus=0) == ["cpu"] * 3
     with pytest.raises(UsageError, match="no GPUs"):
         ray_engine_devices(None, cluster_gpus=0)
-    with pytest.raises(UsageError, match="number of GPU actors"):
-        ray_engine_devices("0,1", cluster_gpus=2)
+    with pytest.raises(UsageError, match="--gpus must be"):
+        ray_engine_devices("two", cluster_gpus=2)
     assert [len(c.shards) for c in make_chunks(list(range(100)), 2)] == [8] * 12 + [4]
     assert [len(c.shards) for c in make_chunks(list(range(5)), 2)] == [1] * 5

@@ -8,10 +8,13 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from dvl_batch import sink as sink_module
 from dvl_batch.errors import OutputError
-from dvl_batch.sink import AnswerRow, OutputDir, ParquetSink, atomic_write_json, read_part_info
-from dvl_batch.sources import Shard, ShardEnd
+from dvl_batch.records import AnswerRow, Shard, ShardEnd
+from dvl_batch.sink import files as sink_files
+from dvl_batch.sink import parts as sink_parts
+from dvl_batch.sink.files import atomic_write_json
+from dvl_batch.sink.output import OutputDir
+from dvl_batch.sink.parts import ParquetSink, read_part_info
 
 SHARD = Shard("shard-a", "/data/a.tar", "webdataset")
 
@@ -52,7 +55,7 @@ def failing_write(exc: BaseException):
 
 @pytest.mark.parametrize("code, message", [(errno.ENOSPC, "no space left"), (errno.EROFS, "cannot write to")])
 def test_disk_errors_become_one_line_output_errors_and_leave_nothing(out, monkeypatch, code, message):
-    monkeypatch.setattr(sink_module.pq, "write_table", failing_write(OSError(code, os.strerror(code))))
+    monkeypatch.setattr(sink_parts.pq, "write_table", failing_write(OSError(code, os.strerror(code))))
     with pytest.raises(OutputError, match=message) as caught:
         ParquetSink(out, {}).write(SHARD, ShardEnd(SHARD, 3), rows())
     assert "\n" not in str(caught.value)
@@ -60,7 +63,7 @@ def test_disk_errors_become_one_line_output_errors_and_leave_nothing(out, monkey
 
 
 def test_interrupt_mid_write_leaves_nothing(out, monkeypatch):
-    monkeypatch.setattr(sink_module.pq, "write_table", failing_write(KeyboardInterrupt()))
+    monkeypatch.setattr(sink_parts.pq, "write_table", failing_write(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         ParquetSink(out, {}).write(SHARD, ShardEnd(SHARD, 3), rows())
     assert leftovers(out) == []
@@ -73,7 +76,7 @@ def test_failed_json_write_keeps_the_old_file(tmp_path, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sink_module.os, "fsync", no_space)
+    monkeypatch.setattr(sink_files.os, "fsync", no_space)
     with pytest.raises(OutputError, match="no space left"):
         atomic_write_json(target, {"v": 2})
     assert target.read_text().strip() == '{\n  "v": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["job.json"]

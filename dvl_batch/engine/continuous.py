@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..images import ImageView
-from ..spec import BatchSpec, GenerationSpec
+from ..config.spec import BatchSpec, GenerationSpec
+from ..preprocess.images import ImageView
 from .attention import AttentionStep, SlotKV, route_attention
 from .model import VisionLanguageModel
 from .slots import NO_FORCE, Launched, Layout, SlotStore

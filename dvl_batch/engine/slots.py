@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..images import ImageView, normalize_pixels, view_constants
-from ..spec import GenerationSpec
+from ..config.spec import GenerationSpec
+from ..preprocess.images import ImageView, normalize_pixels, view_constants
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype
 from .model import VisionLanguageModel
 

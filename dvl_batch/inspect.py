@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .sink import read_part_info
-from .sources import FolderManifest, RawSample, Shard, ShardEnd, discover_shards, read_shard
+from .records import RawSample, Shard, ShardEnd
+from .sink.parts import read_part_info
+from .sources import FolderManifest, discover_shards, read_shard
 
 
 @dataclass

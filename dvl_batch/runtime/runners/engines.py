@@ -7,55 +7,13 @@ their parts straight into OUT; the parent only holds the lock and keeps score.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..engine.model import ResolvedModel
-from ..errors import UsageError
+from ...config.launch import decoders_per_engine, usable_cpus
+from ...config.spec import JobSpec
+from ...engine.model import ResolvedModel
 from ..pipeline import RunStats
-from ..spec import GPUS_PATTERN, JobSpec
-
-MAX_DECODERS_PER_ENGINE = 16
-
-
-def parse_device_list(gpus: str, visible_gpus: int | None = None) -> list[str]:
-    """'all', '0,1,3', 'cuda:2', 'cpu,cpu' -> torch device names, checked against this machine.
-
-    'cpu' entries start CPU engine processes: useful on machines without a GPU (and
-    how the runner is tested), since each engine then uses its share of the cores.
-    """
-    text = gpus.strip().lower().replace(" ", "")
-    if not GPUS_PATTERN.fullmatch(text):
-        raise UsageError(f"--gpus must be 'all', GPU indices like '0,1', or 'cpu,cpu', got '{gpus}'")
-    if visible_gpus is None:
-        import torch
-
-        visible_gpus = torch.cuda.device_count()
-    if text == "all":
-        if visible_gpus == 0:
-            raise UsageError("--gpus all: no CUDA device is visible here (--gpus cpu,cpu runs CPU engine processes)")
-        return [f"cuda:{i}" for i in range(visible_gpus)]
-    devices = [entry if entry == "cpu" else f"cuda:{entry.removeprefix('cuda:')}" for entry in text.split(",")]
-    listed = [d for d in devices if d != "cpu"]
-    if len(set(listed)) != len(listed):
-        raise UsageError(f"--gpus {gpus}: a GPU is listed twice (one engine process per GPU)")
-    for device in listed:
-        if int(device.split(":")[1]) >= visible_gpus:
-            raise UsageError(f"--gpus {gpus}: {device} requested but {visible_gpus} GPU(s) are visible")
-    return devices
-
-
-def usable_cpus() -> int:
-    """Cores this process may run on: a SLURM or cgroup CPU binding, not the whole machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def decoders_per_engine(cpus: int, engines: int) -> int:
-    """Split a machine's cores between the decoder pools of its engines (one core each kept)."""
-    return max(1, min(MAX_DECODERS_PER_ENGINE, (cpus - engines) // max(engines, 1)))
 
 
 def spec_for_engines(spec: JobSpec, engines: int, cpus: int | None = None) -> JobSpec:
@@ -79,14 +37,6 @@ class EngineTask:
     world_size: int
     metadata: dict[str, Any]
     torch_threads: int | None = None  # CPU engines share the cores
-
-
-def quiet_transformers() -> None:
-    """Engines run without a terminal of their own: no weight-loading bars, no warnings."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def snapshot(stats: RunStats) -> dict[str, Any]:

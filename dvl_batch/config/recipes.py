@@ -7,31 +7,23 @@ The bundled ones live in the repository's top-level `recipes/` folder, which the
 package ships as `dvl_batch/recipes/` (a link in the source tree, real files in a
 wheel); both places are searched so a source checkout and an installed package agree.
 
-This module also builds a JobSpec from Python with the CLI's option names, which is
-how scripts and notebooks use dvl-batch without the command line.
+This module finds and reads recipe files; config/spec.py turns their settings into a JobSpec.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .spec import _SECTION_TYPES, JobSpec, build_job_spec, load_recipe
+from ..errors import UsageError
+from .sections import SECTION_TYPES
+from .validate import suggest
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
-# Python/CLI option names whose JobSpec field is not simply the unique field of that name.
-OPTION_ALIASES = {
-    "model": "model.name",
-    "output": "output.path",
-    "inputs": "data.inputs",
-    "input": "data.inputs",
-    "question": "prompt.questions",
-}
+_RECIPE_META_KEYS = ("name", "description")
 
 
 @dataclass(frozen=True)
@@ -46,8 +38,8 @@ class RecipeInfo:
 
 def bundled_recipe_dirs() -> list[Path]:
     """The package's recipes (installed wheel or source link), then the checkout's top level."""
-    package = Path(__file__).resolve().parent / "recipes"
-    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    package = Path(__file__).resolve().parent.parent / "recipes"
+    checkout = Path(__file__).resolve().parent.parent.parent / "recipes"
     found: list[Path] = []
     for folder in (package, checkout):
         if folder.is_dir() and folder.resolve() not in [f.resolve() for f in found]:
@@ -94,55 +86,49 @@ def find_recipe(recipe: str | Path) -> Path:
     for candidate in (text, text.replace("_", "-")):
         if candidate in files:
             return files[candidate]
-    close = difflib.get_close_matches(text, list(files), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise UsageError(f"unknown recipe '{recipe}'{hint}; `dvl-batch recipes` lists the bundled ones, or pass a YAML path")
+    raise UsageError(f"unknown recipe '{recipe}'{suggest(text, files)}; `dvl-batch recipes` lists the bundled ones, or pass a YAML path")
+
+
+def _flatten_recipe(recipe: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for top, value in recipe.items():
+        if top in _RECIPE_META_KEYS:
+            continue
+        if top in SECTION_TYPES:
+            if not isinstance(value, Mapping):
+                raise UsageError(f"{origin}: section '{top}' must be a mapping of keys")
+            for key, inner in value.items():
+                flat[f"{top}.{key}"] = inner
+        else:
+            flat[top] = value
+    return flat
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """'mapping values are not allowed here (line 3, column 9)' rather than parser context."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(exc).splitlines()[0]
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a flat {"section.key": value} mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from exc
+    if not isinstance(data, Mapping):
+        raise UsageError(f"recipe {path} must be a mapping of sections")
+    return _flatten_recipe(data, f"recipe {path.name}")
 
 
 def read_recipe(recipe: str | Path) -> tuple[dict[str, Any], str]:
     """Flat {"section.key": value} settings of a recipe and the name used in error messages."""
     path = find_recipe(recipe)
     return load_recipe(path), f"recipe {path.name}"
-
-
-def _field_paths() -> dict[str, str]:
-    """Every JobSpec field by its bare name where that name is unique across sections."""
-    seen: dict[str, list[str]] = {}
-    for section, section_type in _SECTION_TYPES.items():
-        for spec_field in dataclasses.fields(section_type):
-            seen.setdefault(spec_field.name, []).append(f"{section}.{spec_field.name}")
-    return {name: paths[0] for name, paths in seen.items() if len(paths) == 1}
-
-
-def option_path(name: str) -> str:
-    """The JobSpec field an option name sets: `max_new_tokens` -> `generation.max_new_tokens`."""
-    if "." in name:
-        return name
-    if name in OPTION_ALIASES:
-        return OPTION_ALIASES[name]
-    fields = _field_paths()
-    if name in fields:
-        return fields[name]
-    close = difflib.get_close_matches(name, [*fields, *OPTION_ALIASES], n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise UsageError(f"unknown option '{name}'{hint}")
-
-
-def spec_from_recipe(recipe: str | Path | None = None, **options: Any) -> JobSpec:
-    """Defaults, then the recipe (bundled name or path), then `options`; validated.
-
-    Options take the CLI's names with underscores (`inputs`, `output`, `model`,
-    `max_new_tokens`, `quantize`, `system_prompt`, `turns`, ...) or dotted field
-    paths; None leaves a value as the recipe set it.
-    """
-    values, origin = read_recipe(recipe) if recipe is not None else ({}, "recipe")
-    overrides: dict[str, Any] = {}
-    for name, value in options.items():
-        if name in ("inputs", "input") and isinstance(value, (str, Path)):
-            value = [value]
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, (list, tuple)) and name in ("inputs", "input"):
-            value = [str(v) for v in value]
-        overrides[option_path(name)] = value
-    return build_job_spec(values, overrides, recipe_origin=origin)

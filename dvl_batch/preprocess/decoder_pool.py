@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DvlError
-from .sources import Shard, ShardEnd
+from ..errors import DvlError
+from ..records import Shard, ShardEnd
 
 WORKER_DEATH = "DataLoader worker (pid"  # how torch words "a worker process died"
 MAX_FRUITLESS_RESTARTS = 3  # restarts in a row without a single item delivered

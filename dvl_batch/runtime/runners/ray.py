@@ -28,18 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import EXIT_FAILED, DvlError, UsageError
+from ...errors import EXIT_FAILED, DvlError, UsageError
 
 try:
     import ray
 except ImportError as exc:  # pragma: no cover - depends on the extra being installed
     raise UsageError("--runner ray needs Ray: pip install 'dvl-batch[ray]'") from exc
 
+from ...config.launch import decoders_per_engine, parse_gpus, usable_cpus
+from ...records import Shard
+from ..feed import ShardFeed
 from ..job import PreparedJob
 from ..pipeline import RunStats, StopFlag
-from ..preprocess import ShardFeed
-from ..sources import Shard
-from .engines import EngineTask, StatsTally, decoders_per_engine, quiet_transformers, snapshot, stats_from
+from .engines import EngineTask, StatsTally, snapshot, stats_from
 
 MAX_SHARDS_PER_CALL = 8  # a call restarts the decoder pool and drains the engine once
 CALLS_PER_ACTOR = 2  # one running, one queued: no idle gap between chunks
@@ -58,8 +59,8 @@ class EngineActor:
         self.current: tuple[int, dict[str, Any]] | None = None
         self.error: dict[str, Any] | None = None
         try:
-            from ..sink import OutputDir
-            from ..worker import DeviceWorker
+            from ...sink.output import OutputDir
+            from ..worker import DeviceWorker, quiet_transformers
 
             quiet_transformers()
             spec = task.spec
@@ -77,7 +78,7 @@ class EngineActor:
             return 1
         node_id = ray.get_runtime_context().get_node_id()
         resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
-        cpus = int(resources.get("CPU", os.cpu_count() or 1))
+        cpus = int(resources.get("CPU", usable_cpus()))
         return decoders_per_engine(cpus, max(1, int(resources.get("GPU", 1))))
 
     def ready(self) -> dict[str, Any]:
@@ -106,19 +107,15 @@ class EngineActor:
 
 
 def ray_engine_devices(gpus: str | None, cluster_gpus: int) -> list[str]:
-    """--gpus for Ray: 'all' (default) = one actor per GPU of the cluster, 'N' = N GPU actors,
-    'cpu,cpu,...' = that many CPU actors."""
-    text = (gpus or "all").strip().lower().replace(" ", "")
-    entries = text.split(",")
-    if text == "all":
+    """--gpus read as everywhere (config.launch.parse_gpus): one engine per entry, or 'all' (the
+    default here) for one actor per GPU of the cluster. Ray picks each actor's GPU, so a GPU
+    entry asks for one GPU actor; 'cpu' entries are CPU actors."""
+    request = parse_gpus(gpus or "all")
+    if request.every:
         if cluster_gpus == 0:
             raise UsageError("the Ray cluster has no GPUs; --gpus cpu,cpu,... runs CPU engine actors")
         return ["cuda:0"] * cluster_gpus  # Ray gives each actor one GPU, visible as cuda:0
-    if all(entry == "cpu" for entry in entries):
-        return ["cpu"] * len(entries)
-    if text.isdigit() and int(text) >= 1:
-        return ["cuda:0"] * int(text)
-    raise UsageError(f"with --runner ray, --gpus takes 'all', a number of GPU actors, or 'cpu,cpu,...'; got '{gpus}'")
+    return ["cpu" if entry == "cpu" else "cuda:0" for entry in request.entries]
 
 
 def _connect(address: str | None, cpu_actors: int) -> bool:
@@ -131,7 +128,7 @@ def _connect(address: str | None, cpu_actors: int) -> bool:
     if address:
         ray.init(address=address, **common)
     else:
-        cpus = max(os.cpu_count() or 1, cpu_actors + 1)
+        cpus = max(usable_cpus(), cpu_actors + 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **common)
     if threading.current_thread() is threading.main_thread():
         for signum, handler in ours.items():  # ray.init installs its own: SIGTERM would end the driver at once
@@ -301,7 +298,7 @@ def run_ray(job: PreparedJob, on_progress: Callable[[RunStats], None], stop: Sto
     if not job.todo:
         return RunStats()
     gpus = job.spec.run.gpus
-    cpu_actors = len(gpus.split(",")) if gpus and gpus.replace(" ", "").lower().startswith("cpu") else 0
+    cpu_actors = parse_gpus(gpus).entries.count("cpu") if gpus else 0
     started = time.perf_counter()
     we_started = _connect(job.spec.run.ray_address, cpu_actors)
     scheduler = None

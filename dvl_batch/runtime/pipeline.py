@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
-from .decoder_pool import DecoderRestart
-from .engine.types import Completion, Engine, EnginePrompt, WorkItem
-from .preprocess import PreparedSample, ShardFeed, prepared_stream
-from .sink import AnswerRow, ParquetSink
-from .sources import Shard, ShardEnd
-from .spec import JobSpec
+from ..config.spec import JobSpec
+from ..engine.types import Completion, Engine, EnginePrompt, WorkItem
+from ..preprocess.decoder_pool import DecoderRestart
+from ..preprocess.preparer import SamplePreparer
+from ..preprocess.stream import prepared_stream
+from ..records import AnswerRow, PreparedSample, Shard, ShardEnd
+from ..sink.parts import ParquetSink
+from .feed import ShardFeed
 
 
 @dataclass
@@ -188,16 +190,18 @@ def process_shards(
     on_progress: Callable[[RunStats], None] = lambda stats: None,
     stop: StopFlag | None = None,
     force_eos: Callable[[str, int], int | None] | None = None,
+    processor=None,
 ) -> RunStats:
     """Run every shard the feed hands out through preprocess -> engine -> sink.
 
     `force_eos(key, question_index)` is the benchmark's stop schedule (EOS forced as
-    token number N); jobs leave it None.
+    token number N); jobs leave it None. `processor`: the one this process loaded
+    (None loads it from `model_path`).
     """
     started = time.perf_counter()
     stop = stop or StopFlag()
     assembler = ShardAssembler(sink, decode, on_progress)
-    stream = prepared_stream(spec, model_path, feed)
+    stream = prepared_stream(spec, SamplePreparer(spec, model_path, processor), feed)
     items = _work_items(stream, assembler, feed, spec.data.limit, stop, force_eos)
     for completion in engine.run(items):
         assembler.add_completion(completion)

@@ -22,20 +22,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import EXIT_FAILED, EXIT_USAGE, DvlError, UsageError
+from ...config.launch import parse_device_list, usable_cpus
+from ...errors import EXIT_FAILED, EXIT_USAGE, DvlError, UsageError
+from ..feed import ShardFeed
 from ..job import PreparedJob
 from ..pipeline import RunStats, StopFlag
-from ..preprocess import ShardFeed
-from .engines import (
-    EngineTask,
-    StatsTally,
-    parse_device_list,
-    quiet_transformers,
-    snapshot,
-    spec_for_engines,
-    stats_from,
-    usable_cpus,
-)
+from .engines import EngineTask, StatsTally, snapshot, spec_for_engines, stats_from
 
 POLL_SECONDS = 0.25
 EXIT_GRACE_SECONDS = 30.0
@@ -85,8 +77,8 @@ def engine_main(task: EngineTask, feed: ShardFeed, events: Any, stop_event: Any,
     try:
         import torch
 
-        from ..sink import OutputDir
-        from ..worker import DeviceWorker
+        from ...sink.output import OutputDir
+        from ..worker import DeviceWorker, quiet_transformers
 
         quiet_transformers()
         if task.torch_threads:

@@ -12,13 +12,29 @@ from typing import Any
 
 import torch
 
-from .engine.model import ResolvedModel, VisionLanguageModel, load_model, load_processor, pick_device, pick_dtype
-from .errors import UsageError
-from .images import views_from_image_processor
+from ..config.spec import JobSpec
+from ..engine.model import ResolvedModel, VisionLanguageModel, load_model, pick_device, pick_dtype
+from ..errors import UsageError
+from ..preprocess.images import views_from_image_processor
+from ..preprocess.preparer import load_processor
+from ..sink.output import OutputDir
+from ..sink.parts import ParquetSink
+from .feed import ShardFeed
 from .pipeline import RunStats, StopFlag, process_shards
-from .preprocess import ShardFeed
-from .sink import OutputDir, ParquetSink
-from .spec import JobSpec
+
+
+def quiet_transformers() -> None:
+    """No weight-loading bars interleaved with ours, no warnings repeated per engine in a job log."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # transformers imports torchao when installed; on machines without its CUDA kernels
+    # it logs one warning per extension, and torch warns about its enums: noise in a job log.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def eos_ids(processor, model) -> list[int]:
@@ -42,10 +58,10 @@ def build_engine(spec: JobSpec, model, processor, device: torch.device):
     if engine == "continuous":
         if spec.model.device_map:
             raise UsageError("--device-map needs --engine generate (the slot engine runs on one device)")
-        from .engine.continuous import SlotEngine
+        from ..engine.continuous import SlotEngine
 
         return SlotEngine(VisionLanguageModel(model), views, spec.generation, spec.batch, eos, pad)
-    from .engine.generate import GenerateEngine
+    from ..engine.generate import GenerateEngine
 
     return GenerateEngine(model, views, spec.generation, spec.batch, eos, pad)
 
@@ -76,7 +92,7 @@ class DeviceWorker:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             prepare_cuda_process(self.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
-        self.processor = load_processor(model, spec.model.revision)
+        self.processor = load_processor(model.path, spec.model.revision, model.label)
         self.model = load_model(model, spec.model, self.device, self.dtype)
         self._finish_setup()
 
@@ -105,5 +121,6 @@ class DeviceWorker:
     ) -> RunStats:
         sink = ParquetSink(out, metadata)
         return process_shards(
-            self.spec, self.resolved.path, self.engine, sink, feed, self.decode, on_progress=on_progress, stop=stop
+            self.spec, self.resolved.path, self.engine, sink, feed, self.decode, on_progress=on_progress, stop=stop,
+            processor=self.processor,
         )

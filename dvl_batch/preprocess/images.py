@@ -22,8 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-Image.MAX_IMAGE_PIXELS = None  # dvl-batch enforces its own, configurable limit (DataSpec.max_image_pixels)
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+def _defer_to_our_pixel_limit() -> None:
+    """Pillow's own decompression-bomb limit off, truncated files refused: set when decoding
+    starts, not at import. dvl-batch enforces its own, configurable limit (DataSpec.max_image_pixels)."""
+    if Image.MAX_IMAGE_PIXELS is not None or ImageFile.LOAD_TRUNCATED_IMAGES:
+        Image.MAX_IMAGE_PIXELS = None
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageError(ValueError):
@@ -125,6 +130,7 @@ def decode_image_drafted(data: bytes, max_pixels: int, draft_side: int | None = 
     """`decode_image`, also saying whether libjpeg decoded at a reduced scale."""
     if not data:
         raise ImageError("empty file (0 bytes)")
+    _defer_to_our_pixel_limit()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .engine.model import ResolvedModel, resolve_model
-from .sink import OutputDir
-from .sources import FolderManifest, Shard, discover_shards
-from .spec import JobSpec
+from .._version import __version__
+from ..config.spec import JobSpec
+from ..engine.model import ResolvedModel
+from ..records import Shard
+from ..sink.files import atomic_write_bytes
+from ..sink.output import OutputDir
+from ..sources import FolderManifest, discover_shards
+from .models import resolve_model
 
 
 @dataclass
@@ -90,7 +93,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
             out.check_job(record, spec.output.overwrite)
             manifest = FolderManifest(out.manifest_file)
             shards = discover_shards(spec.data.inputs, spec.data.shard_size, manifest)
-            manifest.save()
+            manifest.save(atomic_write_bytes)
         mine = [s for s in shards if shard_owner(s.id, spec.run.world_size) == spec.run.rank]
         done = out.done_shards()
         todo = [s for s in mine if s.id not in done]

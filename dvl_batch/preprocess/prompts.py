@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .spec import PromptSpec
+from ..config.spec import PromptSpec
+from ..errors import UsageError
+
+# The DeepSeek-VL checkpoints' own system prompt, used when the job sets none and the
+# processor has no chat template (the offline tiny model writes it into its template).
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural language."
+)
 
 IMAGE_MARKER = "<image>"  # what users write in a question to place an image inline
 
@@ -150,8 +157,6 @@ class PromptRenderer:
 
     def render_by_hand(self, messages: list[dict[str, Any]]) -> str:
         """The DeepSeek-VL layout: system text, "User: ...\n\n", "Assistant: ...<eos>", then "Assistant:"."""
-        from .tiny import DEFAULT_SYSTEM_PROMPT
-
         system = DEFAULT_SYSTEM_PROMPT if self.system_prompt is None else self.system_prompt
         text = f"{system}\n\n" if system else ""
         for message in messages:

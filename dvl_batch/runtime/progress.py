@@ -1,4 +1,4 @@
-"""Progress reporting: a live bar on a terminal, periodic log lines under cron, a summary.
+"""Progress reporting: a live bar on a terminal, periodic log lines under cron, OUT/progress*.json.
 
 Throughput shown is images (samples) per second of this run; the ETA extrapolates
 from shards finished in this run, since shard sizes are unknown until read.
@@ -6,19 +6,14 @@ from shards finished in this run, since shard sizes are unknown until read.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
-from typing import Protocol
+from typing import Any
 
+from .job import PreparedJob
 from .pipeline import RunStats
-
-
-class Reporter(Protocol):
-    def start(self, total_shards: int, done_before: int, label: str) -> None: ...
-
-    def update(self, stats: RunStats) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def _eta(seconds: float) -> str:
@@ -120,3 +115,39 @@ def make_reporter(enabled: bool) -> NullReporter:
     if not enabled:
         return NullReporter()
     return RichReporter() if sys.stderr.isatty() else LogReporter()
+
+
+class ProgressFile:
+    """Keeps OUT/progress*.json current (at most every few seconds) for `dvl-batch status`."""
+
+    def __init__(self, job: PreparedJob, interval: float = 5.0):
+        self.job, self.interval = job, interval
+        self.started = time.time()
+        self.last = 0.0
+
+    def record(self, stats: RunStats, state: str) -> dict[str, Any]:
+        elapsed = max(time.time() - self.started, 1e-9)
+        return {
+            "state": state,
+            "model": self.job.model.label,
+            "shards_total": len(self.job.shards),
+            "shards_done": self.job.done_before + stats.shards_written,
+            "samples_this_run": stats.samples,
+            "rows_this_run": stats.rows,
+            "error_rows_this_run": stats.error_rows,
+            "images_per_second": round(stats.samples / elapsed, 3),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "rank": self.job.spec.run.rank,
+            "world_size": self.job.spec.run.world_size,
+            "runner": self.job.spec.run.runner,
+            "gpus": self.job.spec.run.gpus,
+        }
+
+    def update(self, stats: RunStats, force: bool = False, state: str = "running") -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            self.job.out.write_progress(self.record(stats, state))

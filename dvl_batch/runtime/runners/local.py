@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...config.launch import parse_device_list
+from ..feed import ShardFeed
 from ..job import PreparedJob
 from ..pipeline import RunStats, StopFlag
-from ..preprocess import ShardFeed
 from ..worker import DeviceWorker
-from .engines import parse_device_list
 
 
 def run_local(job: PreparedJob, on_progress: Callable[[RunStats], None], stop: StopFlag) -> RunStats:
