@@ -15,7 +15,7 @@ from dvl_batch.config.spec import BatchSpec, GenerationSpec
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.model import VisionLanguageModel
 
-from .test_engine import MAX_NEW, _items
+from .test_engine_parity import MAX_NEW, _items
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from ..errors import UsageError
 from .sections import GPUS_PATTERN
 from .validate import validate
 
-if TYPE_CHECKING:
-    from .spec import JobSpec
+Spec = TypeVar("Spec")  # a JobSpec, not imported: this module sits below config/spec.py
 
 MAX_DECODERS_PER_ENGINE = 16
 
@@ -51,7 +50,7 @@ def rank_from_environment() -> tuple[int | None, int | None]:
     return procid, ntasks
 
 
-def with_launch_defaults(spec: JobSpec) -> JobSpec:
+def with_launch_defaults(spec: Spec) -> Spec:
     """Fill what the spec leaves open (None) from the environment: rank, world size, Ray address."""
     run = spec.run
     env_rank, env_world = rank_from_environment() if run.rank is None or run.world_size is None else (None, None)

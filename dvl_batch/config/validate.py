@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from ..errors import UsageError
 from .sections import (
@@ -27,8 +27,7 @@ from .sections import (
     TURN_ROLES,
 )
 
-if TYPE_CHECKING:
-    from .spec import JobSpec
+Spec = TypeVar("Spec")  # a JobSpec, not imported: this module sits below config/spec.py
 
 _TOP_LEVEL_SHORTCUTS = {"task": "prompt.task"}
 
@@ -92,7 +91,7 @@ def _section_hints(section_type: type) -> dict[str, Any]:
     return typing.get_type_hints(section_type)
 
 
-def apply_setting(spec: JobSpec, dotted: str, value: Any, origin: str) -> JobSpec:
+def apply_setting(spec: Spec, dotted: str, value: Any, origin: str) -> Spec:
     dotted = _TOP_LEVEL_SHORTCUTS.get(dotted, dotted)
     if "." not in dotted:
         raise UsageError(f"{origin}: unknown key '{dotted}'{suggest(dotted, SECTION_TYPES)}")
@@ -154,7 +153,7 @@ def _check(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def validate(spec: JobSpec) -> None:
+def validate(spec: Any) -> None:
     """Reject impossible settings with one clear line each, before any work starts."""
     p, g, d, b, m, r = spec.prompt, spec.generation, spec.data, spec.batch, spec.model, spec.run
     _check(p.task in TASKS, f"prompt.task must be one of {', '.join(TASKS)}, got '{p.task}'")
