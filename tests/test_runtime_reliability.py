@@ -231,7 +231,7 @@ def test_random_kills_then_resume_give_exactly_one_row_per_sample_and_question(t
 
 
 def test_disk_full_between_parts_fails_cleanly_and_resumes(tmp_path, cache_dir, tiny_model_dir):
-    """ENOSPC half-way through the third part's temporary file (EROFS: test_sink, and the real tmpfs below)."""
+    """ENOSPC half-way through the third part's temporary file (EROFS: test_sink_parts_and_output, and the real tmpfs below)."""
     data = tmp_path / "data"
     layout = write_dataset(data)
     out = tmp_path / "out"
