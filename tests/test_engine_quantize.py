@@ -39,7 +39,7 @@ needs_torchao = pytest.mark.skipif(
 def _load(cache_dir, device="cpu", dtype=torch.float32, **model):
     spec = ModelSpec(name="tiny", **model)
     resolved = resolve_model(spec, cache_dir)
-    return load_model(resolved, spec, torch.device(device), dtype), load_processor(resolved)
+    return load_model(resolved, spec, torch.device(device), dtype), load_processor(resolved.path)
 
 
 def _tensor_kinds(model, inside: bool) -> set[str]:
