@@ -58,9 +58,9 @@ for key, value in report.items():
     print(f"{key:<28} {value}")
 EOF
 
-python3 -m pytest -q tests/test_runners.py -k "not ray" 2>&1 | tail -3
+python3 -m pytest -q tests/test_runtime_runners.py -k "not ray" 2>&1 | tail -3
 if python3 -c "import ray" 2>/dev/null; then
   rm -rf "${OUT:?}/ray"
   python3 -m dvl_batch caption "$DATA" -o "$OUT/ray" --runner ray "${ARGS[@]}" 2>&1 | grep -E "shards|images|throughput|error" | tail -4
-  python3 -m pytest -q tests/test_runners.py tests/test_ray_data.py -k "ray" 2>&1 | tail -3
+  python3 -m pytest -q tests/test_runtime_runners.py tests/test_ray_data.py -k "ray" 2>&1 | tail -3
 fi

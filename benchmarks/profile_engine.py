@@ -68,8 +68,8 @@ class Profiler:
         from dvl_batch.api import default_cache_dir
         from dvl_batch.bench import BENCH_SYSTEM_PROMPT, FlopModel, build_model
         from dvl_batch.engine.model import VisionLanguageModel
-        from dvl_batch.images import views_from_image_processor
-        from dvl_batch.prompts import PromptRenderer
+        from dvl_batch.preprocess.images import views_from_image_processor
+        from dvl_batch.preprocess.prompts import PromptRenderer
 
         self.args = args
         self.device = torch.device("cuda")
@@ -91,8 +91,9 @@ class Profiler:
         print(f"{phase:<34} {batch:>6} {seconds * 1000:>9.2f} {per_item_ms:>9.3f}  {note}", flush=True)
 
     def store(self, slots: int, compiled: bool, prefill_batch: int = 32, suffix_cap: int = 136):
-        from dvl_batch.engine.slots import Layout, SlotStore
-        from dvl_batch.spec import GenerationSpec
+        from dvl_batch.config.spec import GenerationSpec
+        from dvl_batch.engine.planning import Layout
+        from dvl_batch.engine.slots import SlotStore
 
         eos = self.processor.tokenizer.eos_token_id
         return SlotStore(self.vlm, self.views, Layout(slots, 1, self.length, suffix_cap), GenerationSpec(max_new_tokens=128),

@@ -48,13 +48,13 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from dvl_batch.config.spec import BatchSpec, GenerationSpec  # noqa: E402
 from dvl_batch.engine.continuous import SlotEngine  # noqa: E402
 from dvl_batch.engine.generate import GenerateEngine  # noqa: E402
 from dvl_batch.engine.model import VisionLanguageModel  # noqa: E402
 from dvl_batch.engine.types import EnginePrompt, WorkItem  # noqa: E402
-from dvl_batch.images import decode_image, render_views, views_from_image_processor  # noqa: E402
-from dvl_batch.prompts import PromptRenderer  # noqa: E402
-from dvl_batch.spec import BatchSpec, GenerationSpec  # noqa: E402
+from dvl_batch.preprocess.images import decode_image, render_views, views_from_image_processor  # noqa: E402
+from dvl_batch.preprocess.prompts import PromptRenderer  # noqa: E402
 
 MODES = ("bf16", "int8wo", "int4wo", "fp8")
 SIGLIP_L_384 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16)
@@ -296,14 +296,15 @@ def pipeline_7b(shape, hybrid_dir: Path, args, device: torch.device) -> dict[str
     try:
         import pyarrow.parquet as pq
 
+        from dvl_batch.config.spec import JobSpec
         from dvl_batch.engine.model import ResolvedModel
-        from dvl_batch.job import job_metadata
-        from dvl_batch.pipeline import process_shards
-        from dvl_batch.preprocess import ShardFeed
-        from dvl_batch.sink import OutputDir, ParquetSink
+        from dvl_batch.runtime.feed import ShardFeed
+        from dvl_batch.runtime.job import job_metadata
+        from dvl_batch.runtime.pipeline import process_shards
+        from dvl_batch.runtime.worker import build_engine
+        from dvl_batch.sink.output import OutputDir
+        from dvl_batch.sink.parts import ParquetSink
         from dvl_batch.sources import discover_shards
-        from dvl_batch.spec import JobSpec
-        from dvl_batch.worker import build_engine
     except ImportError as exc:
         return {"error": f"the pipeline needs {exc.name}: pip install pyarrow webdataset braceexpand pyyaml"}
     from transformers import AutoProcessor

@@ -19,10 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dvl_batch.inspection import collect_status
-from dvl_batch.job import shard_owner
-from dvl_batch.preprocess import ShardFeed
-from dvl_batch.sink import METADATA_KEY, PART_SCHEMA, OutputDir, atomic_write_json
+from dvl_batch.inspect import collect_status
+from dvl_batch.runtime.feed import ShardFeed
+from dvl_batch.runtime.job import shard_owner
+from dvl_batch.sink.files import atomic_write_json
+from dvl_batch.sink.output import OutputDir
+from dvl_batch.sink.parts import METADATA_KEY, PART_SCHEMA
 from dvl_batch.sources import FolderManifest, discover_shards
 
 
@@ -70,9 +72,9 @@ def manifest_cost(root: Path, images: int, shard_size: int, results: dict) -> No
 def decode_cost(results: dict, repeats: int) -> None:
     """Decoder work per image (read, decode, resize+pad, tokenize) on one core, on the example photos."""
     from dvl_batch.api import default_cache_dir
-    from dvl_batch.preprocess import SamplePreparer
-    from dvl_batch.sources import RawSample, Shard
-    from dvl_batch.spec import build_job_spec
+    from dvl_batch.config.spec import build_job_spec
+    from dvl_batch.preprocess.preparer import SamplePreparer
+    from dvl_batch.records import RawSample, Shard
     from dvl_batch.tiny import ensure_tiny_model
 
     images = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 if TYPE_CHECKING:
     from .api import JobResult, run
-    from .recipebook import bundled_recipes
-    from .spec import JobSpec
+    from .config.recipes import bundled_recipes
+    from .config.spec import JobSpec
 
 __all__ = ["JobResult", "JobSpec", "bundled_recipes", "run", "__version__"]
 
@@ -21,11 +21,11 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name == "JobSpec":
-        from .spec import JobSpec
+        from .config.spec import JobSpec
 
         return JobSpec
     if name == "bundled_recipes":
-        from .recipebook import bundled_recipes
+        from .config.recipes import bundled_recipes
 
         return bundled_recipes
     raise AttributeError(name)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -22,10 +20,29 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .errors import EXIT_ERROR_ROWS, EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # decoder workers fork after the tokenizer loads
+from ._version import __version__
+from .cli_options import (
+    JOB_OPTIONS,
+    BatchSize,
+    Device,
+    ImageField,
+    InputOption,
+    Inputs,
+    KeyField,
+    MaxPromptTokens,
+    Model,
+    Output,
+    PrefillBatch,
+    Prompt,
+    Question,
+    QuestionField,
+    QuestionsFile,
+    Recipe,
+    SystemPrompt,
+    Task,
+    Workers,
+)
+from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
 app = typer.Typer(
     name="dvl-batch",
@@ -38,188 +55,30 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line in logs
 out_console = Console()
 
-# Option name -> JobSpec field. Options left unset (None) keep the recipe's or the default value.
-OPTION_PATHS = {
-    "model": "model.name",
-    "revision": "model.revision",
-    "device": "model.device",
-    "dtype": "model.dtype",
-    "attn_implementation": "model.attn_implementation",
-    "quantize": "model.quantize",
-    "device_map": "model.device_map",
-    "prompt": "prompt.prompt",
-    "question": "prompt.questions",
-    "questions_file": "prompt.questions_file",
-    "question_field": "prompt.question_field",
-    "system_prompt": "prompt.system_prompt",
-    "max_prompt_tokens": "prompt.max_prompt_tokens",
-    "task": "prompt.task",
-    "max_new_tokens": "generation.max_new_tokens",
-    "temperature": "generation.temperature",
-    "top_p": "generation.top_p",
-    "seed": "generation.seed",
-    "image_field": "data.image_field",
-    "key_field": "data.key_field",
-    "workers": "data.workers",
-    "prefetch": "data.prefetch",
-    "fast_decode": "data.fast_decode",
-    "max_image_pixels": "data.max_image_pixels",
-    "limit": "data.limit",
-    "shard_size": "data.shard_size",
-    "engine": "batch.engine",
-    "batch_size": "batch.batch_size",
-    "token_budget": "batch.token_budget",
-    "prefill_batch": "batch.prefill_batch",
-    "cuda_graphs": "batch.cuda_graphs",
-    "compile": "batch.compile",
-    "triton_attention": "batch.triton_attention",
-    "output": "output.path",
-    "overwrite": "output.overwrite",
-    "strict": "output.strict",
-    "runner": "run.runner",
-    "gpus": "run.gpus",
-    "rank": "run.rank",
-    "world_size": "run.world_size",
-    "ray_address": "run.ray_address",
-    "progress": "run.progress",
-}
-
-Inputs = Annotated[list[str], typer.Argument(help="Webdataset .tar/.tgz shards, parquet files, image folders, or brace patterns like 'shards/{000..099}.tar'.", show_default=False)]
-Output = Annotated[str | None, typer.Option("--output", "-o", help="Output folder: parts/*.parquet, job.json, progress.json.", show_default=False)]
-Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder; 'tiny' for the offline test model. Default: deepseek-community/deepseek-vl-1.3b-chat, or the tiny model when it is unreachable.", rich_help_panel="Model")]
-Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).", rich_help_panel="Model")]
-Dtype = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, float32 on CPU).", rich_help_panel="Model")]
-Attn = Annotated[str | None, typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
-Quantize = Annotated[str | None, typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
-DeviceMap = Annotated[str | None, typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
-Prompt = Annotated[str | None, typer.Option("--prompt", "-p", help="Caption instruction.", rich_help_panel="Prompt")]
-Question = Annotated[list[str] | None, typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
-QuestionsFile = Annotated[str | None, typer.Option(help="JSONL ({key, question|questions}) or CSV (key,question) with per-image questions.", rich_help_panel="Prompt")]
-QuestionField = Annotated[str | None, typer.Option(help="Input field/column holding each sample's question (e.g. 'question', 'txt', 'json.question').", rich_help_panel="Prompt")]
-SystemPrompt = Annotated[str | None, typer.Option(help="Replace the checkpoint's system prompt.", rich_help_panel="Prompt")]
-MaxNew = Annotated[int | None, typer.Option(help="Longest answer in tokens. [default: 128]", rich_help_panel="Generation")]
-Temperature = Annotated[float | None, typer.Option(help="0 for greedy decoding (default); > 0 samples.", rich_help_panel="Generation")]
-TopP = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.", rich_help_panel="Generation")]
-Seed = Annotated[int | None, typer.Option(help="Sampling seed.", rich_help_panel="Generation")]
-ImageField = Annotated[str | None, typer.Option(help="Image field/column (auto-detected); comma-separated for multi-image samples.", rich_help_panel="Data")]
-KeyField = Annotated[str | None, typer.Option(help="Parquet column with sample keys (default: key/__key__/id, else row number).", rich_help_panel="Data")]
-Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Decoder processes (default: CPU count - 1; 0 decodes in-process).", rich_help_panel="Data")]
-Prefetch = Annotated[int | None, typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
-FastDecode = Annotated[bool | None, typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
-MaxPixels = Annotated[int | None, typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
-Limit = Annotated[int | None, typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
-ShardSize = Annotated[int | None, typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
-Engine = Annotated[str | None, typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
-BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
-TokenBudget = Annotated[int | None, typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
-PrefillBatch = Annotated[int | None, typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
-CudaGraphs = Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
-Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA (one-time cost of about a minute).", rich_help_panel="Batching")]
-Overwrite = Annotated[bool | None, typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
-Strict = Annotated[bool | None, typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
-Runner = Annotated[str | None, typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
-Gpus = Annotated[str | None, typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray: 'all' GPUs of the cluster, a number of GPU actors, or 'cpu,cpu'.", rich_help_panel="Scale-out")]
-Rank = Annotated[int | None, typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
-WorldSize = Annotated[int | None, typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
-RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
-Progress = Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
-Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
-MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
-Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
-InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
-
-
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            try:
-                return int(value)
-            except ValueError as exc:
-                raise UsageError(f"environment variable {name}={value!r} is not an integer") from exc
-    return None
-
-
-def rank_from_environment() -> tuple[int | None, int | None]:
-    """(rank, world size) as the launcher set them: torchrun's RANK/WORLD_SIZE, else SLURM.
-
-    A SLURM job array (--array=0-N, contiguous) counts each element as a rank, times the
-    tasks of each element; a plain SLURM step uses SLURM_PROCID of SLURM_NTASKS.
-    """
-    if _env_int("RANK") is not None or _env_int("WORLD_SIZE") is not None:
-        return _env_int("RANK"), _env_int("WORLD_SIZE")
-    procid, ntasks = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
-    array_count = _env_int("SLURM_ARRAY_TASK_COUNT")
-    if array_count:
-        index = (_env_int("SLURM_ARRAY_TASK_ID") or 0) - (_env_int("SLURM_ARRAY_TASK_MIN") or 0)
-        return index * (ntasks or 1) + (procid or 0), array_count * (ntasks or 1)
-    return procid, ntasks
-
-
-def _overrides(options: dict[str, Any]) -> dict[str, Any]:
-    values = {OPTION_PATHS[name]: value for name, value in options.items() if name in OPTION_PATHS}
-    env_rank, env_world = rank_from_environment()
-    if values.get("run.rank") is None:
-        values["run.rank"] = env_rank
-    if values.get("run.world_size") is None:
-        values["run.world_size"] = env_world
-    if values.get("run.ray_address") is None:
-        values["run.ray_address"] = os.environ.get("RAY_ADDRESS") or None
-    if not values.get("prompt.questions"):
-        values.pop("prompt.questions", None)
-    return values
-
-
-def _quiet_transformers() -> None:
-    """transformers' own weight-loading bars would interleave with ours."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # transformers imports torchao when installed; on machines without its CUDA kernels
-    # it logs one warning per extension, and torch warns about its enums: noise in a job log.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | None, options: dict[str, Any]) -> None:
-    from .recipebook import read_recipe
-    from .spec import build_job_spec
+    """One job command: the shared spec builder, then the shared run path (api.run)."""
+    from .config.spec import spec_from_recipe
 
-    recipe_values, origin = read_recipe(recipe) if recipe else ({}, "recipe")
-    overrides = _overrides(options)
     if task:
-        overrides["prompt.task"] = task
-    if inputs:
-        overrides["data.inputs"] = inputs
-    spec = build_job_spec(recipe_values, overrides, recipe_origin=origin)
-    if not spec.data.inputs:
-        raise UsageError("no input given: pass shard files, folders or patterns (or 'data.inputs' in the recipe)")
-    if not spec.output.path:
-        raise UsageError("no output folder: pass -o/--output OUT (or 'output.path' in the recipe)")
-    if spec.run.world_size > 1:
-        err.print(f"[yellow]rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}[/]")
-    from .api import run  # torch and transformers load only once the options are known to be valid
+        options["task"] = task
+    spec = spec_from_recipe(recipe or None, inputs=inputs, **options)
+    from .api import ErrorRowsError, run  # torch and transformers load only once the options are known to be valid
+    from .runtime.worker import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
-        _print_summary(result)
+    except ErrorRowsError as exc:
+        _print_summary(exc.result)
+        err.print(f"[red]strict mode[/]: {escape(str(exc).removeprefix('strict mode: '))}")
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
         err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    _print_summary(result)
     if result.interrupted:
         err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
-    if spec.output.strict:
-        from .inspection import collect_status
-
-        # all parts count, so a resumed or repeated run still reports errors written earlier
-        error_rows = collect_status(result.out)["error_rows"]
-        if error_rows:
-            err.print(f"[red]strict mode[/]: {error_rows} rows have errors ({result.stats.error_rows} written by this run)")
-            raise typer.Exit(EXIT_ERROR_ROWS)
 
 
 def _print_summary(result) -> None:
@@ -256,19 +115,6 @@ def main(
     version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
 ) -> None:
     """Caption and question-answer millions of images with DeepSeek-VL."""
-
-
-# Options every job command (caption, vqa, run) takes after its own, in help order.
-JOB_OPTIONS: dict[str, Any] = {
-    "max_new_tokens": MaxNew, "temperature": Temperature, "top_p": TopP, "seed": Seed,
-    "batch_size": BatchSize, "engine": Engine, "token_budget": TokenBudget, "prefill_batch": PrefillBatch,
-    "cuda_graphs": CudaGraphs, "compile": Compile,
-    "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
-    "key_field": KeyField, "max_image_pixels": MaxPixels, "limit": Limit, "shard_size": ShardSize,
-    "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
-    "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress,
-    "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,
-}
 
 
 def job_command(task: str | None) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -348,7 +194,7 @@ def list_recipes(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the bundled recipes (or print one) for `dvl-batch run RECIPE`."""
-    from .recipebook import bundled_recipes, find_recipe
+    from .config.recipes import bundled_recipes, find_recipe
 
     if name:
         typer.echo(find_recipe(name).read_text(), nl=False)
@@ -371,7 +217,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Shards done/total, rows, error rows and throughput of an output folder."""
-    from .inspection import collect_status
+    from .inspect import collect_status
 
     report = collect_status(output)
     if as_json:
@@ -407,7 +253,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List shards, sample counts and fields of the inputs, without loading a model."""
-    from .inspection import inspect_inputs
+    from .inspect import inspect_inputs
 
     shards, reports = inspect_inputs(inputs, image_field, key_field, shard_size, max_shards)
     rows = [
@@ -465,10 +311,11 @@ def bench(
     host_profile: Annotated[str | None, typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")] = None,
 ) -> None:
     """Benchmark dvl-batch end to end against transformers' generate on the same inputs (prints a table, writes JSON)."""
-    from .api import default_cache_dir
     from .bench import BenchConfig, format_preprocess_table, format_table, run_bench, run_preprocess_bench
+    from .config.launch import default_cache_dir
+    from .runtime.worker import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     cfg = BenchConfig(
         profile=profile, shape=shape, requests=requests, max_new_tokens=max_new_tokens,
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,

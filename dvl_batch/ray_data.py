@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .pipeline import ShardAssembler
-from .preprocess import PreparedSample, SamplePreparer
-from .sink import PART_SCHEMA, AnswerRow
-from .sources import RawSample, Shard, ShardEnd
+from .preprocess.preparer import SamplePreparer
+from .records import AnswerRow, PreparedSample, RawSample, Shard, ShardEnd
+from .runtime.pipeline import ShardAssembler
+from .sink.parts import PART_SCHEMA
 
 ANSWER_COLUMNS = [name for name in PART_SCHEMA.names if name not in ("key", "shard", "sample_index")]
 
@@ -61,8 +61,9 @@ class ImageAnswerer:
     """Caption (or answer questions about) a batch of images; for `Dataset.map_batches`.
 
     model, prompt, questions, question_column and max_new_tokens mirror the CLI;
-    `options` takes any other JobSpec field by its dotted name (e.g.
-    {"generation.temperature": 0.7, "batch.batch_size": 64}); `recipe` a YAML recipe.
+    `options` takes any other option by its CLI name or JobSpec field by its dotted name
+    (e.g. {"temperature": 0.7, "batch.batch_size": 64}); `recipe` a bundled recipe name
+    or a YAML file, as for `dvl-batch run` (the spec is built as `JobSpec.from_recipe` builds it).
     Images are decoded by `decode_threads` threads of the actor (PIL releases the
     GIL), overlapping with generation on the device.
     """
@@ -83,28 +84,27 @@ class ImageAnswerer:
         cache_dir: str | None = None,
         decode_threads: int = 8,
     ):
-        from .api import default_cache_dir, hub_offline
-        from .engine.model import resolve_model
-        from .runners.engines import quiet_transformers
-        from .spec import build_job_spec, load_recipe
-        from .worker import DeviceWorker
+        from .config.launch import default_cache_dir, hub_offline
+        from .config.spec import spec_from_recipe
+        from .runtime.models import resolve_model
+        from .runtime.worker import DeviceWorker, quiet_transformers
 
         quiet_transformers()
-        overrides: dict[str, Any] = {
-            "model.name": model,
-            "prompt.task": "vqa" if questions or question_column else "caption",
-            "prompt.prompt": prompt,
-            "prompt.questions": list(questions) or None,
-            "prompt.question_field": question_column,
-            "generation.max_new_tokens": max_new_tokens,
-            "model.device": device,
-            **(options or {}),
+        asked = {
+            "model": model,
+            "prompt": prompt,
+            "question": list(questions),
+            "question_field": question_column,
+            "max_new_tokens": max_new_tokens,
+            "device": device,
         }
-        self.spec = build_job_spec(load_recipe(recipe) if recipe else {}, overrides)
-        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        if questions or question_column:
+            asked["task"] = "vqa"
+        self.spec = spec_from_recipe(recipe, **asked, **(options or {}))
+        cache = Path(self.spec.model.cache_dir or cache_dir or default_cache_dir())
         resolved = resolve_model(self.spec.model, cache, hub_offline())
         self.worker = DeviceWorker(self.spec, resolved)
-        self.preparer = SamplePreparer(self.spec, resolved.path)
+        self.preparer = SamplePreparer(self.spec, resolved.path, self.worker.processor)
         self.image_column, self.key_column, self.question_column = image_column, key_column, question_column
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="dvl-decode")
 

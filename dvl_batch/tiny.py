@@ -17,14 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .preprocess.prompts import DEFAULT_SYSTEM_PROMPT
+
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 IMAGE_TOKEN = "<image_placeholder>"
 NUM_IMAGE_TOKENS = 576
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual "
-    "content that the user provides, and assist the user with a variety of tasks using natural language."
-)
 
 # The chat layout of the DeepSeek-VL checkpoints: a system line, then "User: ..." turns that
 # end with a blank line and "Assistant: ..." turns that end with EOS; images are

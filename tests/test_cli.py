@@ -166,7 +166,7 @@ def test_second_concurrent_run_exits_with_lock_code(tmp_path, cache_dir):
 
 HOLD_LOCK = """
 import sys, time
-from dvl_batch.sink import OutputDir
+from dvl_batch.sink.output import OutputDir
 out = OutputDir(sys.argv[1])
 out.prepare()
 print("locked", flush=True)

@@ -13,7 +13,7 @@ def _script(args: list[str], cache_dir) -> subprocess.CompletedProcess:
 
 
 def test_run_recipe_script(tmp_path, cache_dir):
-    """Two recipes here; every recipe runs on the examples in test_recipes.py."""
+    """Two recipes here; every recipe runs on the examples in test_config_recipes.py."""
     out = tmp_path / "out"
     args = [str(EXAMPLES / "run_recipe.py"), "vqa-annotation", "compare-images", "--model", "tiny", "--out", str(out),
             "--max-new-tokens", "3"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dvl_batch.config.spec import BatchSpec, GenerationSpec
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.model import VisionLanguageModel
-from dvl_batch.spec import BatchSpec, GenerationSpec
 
-from .test_engine import MAX_NEW, _items
+from .test_engine_parity import MAX_NEW, _items
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -102,7 +102,7 @@ def _reference_on(model, views, items, eos):
 
 def _reference_cuda(model, views, items, eos):
     from dvl_batch.engine.generate import trim_at_eos
-    from dvl_batch.images import normalize_pixels
+    from dvl_batch.preprocess.images import normalize_pixels
 
     by_name = {v.name: v for v in views}
     refs = {}

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from dvl_batch.api import run
-from dvl_batch.images import decode_image, normalize_pixels, render_views, views_from_image_processor
-from dvl_batch.progress import NullReporter
-from dvl_batch.spec import JobSpec
+from dvl_batch.config.spec import JobSpec
+from dvl_batch.preprocess.images import decode_image, normalize_pixels, render_views, views_from_image_processor
+from dvl_batch.runtime.progress import NullReporter
 
 from .conftest import EXAMPLES, example_images, job_json, read_rows, run_cli
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dvl_batch.config.spec import BatchSpec, GenerationSpec
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.generate import GenerateEngine, trim_at_eos
 from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.engine.types import EnginePrompt, WorkItem
-from dvl_batch.images import decode_image, normalize_pixels, render_views, views_from_image_processor
-from dvl_batch.prompts import PromptRenderer
-from dvl_batch.sources import RawSample, Shard, discover_shards, pick_image_fields, read_shard
-from dvl_batch.spec import BatchSpec, GenerationSpec
+from dvl_batch.preprocess.images import decode_image, normalize_pixels, render_views, views_from_image_processor
+from dvl_batch.preprocess.prompts import PromptRenderer
+from dvl_batch.records import RawSample, Shard
+from dvl_batch.sources import discover_shards, read_shard
+from dvl_batch.sources.webdataset import pick_image_fields
 
 from .conftest import EXAMPLES, example_images, read_rows, run_cli, write_parquet, write_tar
 

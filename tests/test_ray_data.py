@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from dvl_batch.ray_data import ImageAnswerer, image_bytes
-from dvl_batch.sources import RawSample, discover_shards, read_shard
+from dvl_batch.records import RawSample
+from dvl_batch.sources import discover_shards, read_shard
 
 from .conftest import EXAMPLES, read_rows, run_cli
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from dvl_batch.sources import SHARD_ROW_KEY, RawSample, Shard, ShardEnd, read_shard
+from dvl_batch.records import RawSample, Shard, ShardEnd
+from dvl_batch.sources import SHARD_ROW_KEY, read_shard
 
 from .conftest import image_bytes, write_parquet, write_tar
 from .hostile_files import UNSAFE_NAMES, cut_at_member_boundary, cut_tar, unsafe_names_shard

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
+from ..config.spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
 from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, key_index, make_jpeg_shards, stop_after
 from .device_time import attach_clock, decode_split, per_image
 from .report import format_table
@@ -81,8 +81,9 @@ def _spec(cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path
 
 def _prepare_in_memory(spec: JobSpec, model_path: str, shards: list[Path]):
     """Decode every sample once (for the generate baseline and the per-core decode rate)."""
-    from ..preprocess import SamplePreparer
-    from ..sources import ShardEnd, discover_shards, read_shard
+    from ..preprocess.preparer import SamplePreparer
+    from ..records import ShardEnd
+    from ..sources import discover_shards, read_shard
 
     preparer = SamplePreparer(spec, model_path)
     samples, seconds = [], 0.0
@@ -122,7 +123,7 @@ def _peak_gib() -> float:
 
 def run_generate(model, processor, views, items, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
     from ..engine.generate import GenerateEngine
-    from ..worker import eos_ids
+    from ..runtime.worker import eos_ids
 
     eos = eos_ids(processor, model)
     cache = cfg.hf_cache if torch.cuda.is_available() else None
@@ -148,9 +149,10 @@ def _sync() -> None:
 def run_dvl(
     spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], n_questions: int, host_profile: str | None = None
 ) -> dict[str, Any]:
-    from ..pipeline import process_shards
-    from ..preprocess import ShardFeed
-    from ..sink import OutputDir, ParquetSink
+    from ..runtime.feed import ShardFeed
+    from ..runtime.pipeline import process_shards
+    from ..sink.output import OutputDir
+    from ..sink.parts import ParquetSink
     from ..sources import discover_shards
 
     def force(key: str, q: int) -> int:
@@ -228,7 +230,7 @@ def _summarise(name, seconds, images, answers, tokens, flops, peak_gib, peak_tfl
 
 
 def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work_dir: Path) -> ProfileResult:
-    from ..images import views_from_image_processor
+    from ..preprocess.images import views_from_image_processor
 
     n_q = len(VQA_QUESTIONS) if task == "vqa" else 1
     spec = _spec(cfg, task, shards, work_dir / f"out-{task}", worker.resolved.path, str(worker.device))
@@ -313,7 +315,7 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     import transformers
 
     from ..engine.model import ResolvedModel, pick_device, pick_dtype
-    from ..worker import DeviceWorker
+    from ..runtime.worker import DeviceWorker
 
     device = pick_device(cfg.device)
     dtype = pick_dtype("auto", device)
@@ -323,7 +325,7 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     shards = make_jpeg_shards(data / "main", cfg.requests, cfg.images_per_shard, cfg.image_side, cpu)
     warm = make_jpeg_shards(data / "warm", min(cfg.images_per_shard, 64), 64, cfg.image_side, cpu)
     if device.type == "cuda":
-        from ..worker import prepare_cuda_process
+        from ..runtime.worker import prepare_cuda_process
 
         prepare_cuda_process(device)
     model, processor, path = build_model(cfg.shape, device, dtype, cache_dir)

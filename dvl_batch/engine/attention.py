@@ -45,10 +45,6 @@ class SlotKV:
         return 2 * layers * kv_heads * head_dim * element_size * (prefix_len + rows_per_group * suffix_len)
 
     @property
-    def prefix_capacity(self) -> int:
-        return self.prefix_k.shape[3]
-
-    @property
     def suffix_capacity(self) -> int:
         return self.suffix_k.shape[3]
 

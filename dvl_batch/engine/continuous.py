@@ -18,80 +18,17 @@ import gc
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from ..images import ImageView
-from ..spec import BatchSpec, GenerationSpec
+from ..config.spec import BatchSpec, GenerationSpec
+from ..preprocess.images import ImageView
 from .attention import AttentionStep, SlotKV, route_attention
 from .device_clock import DeviceClock, phase
 from .model import VisionLanguageModel
-from .slots import NO_FORCE, Launched, Layout, SlotStore
+from .planning import Group, Layout, PhaseClock, Row, plan_groups
+from .slots import NO_FORCE, Launched, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
-
-
-@dataclass
-class _Group:
-    """Prompts of one item that share an identical prefix (at most Q of them)."""
-
-    item: WorkItem
-    prefix: list[int]
-    prompts: list[EnginePrompt]
-
-    @property
-    def suffix_lens(self) -> list[int]:
-        return [len(p.input_ids) - len(self.prefix) for p in self.prompts]
-
-    def suffix(self, j: int) -> list[int]:
-        return self.prompts[j].input_ids[len(self.prefix) :] if j < len(self.prompts) else []
-
-
-@dataclass
-class _Row:
-    uid: int
-    index: int
-    prompt_tokens: int
-    max_new: int
-    tokens: list[int] = field(default_factory=list)
-
-
-class _PhaseClock:
-    """Wall time of admission phases. With `sync` it waits for the device at each lap, so
-    the times are the phases' own (a diagnosis mode: it stops the host running ahead)."""
-
-    def __init__(self, device: torch.device, sync: bool):
-        self.sync = sync and device.type == "cuda"
-        if self.sync:
-            torch.cuda.synchronize()
-        self.last = time.perf_counter()
-
-    def lap(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
-
-
-def plan_groups(item: WorkItem, rows_per_group: int) -> list[_Group]:
-    """Split an item's prompts into groups that share one prefix, Q prompts at most.
-
-    With one row per group (captioning) the whole prompt is the prefix: one prefill
-    pass yields the first token. With several, the prefix ends at the last image
-    token and each question is a suffix prefilled against it.
-    """
-    if rows_per_group == 1:
-        return [_Group(item, list(p.input_ids), [p]) for p in item.prompts]
-    by_prefix: dict[tuple[int, ...], list[EnginePrompt]] = {}
-    for prompt in item.prompts:
-        prefix_len = min(prompt.prefix_len, len(prompt.input_ids) - 1)  # keep >= 1 suffix token
-        by_prefix.setdefault(tuple(prompt.input_ids[:prefix_len]), []).append(prompt)
-    groups = []
-    for prefix, prompts in by_prefix.items():
-        for start in range(0, len(prompts), rows_per_group):
-            groups.append(_Group(item, list(prefix), prompts[start : start + rows_per_group]))
-    return groups
 
 
 class SlotEngine:
@@ -118,10 +55,10 @@ class SlotEngine:
         self.stats = EngineStats()
         self.store: SlotStore | None = None
         self.layout: Layout | None = None
-        self.pending: deque[_Group] = deque()
+        self.pending: deque[Group] = deque()
         self.unplanned: list[WorkItem] = []  # items pulled before the layout (and so Q) is known
-        self.deferred: deque[_Group] = deque()  # groups that need a larger layout
-        self.rows: dict[int, _Row] = {}
+        self.deferred: deque[Group] = deque()  # groups that need a larger layout
+        self.rows: dict[int, Row] = {}
         self.free_groups: list[int] = []
         self.freed: list[int] = []  # groups freed since the last decode launch (reset on the device)
         self.group_live: dict[int, int] = {}
@@ -140,7 +77,7 @@ class SlotEngine:
             return self.batch.prefill_batch
         return 32 if self.device.type == "cuda" else 4
 
-    def _layout_for(self, groups: list[_Group]) -> Layout:
+    def _layout_for(self, groups: list[Group]) -> Layout:
         prefix_cap = max(len(g.prefix) for g in groups)
         suffix_cap = max(max(g.suffix_lens) for g in groups) + self.gen.max_new_tokens
         suffix_cap = -(-suffix_cap // 8) * 8
@@ -233,15 +170,15 @@ class SlotEngine:
     # ------------------------------------------------------------ admission
 
     @torch.inference_mode()
-    def _admit(self, groups: list[_Group]) -> list[Completion]:
+    def _admit(self, groups: list[Group]) -> list[Completion]:
         """Prefill new groups into free slots; OOM splits the batch and retries."""
         slots = [self.free_groups.pop() for _ in groups]
         try:
             started = time.perf_counter()
-            done = self._prefill(groups, slots)
+            self._prefill(groups, slots)
             self.stats.prefill_seconds += time.perf_counter() - started
             self.stats.prefill_calls += 1
-            return done
+            return []
         except torch.OutOfMemoryError:
             self.free_groups.extend(reversed(slots))
             if self.device.type == "cuda":
@@ -252,11 +189,11 @@ class SlotEngine:
             half = len(groups) // 2
             return self._admit(groups[:half]) + self._admit(groups[half:])
 
-    def _prefill(self, groups: list[_Group], slots: list[int]) -> list[Completion]:
+    def _prefill(self, groups: list[Group], slots: list[int]) -> None:
         """Enqueue the prefill of new groups; their first tokens are read with the next step."""
         store, q = self.store, self.layout.rows_per_group
         items = list({id(g.item): g.item for g in groups}.values())
-        clock = _PhaseClock(self.device, self.batch.phase_timing)
+        clock = PhaseClock(self.device, self.batch.phase_timing)
         with phase(self.device_clock, "vision"):
             features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
         self.stats.vision_seconds += clock.lap()
@@ -277,14 +214,13 @@ class SlotEngine:
         for gi, (group, slot) in enumerate(zip(groups, slots, strict=True)):
             self.group_live[slot] = len(group.prompts)
             for j, prompt in enumerate(group.prompts):
-                row = _Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
+                row = Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
                 self.rows[slot * q + j] = row
                 new_rows[slot * q + j] = (row, gi * q + j)
         with phase(self.device_clock, "suffix"):
             self.launched.append(store.start_rows(rows_t, logits, force, new_rows))
-        return []
 
-    def _append(self, row_id: int, row: _Row, token: int) -> Completion | None:
+    def _append(self, row_id: int, row: Row, token: int) -> Completion | None:
         row.tokens.append(token)
         if token in self.eos_ids:
             reason = "stop"
@@ -332,14 +268,14 @@ class SlotEngine:
                     done.append(finished)
         return done
 
-    def _error(self, prompt: EnginePrompt, group: _Group, message: str) -> Completion:
+    def _error(self, prompt: EnginePrompt, group: Group, message: str) -> Completion:
         return Completion(group.item.uid, prompt.index, [], "error", len(prompt.input_ids), error=message)
 
-    def _fits(self, group: _Group) -> bool:
+    def _fits(self, group: Group) -> bool:
         layout = self.layout
         return len(group.prefix) <= layout.prefix_cap and max(group.suffix_lens) + self.gen.max_new_tokens <= layout.suffix_cap
 
-    def _too_long(self, group: _Group) -> bool:
+    def _too_long(self, group: Group) -> bool:
         return len(group.prefix) + max(group.suffix_lens) + self.gen.max_new_tokens > self.vlm.max_positions
 
     # ------------------------------------------------------------ main loop
@@ -391,7 +327,7 @@ class SlotEngine:
         return exhausted
 
     def _reject_too_long(self) -> Iterator[Completion]:
-        kept: deque[_Group] = deque()
+        kept: deque[Group] = deque()
         for group in self.pending:
             if self._too_long(group):
                 message = f"prompt plus max_new_tokens exceeds the model's {self.vlm.max_positions} positions"
@@ -423,7 +359,7 @@ class SlotEngine:
         while self.pending and self.free_groups:
             if self.rows and len(self.free_groups) < self._admit_threshold() and not exhausted:
                 return
-            take: list[_Group] = []
+            take: list[Group] = []
             while self.pending and len(take) < min(self._prefill_batch(), len(self.free_groups)):
                 group = self.pending.popleft()
                 if len(group.prompts) > self.layout.rows_per_group or not self._fits(group):

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import torch
 
-from ..batcher import LengthBucketer, left_pad
-from ..images import ImageView, normalize_pixels
-from ..spec import BatchSpec, GenerationSpec
+from ..config.spec import BatchSpec, GenerationSpec
+from ..preprocess.images import ImageView, normalize_pixels
+from .batcher import LengthBucketer, left_pad
+from .sampling import sample_top_p
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
 
 
@@ -36,6 +37,22 @@ class ForcedEOS:
             scores[rows] = float("-inf")
             scores[rows, self.eos_id] = 0.0
         return scores
+
+
+class SeededSampling:
+    """Logits processor: draw the next token with the engine's own generator, leave only it.
+
+    generate then runs greedy over the drawn token, so sampling is reproducible from the
+    job's seed without reseeding torch's global RNG (which the caller may rely on).
+    """
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = sample_top_p(scores.float(), self.temperature, self.top_p, self.generator)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, chosen[:, None], 0.0)
 
 
 def trim_at_eos(tokens: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
@@ -68,6 +85,7 @@ class GenerateEngine:
         self.pad_id = pad_token_id
         self.cache_implementation = cache_implementation
         self.stats = EngineStats(slots=self.batch_size)
+        self.generator = torch.Generator(device=_device_of(model)).manual_seed(generation.seed)
 
     def run(self, items: Iterator[WorkItem]) -> Iterator[Completion]:
         bucketer: LengthBucketer[tuple[WorkItem, EnginePrompt]] = LengthBucketer(self.batch_size, self.token_budget)
@@ -119,18 +137,20 @@ class GenerateEngine:
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=self.gen.max_new_tokens,
-            do_sample=self.gen.temperature > 0,
+            do_sample=False,  # sampling, when asked for, is SeededSampling's
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
         )
-        if self.gen.temperature > 0:
-            kwargs.update(temperature=self.gen.temperature, top_p=self.gen.top_p)
-            torch.manual_seed(self.gen.seed)
+        processors: list = []
         if any(p.force_eos_after for _, p in batch):
+            force = torch.tensor([p.force_eos_after or 1 << 30 for _, p in batch])
+            processors.append(ForcedEOS(force, ids.shape[1], self.eos_ids[0]))
+        if self.gen.temperature > 0:
+            processors.append(SeededSampling(self.gen.temperature, self.gen.top_p, self.generator))
+        if processors:
             from transformers import LogitsProcessorList
 
-            force = torch.tensor([p.force_eos_after or 1 << 30 for _, p in batch])
-            kwargs["logits_processor"] = LogitsProcessorList([ForcedEOS(force, ids.shape[1], self.eos_ids[0])])
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if self.cache_implementation:
             kwargs["cache_implementation"] = self.cache_implementation
         out = self.model.generate(**kwargs, **self._pixels(batch))

@@ -1,26 +1,20 @@
 """Model loading and the thin adapter the engines use to drive transformers' modules.
 
-Loading is real `from_pretrained` on a hub id or a local folder. "auto" takes the
-1.3B chat checkpoint when it is in the local cache or the hub answers, and otherwise
-builds the offline tiny model, saying so. The adapter exposes only the pieces the
-slot engine composes (token embedding, image features, the language model, the LM
-head); the modules themselves stay transformers' own.
+Loading is real `from_pretrained` on a hub id or a local folder that the run resolved
+(`runtime/models.py` says which). The adapter exposes only the pieces the slot engine
+composes (token embedding, image features, the language model, the LM head); the
+modules themselves stay transformers' own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config.spec import ModelSpec
 from ..errors import UsageError
-from ..spec import ModelSpec
-
-DEFAULT_MODEL = "deepseek-community/deepseek-vl-1.3b-chat"
-TINY_NAMES = {"tiny": False, "tiny-hybrid": True}
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -31,60 +25,6 @@ class ResolvedModel:
     label: str  # recorded in job.json / parquet metadata
     tiny: bool
     notice: str | None = None  # shown to the user (e.g. "offline: using the tiny model")
-
-
-def _hub_has(repo: str, offline: bool) -> bool:
-    from huggingface_hub import HfApi, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo, "config.json")
-    if isinstance(cached, str):
-        return True
-    if offline:
-        return False
-    try:
-        HfApi().model_info(repo, timeout=5)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not reachable from here"
-        return False
-
-
-def resolve_model(spec: ModelSpec, cache_dir: Path, offline: bool = False) -> ResolvedModel:
-    """Turn the user's model name into something from_pretrained can load."""
-    from ..tiny import ensure_tiny_model, tiny_model_id
-
-    name = spec.name.strip()
-    if name in TINY_NAMES:
-        path = ensure_tiny_model(cache_dir, hybrid=TINY_NAMES[name])
-        return ResolvedModel(str(path), f"{name}:{tiny_model_id(TINY_NAMES[name])}", tiny=True)
-    if name == "auto":
-        if _hub_has(DEFAULT_MODEL, offline):
-            return ResolvedModel(DEFAULT_MODEL, DEFAULT_MODEL, tiny=False)
-        path = ensure_tiny_model(cache_dir)
-        notice = (
-            f"{DEFAULT_MODEL} is not cached and the hub is unreachable: using the offline tiny "
-            "random-weight model (its text is gibberish). Pass --model ID_OR_DIR for real captions."
-        )
-        return ResolvedModel(str(path), f"tiny:{tiny_model_id(False)}", tiny=True, notice=notice)
-    local = Path(name).expanduser()
-    if local.exists():
-        check_model_dir(local)
-        marker = local / "dvl_batch_tiny.json"
-        return ResolvedModel(str(local.resolve()), str(local.resolve()), tiny=marker.exists())
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UsageError(f"model not found: '{name}' is neither a local folder nor a hub id like org/name")
-    return ResolvedModel(name, name, tiny=False)
-
-
-def check_model_dir(path: Path) -> None:
-    """A usable checkpoint folder has a config, weights and a processor."""
-    if not path.is_dir():
-        raise UsageError(f"model path {path} is not a folder")
-    if not (path / "config.json").exists():
-        raise UsageError(f"model folder {path} has no config.json")
-    if not any((path / f).exists() for f in PROCESSOR_FILES):
-        raise UsageError(f"model folder {path} has no processor (processor_config.json or preprocessor_config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise UsageError(f"model folder {path} has no weights (*.safetensors)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -102,15 +42,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def load_processor(resolved: ResolvedModel, revision: str | None = None):
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(resolved.path, revision=revision)
-    except OSError as exc:
-        raise UsageError(f"cannot load the processor of {resolved.label}: {str(exc).splitlines()[0]}") from exc
 
 
 def check_attention(name: str, device: torch.device) -> None:

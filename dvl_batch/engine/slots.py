@@ -27,28 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..images import ImageView, normalize_pixels, view_constants
-from ..spec import GenerationSpec
+from ..config.spec import GenerationSpec
+from ..preprocess.images import ImageView, normalize_pixels, view_constants
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype
 from .model import VisionLanguageModel
+from .planning import Layout
+from .sampling import sample_top_p
 
 NEG_INF = float("-inf")
 NO_FORCE = 1 << 30
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Layout:
-    """Slot geometry: `groups` image prefixes of `rows_per_group` answer rows each."""
-
-    groups: int
-    rows_per_group: int
-    prefix_cap: int
-    suffix_cap: int
-
-    @property
-    def rows(self) -> int:
-        return self.groups * self.rows_per_group
 
 
 @dataclass
@@ -398,15 +386,3 @@ def _triton_splits(layout: Layout, vlm: VisionLanguageModel, device: torch.devic
         return 0
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     return choose_splits(layout.groups, vlm.num_heads, sm_count)
-
-
-def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Temperature then nucleus sampling, as transformers' warpers order them."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        drop = cumulative - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,73 @@
+"""The CLI's options: each one's flag, help text and panel, declared once.
+
+Every option a job command takes maps, by its name, to a JobSpec field through
+`config.spec.option_path` (the mapping the Python API uses too); unset options (None)
+keep the recipe's or the default value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import EXIT_ERROR_ROWS
+
+Inputs = Annotated[list[str], typer.Argument(help="Webdataset .tar/.tgz shards, parquet files, image folders, or brace patterns like 'shards/{000..099}.tar'.", show_default=False)]
+Output = Annotated[str | None, typer.Option("--output", "-o", help="Output folder: parts/*.parquet, job.json, progress.json.", show_default=False)]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder; 'tiny' for the offline test model. Default: deepseek-community/deepseek-vl-1.3b-chat, or the tiny model when it is unreachable.", rich_help_panel="Model")]
+Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).", rich_help_panel="Model")]
+Dtype = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, float32 on CPU).", rich_help_panel="Model")]
+Attn = Annotated[str | None, typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
+Quantize = Annotated[str | None, typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
+DeviceMap = Annotated[str | None, typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
+Prompt = Annotated[str | None, typer.Option("--prompt", "-p", help="Caption instruction.", rich_help_panel="Prompt")]
+Question = Annotated[list[str] | None, typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
+QuestionsFile = Annotated[str | None, typer.Option(help="JSONL ({key, question|questions}) or CSV (key,question) with per-image questions.", rich_help_panel="Prompt")]
+QuestionField = Annotated[str | None, typer.Option(help="Input field/column holding each sample's question (e.g. 'question', 'txt', 'json.question').", rich_help_panel="Prompt")]
+SystemPrompt = Annotated[str | None, typer.Option(help="Replace the checkpoint's system prompt.", rich_help_panel="Prompt")]
+MaxNew = Annotated[int | None, typer.Option(help="Longest answer in tokens. [default: 128]", rich_help_panel="Generation")]
+Temperature = Annotated[float | None, typer.Option(help="0 for greedy decoding (default); > 0 samples.", rich_help_panel="Generation")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.", rich_help_panel="Generation")]
+Seed = Annotated[int | None, typer.Option(help="Sampling seed.", rich_help_panel="Generation")]
+ImageField = Annotated[str | None, typer.Option(help="Image field/column (auto-detected); comma-separated for multi-image samples.", rich_help_panel="Data")]
+KeyField = Annotated[str | None, typer.Option(help="Parquet column with sample keys (default: key/__key__/id, else row number).", rich_help_panel="Data")]
+Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Decoder processes (default: CPU count - 1; 0 decodes in-process).", rich_help_panel="Data")]
+Prefetch = Annotated[int | None, typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
+FastDecode = Annotated[bool | None, typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
+MaxPixels = Annotated[int | None, typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
+Limit = Annotated[int | None, typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
+ShardSize = Annotated[int | None, typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
+Engine = Annotated[str | None, typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Concurrent sequences (default: fit to GPU memory; 8 on CPU).", rich_help_panel="Batching")]
+TokenBudget = Annotated[int | None, typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
+PrefillBatch = Annotated[int | None, typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
+CudaGraphs = Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA (one-time cost of about a minute).", rich_help_panel="Batching")]
+Overwrite = Annotated[bool | None, typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
+Strict = Annotated[bool | None, typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
+Runner = Annotated[str | None, typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
+Gpus = Annotated[str | None, typer.Option(help="'all' or '0,1,...': one engine process per GPU ('cpu,cpu': CPU engine processes). With --runner ray the same: one actor per entry ('0,1': two GPU actors, placed by Ray), 'all': every GPU of the cluster.", rich_help_panel="Scale-out")]
+Rank = Annotated[int | None, typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
+WorldSize = Annotated[int | None, typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
+RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
+Progress = Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
+MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
+Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
+InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
+
+
+# Options every job command (caption, vqa, run) takes after its own, in help order.
+JOB_OPTIONS: dict[str, Any] = {
+    "max_new_tokens": MaxNew, "temperature": Temperature, "top_p": TopP, "seed": Seed,
+    "batch_size": BatchSize, "engine": Engine, "token_budget": TokenBudget, "prefill_batch": PrefillBatch,
+    "cuda_graphs": CudaGraphs, "compile": Compile,
+    "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
+    "key_field": KeyField, "max_image_pixels": MaxPixels, "limit": Limit, "shard_size": ShardSize,
+    "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
+    "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress,
+    "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,
+}

@@ -1,0 +1,90 @@
+"""What the slot engine schedules: groups of prompts that share an image prefix, the rows
+being answered, and the host clock of admission phases (pure host-side bookkeeping)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .types import EnginePrompt, WorkItem
+
+
+@dataclass
+class Group:
+    """Prompts of one item that share an identical prefix (at most Q of them)."""
+
+    item: WorkItem
+    prefix: list[int]
+    prompts: list[EnginePrompt]
+
+    @property
+    def suffix_lens(self) -> list[int]:
+        return [len(p.input_ids) - len(self.prefix) for p in self.prompts]
+
+    def suffix(self, j: int) -> list[int]:
+        return self.prompts[j].input_ids[len(self.prefix) :] if j < len(self.prompts) else []
+
+
+@dataclass
+class Row:
+    """One answer being generated: which request it is and the tokens so far."""
+
+    uid: int
+    index: int
+    prompt_tokens: int
+    max_new: int
+    tokens: list[int] = field(default_factory=list)
+
+
+class PhaseClock:
+    """Wall time of admission phases. With `sync` it waits for the device at each lap, so
+    the times are the phases' own (a diagnosis mode: it stops the host running ahead)."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        if self.sync:
+            torch.cuda.synchronize()
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def plan_groups(item: WorkItem, rows_per_group: int) -> list[Group]:
+    """Split an item's prompts into groups that share one prefix, Q prompts at most.
+
+    With one row per group (captioning) the whole prompt is the prefix: one prefill
+    pass yields the first token. With several, the prefix ends at the last image
+    token and each question is a suffix prefilled against it.
+    """
+    if rows_per_group == 1:
+        return [Group(item, list(p.input_ids), [p]) for p in item.prompts]
+    by_prefix: dict[tuple[int, ...], list[EnginePrompt]] = {}
+    for prompt in item.prompts:
+        prefix_len = min(prompt.prefix_len, len(prompt.input_ids) - 1)  # keep >= 1 suffix token
+        by_prefix.setdefault(tuple(prompt.input_ids[:prefix_len]), []).append(prompt)
+    groups = []
+    for prefix, prompts in by_prefix.items():
+        for start in range(0, len(prompts), rows_per_group):
+            groups.append(Group(item, list(prefix), prompts[start : start + rows_per_group]))
+    return groups
+
+
+@dataclass
+class Layout:
+    """Slot geometry: `groups` image prefixes of `rows_per_group` answer rows each."""
+
+    groups: int
+    rows_per_group: int
+    prefix_cap: int
+    suffix_cap: int
+
+    @property
+    def rows(self) -> int:
+        return self.groups * self.rows_per_group

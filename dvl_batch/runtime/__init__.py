@@ -1,0 +1,12 @@
+"""Runtime: the composition of the stages, and the scheduling of shards.
+
+- `session.py`: the run path every front end shares (launch defaults, checks, signals,
+  progress files, `output.strict`) and the choice of runner.
+- `job.py`, `models.py`: job preparation: the resolved model, the locked OUT, this
+  rank's open shards.
+- `feed.py`: the shard feed every decoder and engine process pulls from.
+- `worker.py`, `pipeline.py`: the device worker (one model on one device) and the
+  per-shard assembly of preprocess -> engine -> sink.
+- `progress.py`: terminal bar, log lines, OUT/progress*.json.
+- `runners/`: local, multi-GPU and Ray; they only schedule shards.
+"""

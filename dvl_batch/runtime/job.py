@@ -1,0 +1,103 @@
+"""Job preparation shared by every runner: lock OUT, pin the job's identity, list work.
+
+Runners only schedule shards. What they schedule is decided here once: which model
+(resolved), which shards exist, which of them belong to this rank, and which are
+already done (their part file exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..config.spec import JobSpec
+from ..engine.model import ResolvedModel
+from ..records import Shard
+from ..sink.files import atomic_write_bytes
+from ..sink.output import OutputDir
+from ..sources import FolderManifest, discover_shards
+from .models import resolve_model
+
+
+@dataclass
+class PreparedJob:
+    """A locked output folder and the shards this process is responsible for."""
+
+    spec: JobSpec
+    model: ResolvedModel
+    out: OutputDir
+    shards: list[Shard]  # this rank's shards
+    todo: list[Shard]  # those without a part file yet
+    metadata: dict[str, Any]  # goes into every part's schema metadata
+
+    @property
+    def done_before(self) -> int:
+        return len(self.shards) - len(self.todo)
+
+    def owns(self, shard_id: str) -> bool:
+        """Whether this rank owns a shard: only its owner ever writes the shard's part."""
+        return shard_owner(shard_id, self.spec.run.world_size) == self.spec.run.rank
+
+    def release(self) -> None:
+        self.out.release()
+
+
+def shard_owner(shard_id: str, world_size: int) -> int:
+    """Stable rank assignment: adding shards later never moves existing ones."""
+    return int(hashlib.sha1(shard_id.encode()).hexdigest()[:12], 16) % world_size
+
+
+def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
+    return {
+        "model": model.label,
+        "task": spec.prompt.task,
+        "prompt": spec.prompt.prompt if spec.prompt.task == "caption" else None,
+        "questions": list(spec.prompt.questions) or None,
+        "system_prompt": spec.prompt.system_prompt,
+        "turns": [list(turn) for turn in spec.prompt.turns] or None,
+        "max_prompt_tokens": spec.prompt.max_prompt_tokens,
+        "generation": {
+            "max_new_tokens": spec.generation.max_new_tokens,
+            "temperature": spec.generation.temperature,
+            "top_p": spec.generation.top_p,
+            "seed": spec.generation.seed,
+        },
+        "dtype": spec.model.dtype,
+        "quantize": spec.model.quantize,
+        "fingerprint": spec.fingerprint(model.label),
+        "dvl_batch_version": __version__,
+    }
+
+
+def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
+    """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
+    discover_shards(spec.data.inputs, spec.data.shard_size)  # fail on bad inputs before touching OUT
+    model = resolve_model(spec.model, cache_dir, offline)
+    rank, world_size = spec.run.rank, spec.run.world_size
+    out = OutputDir(spec.output.path, rank, world_size)
+    out.prepare(owns=lambda shard_id: shard_owner(shard_id, world_size) == rank)
+    try:
+        record = {
+            "fingerprint": spec.fingerprint(model.label),
+            "identity": spec.output_identity(model.label),
+            "spec": spec.to_dict(),
+            "model": model.label,
+            "dvl_batch_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with out.shared_lock():
+            out.check_job(record, spec.output.overwrite)
+            manifest = FolderManifest(out.manifest_file)
+            shards = discover_shards(spec.data.inputs, spec.data.shard_size, manifest)
+            manifest.save(atomic_write_bytes)
+        mine = [s for s in shards if shard_owner(s.id, spec.run.world_size) == spec.run.rank]
+        done = out.done_shards()
+        todo = [s for s in mine if s.id not in done]
+    except BaseException:
+        out.release()
+        raise
+    return PreparedJob(spec, model, out, mine, todo, job_metadata(spec, model))

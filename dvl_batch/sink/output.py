@@ -1,0 +1,118 @@
+"""The output folder: OUT's layout, its locks, job.json and the cleanup of dead writers' files.
+
+A run killed at any moment leaves either a complete part or nothing, so a rerun redoes
+at most the shards that were in flight and never writes a row twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .files import atomic_write_json, explain_os_error
+from .locks import RunLock, WorldLock
+
+
+class OutputDir:
+    """Layout of OUT: job.json, parts/, progress files, locks, the folder manifest."""
+
+    def __init__(self, path: str | Path, rank: int = 0, world_size: int = 1):
+        self.root = Path(path)
+        self.rank, self.world_size = rank, world_size
+        self.parts = self.root / "parts"
+        self.job_file = self.root / "job.json"
+        self.manifest_file = self.root / "folder_shards.json"
+        suffix = "" if world_size == 1 else f"-rank{rank}of{world_size}"
+        self.lock = RunLock(self.root / f".lock{suffix}")
+        self.world_lock = WorldLock(self.root / ".world.lock", world_size)
+        self.progress_file = self.root / f"progress{suffix}.json"
+
+    def prepare(self, owns: Callable[[str], bool] | None = None) -> None:
+        """Create OUT, take the locks, and clear temp files a killed run left behind.
+
+        `owns(shard_id)` says which shards this rank owns (needed when world_size > 1).
+        """
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise explain_os_error(exc, self.parts / "x") from exc
+        with self.shared_lock():
+            self.world_lock.acquire()
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self.world_lock.release()
+            raise
+        self.remove_stale_temp(owns)
+
+    def release(self) -> None:
+        self.lock.release()
+        self.world_lock.release()
+
+    def remove_stale_temp(self, owns: Callable[[str], bool] | None = None) -> int:
+        """Delete half-written files of dead writers; returns how many.
+
+        Only the holder of a shard's rank lock (and the engine processes or actors it
+        runs) ever writes that shard, so while we hold it every temp file of a shard we
+        own is stale. Other ranks' temp files may be live: they are left alone. Temp
+        files of OUT's own bookkeeping (job.json, progress) are stale once we hold the
+        lock in a single-rank run.
+        """
+        removed = 0
+        for stale in self.parts.glob(".*.tmp-*"):
+            shard_id = stale.name[1:].split(".parquet.tmp-", 1)[0]
+            if self.world_size == 1 or (owns is not None and owns(shard_id)):
+                stale.unlink(missing_ok=True)
+                removed += 1
+        if self.world_size == 1:
+            for stale in self.root.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def shared_lock(self) -> RunLock:
+        """A short-lived lock all ranks take around job.json and the folder manifest."""
+        return RunLock(self.root / ".job.lock")
+
+    def part_path(self, shard_id: str) -> Path:
+        return self.parts / f"{shard_id}.parquet"
+
+    def done_shards(self) -> set[str]:
+        return {p.stem for p in self.parts.glob("*.parquet") if not p.name.startswith(".")}
+
+    def check_job(self, job_record: dict[str, Any], overwrite: bool) -> None:
+        """Refuse to mix outputs of different settings in one OUT, unless told to start over."""
+        if self.job_file.exists():
+            previous = json.loads(self.job_file.read_text())
+            if previous.get("fingerprint") == job_record["fingerprint"]:
+                return
+            if not overwrite:
+                diffs = describe_differences(previous.get("identity", {}), job_record["identity"])
+                raise UsageError(
+                    f"{self.root} holds results of a different job ({diffs}); rerun with the same settings "
+                    "to resume, use --overwrite to discard them, or pick another output folder"
+                )
+            self.clear()
+        elif overwrite:
+            self.clear()
+        atomic_write_json(self.job_file, job_record)
+
+    def clear(self) -> None:
+        """Delete this tool's results in OUT (parts, job.json, progress, manifest) and nothing else."""
+        if self.world_size > 1 and (self.job_file.exists() or self.done_shards()):
+            raise UsageError("--overwrite cannot be combined with --world-size; clear OUT with one run first")
+        for part in self.parts.glob("*.parquet"):
+            part.unlink()
+        for path in [self.job_file, self.manifest_file, *self.root.glob("progress*.json")]:
+            path.unlink(missing_ok=True)
+
+    def write_progress(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.progress_file, record)
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return "different " + ", ".join(changed) if changed else "different settings"

@@ -1,0 +1,83 @@
+"""Parts: the rows of one finished shard as one parquet file, written atomically.
+
+The part file *is* the checkpoint: a shard is done exactly when
+`OUT/parts/<shard>.parquet` exists, and it only ever appears whole. Its footer carries
+the job's and the shard's record, so `status` reads footers, never row data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..records import AnswerRow, Shard, ShardEnd
+from .files import atomic_write
+from .output import OutputDir
+
+METADATA_KEY = b"dvl_batch"
+PART_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("sample_index", pa.int64()),
+        ("question_index", pa.int32()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("generated_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class ParquetSink:
+    """Writes the rows of one finished shard as one atomic parquet part."""
+
+    def __init__(self, out: OutputDir, job_metadata: dict[str, Any]):
+        self.out = out
+        self.job_metadata = job_metadata
+
+    def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None) -> Path:
+        rows = sorted(rows, key=lambda r: (r.sample_index, r.question_index))
+        columns = {name: [getattr(r, name) for r in rows] for name in PART_SCHEMA.names}
+        table = pa.table(columns, schema=PART_SCHEMA)
+        shard_meta = {
+            "id": shard.id,
+            "url": shard.url,
+            "format": shard.format,
+            "samples": end.n_samples if end else None,
+            "partial": bool(end.partial) if end else True,
+            "message": (end.message if end else None) or note,
+            "rows": len(rows),
+            "errors": sum(1 for r in rows if r.error),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "writer": f"{socket.gethostname()}:{os.getpid()}",  # which engine process or actor wrote it
+        }
+        meta = {METADATA_KEY: json.dumps({"job": self.job_metadata, "shard": shard_meta}).encode()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+        path = self.out.part_path(shard.id)
+        atomic_write(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+        return path
+
+
+def read_part_info(path: Path) -> dict[str, Any]:
+    """The shard record a part carries in its schema metadata (footer only, no data read)."""
+    meta = pq.read_schema(path).metadata or {}
+    blob = meta.get(METADATA_KEY)
+    info = json.loads(blob)["shard"] if blob else {}
+    if "rows" not in info:
+        info["rows"] = pq.ParquetFile(path).metadata.num_rows
+    return info
+
+
+def error_rows(out: Path) -> int:
+    """Rows with an error in every part of OUT (earlier runs' parts too), from the footers."""
+    return sum(int(read_part_info(path).get("errors") or 0) for path in sorted((Path(out) / "parts").glob("*.parquet")))

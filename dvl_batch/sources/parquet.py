@@ -1,0 +1,134 @@
+"""Parquet shards: one file, images as bytes, HF-datasets {bytes, path} structs, paths or lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..records import RawSample, Shard, ShardEnd
+from .formats import open_stream, shard_error_sample
+
+KEY_COLUMNS = ("key", "__key__", "id", "image_id", "uid")
+PATH_COLUMNS = ("image_path", "path", "file_name", "filename", "filepath", "file")
+
+
+@dataclass(frozen=True)
+class ParquetLayout:
+    """Which columns of a parquet file hold image data, keys and text."""
+
+    image_column: str | None
+    image_kind: str  # "bytes" | "struct" | "path" | "list"
+    key_column: str | None
+    text_columns: tuple[str, ...]
+
+
+def _image_kind(arrow_type) -> str | None:
+    import pyarrow as pa
+
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "bytes"
+    if pa.types.is_struct(arrow_type) and arrow_type.get_field_index("bytes") >= 0:
+        return "struct"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return "list" if _image_kind(arrow_type.value_type) in ("bytes", "struct") else None
+    return None
+
+
+def parquet_layout(schema, image_field: str | None, key_field: str | None) -> ParquetLayout:
+    import pyarrow as pa
+
+    names = list(schema.names)
+    text_columns = tuple(n for n in names if pa.types.is_string(schema.field(n).type) or pa.types.is_large_string(schema.field(n).type))
+    image_column, kind = None, "bytes"
+    if image_field:
+        if image_field not in names:
+            raise UsageError(f"image column '{image_field}' not found; columns: {', '.join(names)}")
+        image_column = image_field
+        kind = _image_kind(schema.field(image_field).type) or ("path" if image_field in text_columns else "")
+        if not kind:
+            raise UsageError(f"column '{image_field}' holds {schema.field(image_field).type}, not images or paths")
+    else:
+        ranked = sorted(names, key=lambda n: (n.lower() not in ("image", "images", "img", "jpg", "png"), names.index(n)))
+        for name in ranked:
+            detected = _image_kind(schema.field(name).type)
+            if detected:
+                image_column, kind = name, detected
+                break
+        if image_column is None:
+            for name in PATH_COLUMNS:
+                if name in text_columns:
+                    image_column, kind = name, "path"
+                    break
+    if key_field and key_field not in names:
+        raise UsageError(f"key column '{key_field}' not found; columns: {', '.join(names)}")
+    key_column = key_field or next((n for n in KEY_COLUMNS if n in names), None)
+    return ParquetLayout(image_column, kind, key_column, text_columns)
+
+
+def _parquet_images(value: Any, kind: str, base_dir: Path) -> list[bytes]:
+    if value is None:
+        return []
+    if kind == "bytes":
+        return [value]
+    if kind == "struct":
+        if value.get("bytes") is not None:
+            return [value["bytes"]]
+        if value.get("path"):
+            return _parquet_images(value["path"], "path", base_dir)
+        return []
+    if kind == "path":
+        path = Path(value)
+        return [(path if path.is_absolute() else base_dir / path).read_bytes()]
+    out: list[bytes] = []
+    for item in value:
+        out.extend(_parquet_images(item, "struct" if isinstance(item, dict) else "bytes", base_dir))
+    return out
+
+
+def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -> Iterator[RawSample | ShardEnd]:
+    import pyarrow.parquet as pq
+
+    count = 0
+    try:
+        source = pq.ParquetFile(open_stream(shard.url) if "://" in shard.url else shard.url)
+        layout = parquet_layout(source.schema_arrow, image_field, key_field)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable shard
+        yield shard_error_sample(f"unreadable parquet file: {exc}")
+        yield ShardEnd(shard, 1, partial=True, message=f"unreadable parquet file: {exc}")
+        return
+    no_image = None
+    if layout.image_column is None:
+        no_image = f"no image column found; columns: {', '.join(source.schema_arrow.names)}"
+    columns = sorted({layout.image_column, *layout.text_columns, layout.key_column} - {None})
+    base_dir = Path(shard.url).parent
+    try:
+        for batch in source.iter_batches(batch_size=64, columns=columns or None):
+            for row in batch.to_pylist():
+                key = str(row[layout.key_column]) if layout.key_column and row.get(layout.key_column) is not None else f"{count:08d}"
+                fields = {c: row[c] for c in layout.text_columns if row.get(c) is not None}
+                sample = RawSample(
+                    key=key, index=count, fields=fields, field_names=tuple(source.schema_arrow.names),
+                    image_names=(layout.image_column,) if layout.image_column else (), error=no_image,
+                )
+                try:
+                    if no_image is None:
+                        sample.images = _parquet_images(row[layout.image_column], layout.image_kind, base_dir)
+                        if not sample.images:
+                            sample.error = f"no image data in column '{layout.image_column}' (null)"
+                except OSError as exc:
+                    sample.error = f"cannot read image file: {exc}"
+                yield sample
+                count += 1
+    except Exception as exc:  # noqa: BLE001 - a corrupt page ends the shard, rows before it stay
+        message = f"read error after {count} rows: {exc}"
+        if count == 0:
+            yield shard_error_sample(f"unreadable parquet file: {exc}")
+            count = 1
+        yield ShardEnd(shard, count, partial=True, message=message)
+        return
+    yield ShardEnd(shard, count)

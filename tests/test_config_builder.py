@@ -1,0 +1,42 @@
+"""One spec builder: the CLI's options, `JobSpec.from_recipe` and Ray Data's ImageAnswerer agree."""
+
+from __future__ import annotations
+
+import dataclasses
+from inspect import signature
+
+import pytest
+
+from dvl_batch import JobSpec, cli
+from dvl_batch.cli_options import JOB_OPTIONS
+from dvl_batch.config.sections import SECTION_TYPES
+from dvl_batch.config.spec import option_path
+from dvl_batch.errors import UsageError
+
+
+def _field_exists(path: str) -> bool:
+    section, key = path.split(".", 1)
+    return key in {f.name for f in dataclasses.fields(SECTION_TYPES[section])}
+
+
+def test_every_cli_option_names_a_spec_field_through_the_shared_mapping():
+    own = {name for command in (cli.caption, cli.vqa, cli.run_recipe) for name in signature(command).parameters}
+    names = (set(JOB_OPTIONS) | own) - {"inputs", "recipe"}
+    unmapped = {name: option_path(name) for name in names if not _field_exists(option_path(name))}
+    assert not unmapped
+    assert option_path("question") == "prompt.questions" and option_path("strict") == "output.strict"
+
+
+def test_unknown_options_are_refused_with_a_hint():
+    with pytest.raises(UsageError, match="did you mean 'max_new_tokens'"):
+        JobSpec.from_recipe(None, max_new_token=3)
+
+
+def test_image_answerer_takes_bundled_recipe_names_like_from_recipe(cache_dir):
+    from dvl_batch.ray_data import ImageAnswerer
+
+    expected = JobSpec.from_recipe("short-caption", model="tiny", device="cpu", max_new_tokens=4)
+    answerer = ImageAnswerer("tiny", recipe="short-caption", max_new_tokens=4, device="cpu",
+                             cache_dir=str(cache_dir), decode_threads=1)
+    assert answerer.spec == expected
+    assert answerer.spec.prompt.prompt == "Describe this image in one sentence."
