@@ -89,6 +89,7 @@ class SlotStore:
         self.row_len = torch.zeros(rows, dtype=torch.long, device=dev)
         self.row_prefix = torch.zeros(rows, dtype=torch.long, device=dev)
         self.n_gen = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.row_live = torch.zeros(rows, dtype=torch.long, device=dev)  # 1 while a row holds a request
         self.force_at = torch.full((rows,), NO_FORCE, dtype=torch.long, device=dev)
         self.group_prefix = torch.zeros(layout.groups + 1, dtype=torch.long, device=dev)
         self.prefix_range = torch.arange(layout.prefix_cap, device=dev)
@@ -262,6 +263,7 @@ class SlotStore:
         first = self.pick(logits, torch.zeros_like(force_t), force_t)
         self.next_tok[rows_t] = first
         self.n_gen.index_fill_(0, rows_t, 1)
+        self.row_live.index_fill_(0, rows_t, 1)
         self.force_at[rows_t] = force_t
         return self._send_home(first, rows)
 
@@ -331,7 +333,7 @@ class SlotStore:
         """Mark freed groups empty on the device, so decode attention reads none of their keys.
 
         A finished group's slot stays in the fixed-shape decode step until it is refilled;
-        with its prefix length and its rows' suffix lengths at zero the kernels skip it
+        with its prefix length and its rows' suffix lengths held at zero the kernels skip it
         (masked loads move no data) instead of re-reading a dead prompt at every step.
         Enqueued in stream order, so a later admission into the same slot wins.
         """
@@ -342,11 +344,13 @@ class SlotStore:
         rows = (groups[:, None] * q + torch.arange(q, device=self.device)[None]).reshape(-1)
         self.group_prefix.index_fill_(0, groups, 0)
         self.row_len.index_fill_(0, rows, 0)
+        self.row_live.index_fill_(0, rows, 0)
 
     def _reset_rows(self) -> None:
         self.row_len.zero_()
         self.n_gen.zero_()
         self.group_prefix.zero_()
+        self.row_live.zero_()
 
     def launch_decode(self, rows: dict) -> Launched:
         """Enqueue one decode step; its tokens can be read later without stalling the device."""
@@ -358,7 +362,7 @@ class SlotStore:
         if self.gen.temperature > 0:
             tokens = self.pick(self.step_logits, self.n_gen, self.force_at)
         self.next_tok.copy_(tokens)
-        self.row_len.add_(1).clamp_(max=self.layout.suffix_cap - 1)
+        self.row_len.add_(self.row_live).clamp_(max=self.layout.suffix_cap - 1)  # freed rows stay at 0
         self.n_gen.add_(1)
         return self._send_home(tokens, {row_id: (row, row_id) for row_id, row in rows.items()})
 
