@@ -61,6 +61,7 @@ class SlotEngine:
         self.rows: dict[int, Row] = {}
         self.free_groups: list[int] = []
         self.freed: list[int] = []  # groups freed since the last decode launch (reset on the device)
+        self.finished_rows: list[int] = []  # rows whose answer ended since then
         self.group_live: dict[int, int] = {}
         self.launched: deque[Launched] = deque()  # token batches in flight, read in launch order
         self.rows_per_group = 1
@@ -164,6 +165,7 @@ class SlotEngine:
         self.stats.slots = layout.rows
         self.free_groups = list(range(layout.groups - 1, -1, -1))
         self.freed = []
+        self.finished_rows = []
         self.group_live = {}
         self.rows = {}
 
@@ -229,6 +231,7 @@ class SlotEngine:
         else:
             return None
         del self.rows[row_id]
+        self.finished_rows.append(row_id)
         slot = row_id // self.layout.rows_per_group
         self.group_live[slot] -= 1
         if self.group_live[slot] == 0:
@@ -253,8 +256,9 @@ class SlotEngine:
         while len(self.launched) > 1 or (self.launched and not self.rows):
             done.extend(self._collect(self.launched.popleft()))
         with phase(self.device_clock, "decode"):
-            self.store.release_groups(self.freed)
+            self.store.release(self.freed, self.finished_rows)
         self.freed.clear()
+        self.finished_rows.clear()
         self.stats.decode_seconds += time.perf_counter() - started
         return done
 

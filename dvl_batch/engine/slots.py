@@ -329,22 +329,22 @@ class SlotStore:
         self.graph = graph
         self._reset_rows()
 
-    def release_groups(self, slots: list[int]) -> None:
-        """Mark freed groups empty on the device, so decode attention reads none of their keys.
+    def release(self, groups: list[int], rows: list[int]) -> None:
+        """Mark finished rows and freed groups empty on the device, so decode attention reads
+        none of their keys.
 
-        A finished group's slot stays in the fixed-shape decode step until it is refilled;
-        with its prefix length and its rows' suffix lengths held at zero the kernels skip it
-        (masked loads move no data) instead of re-reading a dead prompt at every step.
-        Enqueued in stream order, so a later admission into the same slot wins.
+        Slots stay in the fixed-shape decode step until they are refilled; a finished row's
+        suffix length is held at zero (a VQA group keeps decoding its other questions), and
+        a freed group's prefix length is zero, so the kernels skip them (masked loads move
+        no data) instead of re-reading dead prompts at every step. Enqueued in stream order,
+        so a later admission into the same slot wins.
         """
-        if not slots:
-            return
-        groups = self._upload(slots)
-        q = self.layout.rows_per_group
-        rows = (groups[:, None] * q + torch.arange(q, device=self.device)[None]).reshape(-1)
-        self.group_prefix.index_fill_(0, groups, 0)
-        self.row_len.index_fill_(0, rows, 0)
-        self.row_live.index_fill_(0, rows, 0)
+        if rows:
+            rows_t = self._upload(rows)
+            self.row_len.index_fill_(0, rows_t, 0)
+            self.row_live.index_fill_(0, rows_t, 0)
+        if groups:
+            self.group_prefix.index_fill_(0, self._upload(groups), 0)
 
     def _reset_rows(self) -> None:
         self.row_len.zero_()
