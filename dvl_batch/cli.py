@@ -83,6 +83,10 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
 
 def _print_summary(result) -> None:
     stats = result.stats
+    if not stats.samples and not stats.shards_written and result.shards_done >= result.shards_total:
+        err.print(f"nothing to do: all {result.shards_total} shards in {escape(str(result.out))} are done "
+                  "(new shards are picked up when they appear; --overwrite starts over)")
+        return
     seconds = max(result.seconds, 1e-9)
     table = Table(title="dvl-batch summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -90,10 +94,10 @@ def _print_summary(result) -> None:
     table.add_row("output", str(result.out))
     table.add_row("model", result.model)
     table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({stats.shards_written} this run, {stats.shards_partial} partial)")
-    table.add_row("images", str(stats.samples))
+    table.add_row("images", f"{stats.images} in {stats.answered} samples")
     table.add_row("rows", f"{stats.rows} ({stats.error_rows} with errors)")
     table.add_row("time", f"{seconds:.1f} s")
-    table.add_row("throughput", f"{stats.samples / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
+    table.add_row("throughput", f"{stats.images / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
     engine = stats.engine
     if engine.get("oom_splits"):
         table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))

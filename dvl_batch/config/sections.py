@@ -20,6 +20,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 RUNNERS = ("local", "ray")
 # run.gpus: "all", or a comma list of GPU indices ("0,1"), "cuda:N" or "cpu" (one engine per entry)
 GPUS_PATTERN = re.compile(r"all|(cpu|\d+|cuda:\d+)(,(cpu|\d+|cuda:\d+))*")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # model.device: what this tool can run on
 DEFAULT_CAPTION_PROMPT = "Describe this image."
 
 

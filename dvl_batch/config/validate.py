@@ -17,6 +17,7 @@ from ..errors import UsageError
 from .sections import (
     ATTN_IMPLEMENTATIONS,
     DEVICE_MAPS,
+    DEVICE_PATTERN,
     DTYPES,
     ENGINES,
     GPUS_PATTERN,
@@ -183,6 +184,10 @@ def validate(spec: Any) -> None:
         b.prefill_batch is None or b.prefill_batch >= 1, f"batch.prefill_batch must be >= 1, got {b.prefill_batch}"
     )
     _check(m.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got '{m.dtype}'")
+    _check(
+        bool(DEVICE_PATTERN.fullmatch(m.device.strip().lower())),
+        f"--device (model.device) must be auto, cpu, cuda or cuda:N (or mps), got '{m.device}'",
+    )
     _check(m.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}, got '{m.quantize}'")
     _check(bool(m.name.strip()), "model.name must not be empty")
     _check(

@@ -147,8 +147,13 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
     try:
         if job.model.notice:
             say(job.model.notice)
+        for warning in job.warnings:
+            say(warning)
+        if not job.todo:  # nothing to do: no model to load, no progress to show
+            state = "finished"
+            return _result(job, stats, started, False)
         runner = pick_runner(spec)
-        reporter.start(len(job.shards), job.done_before, f"{spec.prompt.task} with {job.model.label}")
+        reporter.start(len(job.shards), job.done_before, f"{spec.prompt.task} with {job.model.label}", job.todo)
 
         def on_progress(current: RunStats) -> None:
             reporter.update(current)
@@ -166,6 +171,10 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
             progress_file.update(stats, force=True, state=state)
         finally:
             job.release()
+    return _result(job, stats, started, stop.requested)
+
+
+def _result(job: PreparedJob, stats: RunStats, started: float, interrupted: bool) -> JobResult:
     return JobResult(
         stats=stats,
         out=job.out.root,
@@ -173,6 +182,6 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
         shards_total=len(job.shards),
         shards_done_before=job.done_before,
         seconds=time.perf_counter() - started,
-        interrupted=stop.requested,
+        interrupted=interrupted,
         notice=job.model.notice,
     )
