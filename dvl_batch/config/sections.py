@@ -110,6 +110,7 @@ class RunSpec:
     world_size: int | None = None  # None: from the environment (WORLD_SIZE, SLURM), else 1
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray instance
     progress: bool = True
+    verbose: bool = False  # keep libraries' warnings and progress bars in the log
 
 
 

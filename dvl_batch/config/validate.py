@@ -164,6 +164,14 @@ def validate(spec: Any) -> None:
             "vqa needs questions: --question TEXT, --questions-file FILE or --question-field NAME",
         )
     _check(p.task != "caption" or bool(p.prompt.strip()), "prompt.prompt must not be empty")
+    if p.task == "caption":
+        given = [name for name, value in (("questions", p.questions), ("questions_file", p.questions_file),
+                                          ("question_field", p.question_field)) if value]
+        _check(
+            not given,
+            f"caption asks only its prompt, so prompt.{given[0] if given else ''} would be ignored: use "
+            "`dvl-batch vqa` (or `dvl-batch run RECIPE` for a vqa recipe), or leave the questions out",
+        )
     _check_turns(p.turns)
     _check(
         p.max_prompt_tokens is None or p.max_prompt_tokens >= 1,

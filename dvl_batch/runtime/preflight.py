@@ -58,7 +58,7 @@ def _check_images(shard: Shard, samples: list[RawSample], spec: JobSpec) -> None
     fields = sorted({name for s in samples for name in s.field_names})
     asked = f"--image-field {spec.data.image_field} matches no field" if spec.data.image_field else "no image field found"
     raise UsageError(
-        f"{asked} in {shard.id} (fields found: {', '.join(fields) or 'none'}); "
+        f"{asked} in {shard.url} (fields found: {', '.join(fields) or 'none'}); "
         "pass --image-field NAME naming the field that holds the images (dvl-batch inspect lists them)"
     )
 
@@ -76,7 +76,7 @@ def _check_markers(shard: Shard, samples: list[RawSample], spec: JobSpec) -> Non
         if markers and markers not in n_images:
             have = " or ".join(str(n) for n in sorted(n_images))
             raise UsageError(
-                f"the prompt has {markers} {IMAGE_MARKER} markers but the samples of {shard.id} have {have} "
+                f"the prompt has {markers} {IMAGE_MARKER} markers but the samples of {shard.url} have {have} "
                 f"image(s) each; use one {IMAGE_MARKER} per image of a sample (or none: images then come first)"
             )
 

@@ -24,6 +24,7 @@ from ..sink.parts import error_rows
 from .job import PreparedJob, prepare_job
 from .pipeline import RunStats, StopFlag
 from .progress import NullReporter, ProgressFile, make_reporter
+from .quiet import quiet_libraries
 
 
 @dataclass
@@ -129,6 +130,7 @@ def run_job(
     """
     started = time.perf_counter()
     spec = checked_spec(spec)
+    quiet_libraries(spec.run.verbose)
     if spec.run.world_size > 1:
         say(f"rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}")
     cache = Path(spec.model.cache_dir) if spec.model.cache_dir else (cache_dir or default_cache_dir())

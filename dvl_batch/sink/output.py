@@ -48,6 +48,14 @@ class OutputDir:
             raise
         self.remove_stale_temp(owns)
 
+    def refuse_if_locked(self) -> None:
+        """Raise LockHeldError when another run holds this rank's lock; creates nothing, imports nothing heavy.
+
+        The world-size check needs OUT/.job.lock held, so it stays in `prepare`.
+        """
+        if self.root.is_dir():
+            self.lock.probe()
+
     def release(self) -> None:
         self.lock.release()
         self.world_lock.release()
