@@ -6,7 +6,6 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -151,7 +150,10 @@ def test_caption_with_a_vqa_recipe_and_bad_questions_files_are_refused_up_front(
 
 
 def test_help_shows_defaults_and_a_readable_usage_line(cache_dir):
-    result = run_cli(["caption", "--help"], cache_dir)
+    import subprocess
+
+    env = {**cli_env(cache_dir), "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "dvl_batch", "caption", "--help"], env=env, capture_output=True, text=True)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "[OPTIONS] INPUT..." in text and "{inputs}" not in text
