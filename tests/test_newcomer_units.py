@@ -124,3 +124,27 @@ def test_api_run_prints_no_library_bars_or_warnings(tmp_path, cache_dir, capfd):
     run(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
     err = capfd.readouterr().err
     assert "Loading" not in err and "Warning" not in err, err
+
+
+def test_sample_totals_come_from_parquet_footers_tar_headers_and_folder_lists(tmp_path):
+    from dvl_batch.records import Shard
+    from dvl_batch.runtime.progress import count_samples
+
+    from .conftest import many_shards, write_parquet
+
+    tar = many_shards(tmp_path, 1, 5)[0]
+    table = write_parquet(tmp_path / "t.parquet", {"key": ["a", "b", "c"], "image": [b"x", b"y", b"z"]})
+    assert count_samples(Shard("t", str(tar), "webdataset")) == 5
+    assert count_samples(Shard("p", str(table), "parquet")) == 3
+    assert count_samples(Shard("f", str(tmp_path), "folder", ("a.jpg", "b.jpg"))) == 2
+    assert count_samples(Shard("u", "https://example.org/x.tar", "webdataset")) is None
+
+
+def test_csv_questions_file_with_a_misspelt_column_names_it(tmp_path):
+    from dvl_batch.errors import UsageError
+    from dvl_batch.preprocess.prompts import load_questions_file
+
+    path = tmp_path / "q.csv"
+    path.write_text("key,qestion\nchelsea,What animal?\n")
+    with pytest.raises(UsageError, match=r"found: key, qestion\) \(did you mean 'question'\?\)"):
+        load_questions_file(path)

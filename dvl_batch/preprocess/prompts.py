@@ -87,7 +87,8 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or "key" not in reader.fieldnames or "question" not in reader.fieldnames:
                 found = list(reader.fieldnames or [])
-                hint = next((suggest(name, ("key", "question")) for name in found if suggest(name, ("key", "question"))), "")
+                hint = next((suggest(name, ("key", "question")) for name in found
+                             if name not in ("key", "question") and suggest(name, ("key", "question"))), "")
                 raise UsageError(
                     f"{path}: CSV needs a header with 'key' and 'question' columns (found: {', '.join(found) or 'none'}){hint}"
                 )
