@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 from ._version import __version__
 from .cli_options import (
@@ -44,6 +45,22 @@ from .cli_options import (
 )
 from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
+
+class _Command(TyperCommand):
+    """Usage lines in the usual Unix style: `caption [OPTIONS] INPUT...`, `run [OPTIONS] RECIPE`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if getattr(param, "param_type_name", None) != "argument":
+                continue
+            name = param.metavar or (param.name or "").upper()
+            if param.nargs != 1 and not name.endswith("..."):
+                name += "..."
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
 app = typer.Typer(
     name="dvl-batch",
     help="Caption and question-answer millions of images with DeepSeek-VL: shards in, resumable parquet out.",
@@ -62,10 +79,8 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
     if task:
         options["task"] = task
     spec = spec_from_recipe(recipe or None, inputs=inputs, **options)
+    _refuse_if_locked(spec)
     from .api import ErrorRowsError, run  # torch and transformers load only once the options are known to be valid
-    from .runtime.worker import quiet_transformers
-
-    quiet_transformers()
     try:
         result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
     except ErrorRowsError as exc:
@@ -81,8 +96,22 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+def _refuse_if_locked(spec) -> None:
+    """Another run holds OUT: exit 3 in a moment, before torch and transformers are imported."""
+    from .config.launch import with_launch_defaults
+    from .sink.output import OutputDir
+
+    launched = with_launch_defaults(spec)
+    if launched.output.path:
+        OutputDir(launched.output.path, launched.run.rank or 0, launched.run.world_size or 1).refuse_if_locked()
+
+
 def _print_summary(result) -> None:
     stats = result.stats
+    if not stats.samples and not stats.shards_written and result.shards_done >= result.shards_total:
+        err.print(f"nothing to do: all {result.shards_total} shards in {escape(str(result.out))} are done "
+                  "(new shards are picked up when they appear; --overwrite starts over)")
+        return
     seconds = max(result.seconds, 1e-9)
     table = Table(title="dvl-batch summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -90,10 +119,10 @@ def _print_summary(result) -> None:
     table.add_row("output", str(result.out))
     table.add_row("model", result.model)
     table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({stats.shards_written} this run, {stats.shards_partial} partial)")
-    table.add_row("images", str(stats.samples))
+    table.add_row("images", f"{stats.images} in {stats.answered} samples")
     table.add_row("rows", f"{stats.rows} ({stats.error_rows} with errors)")
     table.add_row("time", f"{seconds:.1f} s")
-    table.add_row("throughput", f"{stats.samples / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
+    table.add_row("throughput", f"{stats.images / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
     engine = stats.engine
     if engine.get("oom_splits"):
         table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))
@@ -140,7 +169,7 @@ def job_command(task: str | None) -> Callable[[Callable[..., None]], Callable[..
     return decorate
 
 
-@app.command()
+@app.command(cls=_Command)
 @job_command("caption")
 def caption(
     inputs: Inputs,
@@ -154,7 +183,7 @@ def caption(
     """Write a caption for every image. Rerun the same command to resume."""
 
 
-@app.command()
+@app.command(cls=_Command)
 @job_command("vqa")
 def vqa(
     inputs: Inputs,
@@ -170,10 +199,10 @@ def vqa(
     """Answer questions about every image: one row per (image, question)."""
 
 
-@app.command("run")
+@app.command("run", cls=_Command)
 @job_command(None)  # the task comes from the recipe or --task
 def run_recipe(
-    recipe: Annotated[str, typer.Argument(help="A bundled recipe name (see `dvl-batch recipes`) or a YAML file.", show_default=False)],
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="A bundled recipe name (see `dvl-batch recipes`) or a YAML file.", show_default=False)],
     inputs: InputOption = None,
     output: Output = None,
     task: Task = None,
@@ -188,7 +217,7 @@ def run_recipe(
     """Run a recipe: `dvl-batch run short-caption -i SHARDS -o OUT`. Options override the recipe."""
 
 
-@app.command("recipes")
+@app.command("recipes", cls=_Command)
 def list_recipes(
     name: Annotated[str | None, typer.Argument(help="Print this recipe's YAML instead of the list.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -211,7 +240,7 @@ def list_recipes(
     out_console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(
     output: Annotated[Path, typer.Argument(help="An output folder of a run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -243,7 +272,7 @@ def status(
     out_console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     inputs: Inputs,
     image_field: ImageField = None,
@@ -284,9 +313,14 @@ def inspect(
             ", ".join(sorted(r.fields)), note,
         )
     out_console.print(table)
+    for r in reports:
+        if r.samples and not r.image_fields:
+            asked = f"--image-field {image_field} matches no field" if image_field else "no image field found"
+            err.print(f"[yellow]{asked} in {escape(r.shard.id)}[/] (fields: {escape(', '.join(sorted(r.fields)) or 'none')}); "
+                      "pass --image-field NAME to name the field that holds the images")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     profile: Annotated[str, typer.Option(
         help="caption-varlen, vqa (5 questions per image), both, or preprocess (CPU decode rate per core, no model).",

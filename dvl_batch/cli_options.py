@@ -12,9 +12,16 @@ from typing import Annotated, Any
 
 import typer
 
+from .config.sections import DEFAULT_CAPTION_PROMPT, GenerationSpec
 from .errors import EXIT_ERROR_ROWS
 
-Inputs = Annotated[list[str], typer.Argument(help="Webdataset .tar/.tgz shards, parquet files, image folders, or brace patterns like 'shards/{000..099}.tar'.", show_default=False)]
+
+def _default(value: object) -> str:
+    """The '[default: X]' Typer shows for options whose own default is None ('unset: keep the recipe's')."""
+    return f"\\[default: {value}]"  # escaped: rich markup would swallow a bare [default: ...]
+
+
+Inputs = Annotated[list[str], typer.Argument(metavar="INPUT...", help="Webdataset .tar/.tgz shards, parquet files, image folders, or brace patterns like 'shards/{000..099}.tar'.", show_default=False)]
 Output = Annotated[str | None, typer.Option("--output", "-o", help="Output folder: parts/*.parquet, job.json, progress.json.", show_default=False)]
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder; 'tiny' for the offline test model. Default: deepseek-community/deepseek-vl-1.3b-chat, or the tiny model when it is unreachable.", rich_help_panel="Model")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel="Model")]
@@ -23,15 +30,15 @@ Dtype = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or floa
 Attn = Annotated[str | None, typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
 Quantize = Annotated[str | None, typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
 DeviceMap = Annotated[str | None, typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
-Prompt = Annotated[str | None, typer.Option("--prompt", "-p", help="Caption instruction.", rich_help_panel="Prompt")]
+Prompt = Annotated[str | None, typer.Option("--prompt", "-p", help=f"Caption instruction. {_default(DEFAULT_CAPTION_PROMPT)}", rich_help_panel="Prompt")]
 Question = Annotated[list[str] | None, typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
 QuestionsFile = Annotated[str | None, typer.Option(help="JSONL ({key, question|questions}) or CSV (key,question) with per-image questions.", rich_help_panel="Prompt")]
 QuestionField = Annotated[str | None, typer.Option(help="Input field/column holding each sample's question (e.g. 'question', 'txt', 'json.question').", rich_help_panel="Prompt")]
 SystemPrompt = Annotated[str | None, typer.Option(help="Replace the checkpoint's system prompt.", rich_help_panel="Prompt")]
-MaxNew = Annotated[int | None, typer.Option(help="Longest answer in tokens. [default: 128]", rich_help_panel="Generation")]
+MaxNew = Annotated[int | None, typer.Option(help=f"Longest answer in tokens. {_default(GenerationSpec.max_new_tokens)}", rich_help_panel="Generation")]
 Temperature = Annotated[float | None, typer.Option(help="0 for greedy decoding (default); > 0 samples.", rich_help_panel="Generation")]
-TopP = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.", rich_help_panel="Generation")]
-Seed = Annotated[int | None, typer.Option(help="Sampling seed.", rich_help_panel="Generation")]
+TopP = Annotated[float | None, typer.Option(help=f"Nucleus sampling threshold. {_default(GenerationSpec.top_p)}", rich_help_panel="Generation")]
+Seed = Annotated[int | None, typer.Option(help=f"Sampling seed. {_default(GenerationSpec.seed)}", rich_help_panel="Generation")]
 ImageField = Annotated[str | None, typer.Option(help="Image field/column (auto-detected); comma-separated for multi-image samples.", rich_help_panel="Data")]
 KeyField = Annotated[str | None, typer.Option(help="Parquet column with sample keys (default: key/__key__/id, else row number).", rich_help_panel="Data")]
 Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Decoder processes (default: CPU count - 1; 0 decodes in-process).", rich_help_panel="Data")]
@@ -53,6 +60,7 @@ Gpus = Annotated[str | None, typer.Option(help="'all' or '0,1,...': one engine p
 Rank = Annotated[int | None, typer.Option(help="This worker's index for static partitioning (default: RANK, or SLURM_PROCID / the SLURM array index).", rich_help_panel="Scale-out")]
 WorldSize = Annotated[int | None, typer.Option(help="Number of independent workers (default: WORLD_SIZE, or SLURM_NTASKS / the SLURM array size).", rich_help_panel="Scale-out")]
 RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
+Verbose = Annotated[bool | None, typer.Option("--verbose", help="Keep the libraries' warnings and progress bars in the log (hushed by default).", rich_help_panel="Output")]
 Progress = Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
 Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
 MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
@@ -68,6 +76,6 @@ JOB_OPTIONS: dict[str, Any] = {
     "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
     "key_field": KeyField, "max_image_pixels": MaxPixels, "limit": Limit, "shard_size": ShardSize,
     "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
-    "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress,
+    "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress, "verbose": Verbose,
     "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,
 }

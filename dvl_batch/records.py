@@ -75,6 +75,7 @@ class PreparedSample:
     requests: list[PromptRequest] = field(default_factory=list)
     error: str | None = None
     decode_seconds: float = 0.0
+    n_images: int = 1  # images the sample carries (error samples too), for progress and the summary
 
 
 @dataclass

@@ -33,6 +33,11 @@ def test_bench_command_compares_with_generate_on_the_tiny_model(tmp_path, cache_
     result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "img/s" in result.stdout and "outputs identical to generate: 6/6" in result.stdout
+    assert "nan" not in result.stdout  # no GPU: no peak memory, shown as '-'
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("profile"))
+    rows = [line for line in lines[header + 2:] if line.startswith("caption")]
+    assert rows and all(len(row) == len(lines[header]) for row in rows)  # columns line up with the header
     caption = json.loads(report.read_text())["profiles"]["caption"]["engines"]
     assert caption["dvl"]["images_per_s"] > 0 and caption["dvl"]["ratio_vs_best_generate"] > 0
 

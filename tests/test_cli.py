@@ -109,6 +109,8 @@ def test_rerun_resumes_without_duplicates_and_refuses_other_settings(tmp_path, c
     other = run_cli(["caption", str(data), "-o", str(out), "--prompt", "Say something.", *FAST], cache_dir)
     assert other.returncode == EXIT_USAGE
     assert "different job" in other.stderr and "--overwrite" in other.stderr
+    assert 'prompt.prompt "Describe this image." -> "Say something."' in other.stderr
+    assert "prompt.questions" not in other.stderr  # only the setting that changed is named
     redo = run_cli(["caption", str(data), "-o", str(out), "--prompt", "Say something.", "--overwrite", *FAST], cache_dir)
     assert redo.returncode == 0, redo.stderr
     assert set(read_rows(out).to_pandas()["question"]) == {"Say something."}

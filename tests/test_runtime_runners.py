@@ -269,7 +269,10 @@ def test_cpu_engine_processes_share_shards_survive_stops_and_crashes(tmp_path, c
 
     finished = run_cli(args, cache_dir)
     assert finished.returncode == 0, finished.stderr
-    assert finished.stderr.count("dvl-batch summary") == 1 and "12/12 done" in finished.stderr
+    # the crashed run may have left nothing to do: then the rerun says so instead of a summary
+    assert (finished.stderr.count("dvl-batch summary") == 1 and "12/12 done" in finished.stderr) or (
+        "nothing to do: all 12 shards" in finished.stderr
+    ), finished.stderr
     _assert_rows_exactly_once(out, 24)
     assert len(set(_writers(out).values())) >= 2  # parts came from several engine processes
 

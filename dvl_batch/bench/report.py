@@ -14,18 +14,30 @@ def format_preprocess_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _number(value: Any, spec: str) -> str:
+    """A measured value, or '-' where there is none (no GPU: no peak memory, no MFU)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(value, spec)
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"device: {results['device']}  torch {results['torch']}  transformers {results['transformers']}",
              f"MFU relative to: {results['peak']}"]
-    header = f"{'profile':<9} {'engine':<42} {'img/s':>8} {'ans/s':>8} {'tok/s':>9} {'peak GiB':>9} {'MFU':>6} {'ratio':>6}"
+    entries = [(name, entry) for name, profile in results["profiles"].items() for entry in profile["engines"].values()]
+    width = max([len("engine"), *(len(str(entry["engine"])) for _, entry in entries)])
+    profile_width = max([len("profile"), *(len(name) for name, _ in entries)])
+    header = (f"{'profile':<{profile_width}} {'engine':<{width}} {'img/s':>8} {'ans/s':>8} {'tok/s':>9} "
+              f"{'peak GiB':>9} {'MFU':>6} {'ratio':>6}")
     lines += [header, "-" * len(header)]
     for name, profile in results["profiles"].items():
         for entry in profile["engines"].values():
-            mfu = f"{entry['mfu']:.3f}" if entry.get("mfu") is not None else "-"
-            ratio = f"{entry['ratio_vs_best_generate']:.2f}x" if "ratio_vs_best_generate" in entry else ""
+            ratio = entry.get("ratio_vs_best_generate")
             lines.append(
-                f"{name:<9} {entry['engine']:<42} {entry['images_per_s']:>8.2f} {entry['answers_per_s']:>8.2f} "
-                f"{entry['useful_tokens_per_s']:>9.1f} {entry['peak_gpu_gib']:>9.2f} {mfu:>6} {ratio:>6}"
+                f"{name:<{profile_width}} {entry['engine']:<{width}} {_number(entry.get('images_per_s'), '.2f'):>8} "
+                f"{_number(entry.get('answers_per_s'), '.2f'):>8} {_number(entry.get('useful_tokens_per_s'), '.1f'):>9} "
+                f"{_number(entry.get('peak_gpu_gib'), '.2f'):>9} {_number(entry.get('mfu'), '.3f'):>6} "
+                f"{_number(ratio, '.2f') + 'x' if ratio is not None else '':>6}"
             )
         dvl = profile["engines"]["dvl"]
         lines.append(

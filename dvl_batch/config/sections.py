@@ -20,6 +20,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 RUNNERS = ("local", "ray")
 # run.gpus: "all", or a comma list of GPU indices ("0,1"), "cuda:N" or "cpu" (one engine per entry)
 GPUS_PATTERN = re.compile(r"all|(cpu|\d+|cuda:\d+)(,(cpu|\d+|cuda:\d+))*")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # model.device: what this tool can run on
 DEFAULT_CAPTION_PROMPT = "Describe this image."
 
 
@@ -109,6 +110,7 @@ class RunSpec:
     world_size: int | None = None  # None: from the environment (WORLD_SIZE, SLURM), else 1
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray instance
     progress: bool = True
+    verbose: bool = False  # keep libraries' warnings and progress bars in the log
 
 
 

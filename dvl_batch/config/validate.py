@@ -17,6 +17,7 @@ from ..errors import UsageError
 from .sections import (
     ATTN_IMPLEMENTATIONS,
     DEVICE_MAPS,
+    DEVICE_PATTERN,
     DTYPES,
     ENGINES,
     GPUS_PATTERN,
@@ -163,6 +164,14 @@ def validate(spec: Any) -> None:
             "vqa needs questions: --question TEXT, --questions-file FILE or --question-field NAME",
         )
     _check(p.task != "caption" or bool(p.prompt.strip()), "prompt.prompt must not be empty")
+    if p.task == "caption":
+        given = [name for name, value in (("questions", p.questions), ("questions_file", p.questions_file),
+                                          ("question_field", p.question_field)) if value]
+        _check(
+            not given,
+            f"caption asks only its prompt, so prompt.{given[0] if given else ''} would be ignored: use "
+            "`dvl-batch vqa` (or `dvl-batch run RECIPE` for a vqa recipe), or leave the questions out",
+        )
     _check_turns(p.turns)
     _check(
         p.max_prompt_tokens is None or p.max_prompt_tokens >= 1,
@@ -183,6 +192,10 @@ def validate(spec: Any) -> None:
         b.prefill_batch is None or b.prefill_batch >= 1, f"batch.prefill_batch must be >= 1, got {b.prefill_batch}"
     )
     _check(m.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got '{m.dtype}'")
+    _check(
+        bool(DEVICE_PATTERN.fullmatch(m.device.strip().lower())),
+        f"--device (model.device) must be auto, cpu, cuda or cuda:N (or mps), got '{m.device}'",
+    )
     _check(m.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}, got '{m.quantize}'")
     _check(bool(m.name.strip()), "model.name must not be empty")
     _check(

@@ -165,7 +165,7 @@ def _resize_uint8_torch(image: Image.Image, size: tuple[int, int]) -> np.ndarray
     """Antialiased bicubic resize of an RGB image with torch's uint8 kernels, as HWC."""
     import torch
 
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]  # a writable copy
     resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
     return resized[0].permute(1, 2, 0).numpy()
 

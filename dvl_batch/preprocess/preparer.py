@@ -44,7 +44,8 @@ class SamplePreparer:
 
     def prepare(self, raw: RawSample, shard: Shard) -> PreparedSample:
         started = time.perf_counter()
-        sample = PreparedSample(shard_id=shard.id, key=raw.key, index=raw.index, error=raw.error)
+        sample = PreparedSample(shard_id=shard.id, key=raw.key, index=raw.index, error=raw.error,
+                                n_images=max(1, len(raw.images)))
         questions = self.questions.questions_for(raw.key, raw.fields)
         if not questions:
             sample.error = sample.error or "no question for this sample"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.spec import PromptSpec
+from ..config.validate import suggest
 from ..errors import UsageError
 
 # The DeepSeek-VL checkpoints' own system prompt, used when the job sets none and the
@@ -85,7 +86,12 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or "key" not in reader.fieldnames or "question" not in reader.fieldnames:
-                raise UsageError(f"{path}: CSV needs a header with 'key' and 'question' columns")
+                found = list(reader.fieldnames or [])
+                hint = next((suggest(name, ("key", "question")) for name in found
+                             if name not in ("key", "question") and suggest(name, ("key", "question"))), "")
+                raise UsageError(
+                    f"{path}: CSV needs a header with 'key' and 'question' columns (found: {', '.join(found) or 'none'}){hint}"
+                )
             for row in reader:
                 if row["question"] and row["question"].strip():
                     table.setdefault(row["key"], []).append(row["question"].strip())
@@ -99,6 +105,12 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
             raise UsageError(f"{path}:{number}: not valid JSON ({exc})") from exc
         if not isinstance(record, dict) or "key" not in record:
             raise UsageError(f"{path}:{number}: each line needs a 'key' and a 'question' or 'questions'")
+        if "question" not in record and "questions" not in record:
+            others = [name for name in record if name != "key"]
+            hint = next((suggest(name, ("question", "questions")) for name in others if suggest(name, ("question", "questions"))), "")
+            raise UsageError(
+                f"{path}:{number}: no 'question' or 'questions' field (found: {', '.join(record) or 'nothing'}){hint}"
+            )
         questions = record.get("questions", [record.get("question")])
         if isinstance(questions, str):
             questions = [questions]

@@ -8,5 +8,7 @@
 - `worker.py`, `pipeline.py`: the device worker (one model on one device) and the
   per-shard assembly of preprocess -> engine -> sink.
 - `progress.py`: terminal bar, log lines, OUT/progress*.json.
+- `preflight.py`: the checks that find a usage error before OUT is touched;
+  `quiet.py`: library warnings and bars hushed unless `--verbose`.
 - `runners/`: local, multi-GPU and Ray; they only schedule shards.
 """

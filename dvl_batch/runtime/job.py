@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..sink.files import atomic_write_bytes
 from ..sink.output import OutputDir
 from ..sources import FolderManifest, discover_shards
 from .models import resolve_model
+from .preflight import check_devices, check_inputs
 
 
 @dataclass
@@ -33,6 +34,7 @@ class PreparedJob:
     shards: list[Shard]  # this rank's shards
     todo: list[Shard]  # those without a part file yet
     metadata: dict[str, Any]  # goes into every part's schema metadata
+    warnings: list[str] = field(default_factory=list)  # said once, before the run starts
 
     @property
     def done_before(self) -> int:
@@ -75,8 +77,11 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
 
 def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
     """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
-    discover_shards(spec.data.inputs, spec.data.shard_size)  # fail on bad inputs before touching OUT
+    # Every usage error is found before OUT is touched: inputs, device, model, what the data holds.
+    listed = discover_shards(spec.data.inputs, spec.data.shard_size)
+    check_devices(spec)
     model = resolve_model(spec.model, cache_dir, offline)
+    warnings = check_inputs(spec, listed)
     rank, world_size = spec.run.rank, spec.run.world_size
     out = OutputDir(spec.output.path, rank, world_size)
     out.prepare(owns=lambda shard_id: shard_owner(shard_id, world_size) == rank)
@@ -100,4 +105,4 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
     except BaseException:
         out.release()
         raise
-    return PreparedJob(spec, model, out, mine, todo, job_metadata(spec, model))
+    return PreparedJob(spec, model, out, mine, todo, job_metadata(spec, model), warnings)

@@ -57,7 +57,32 @@ def resolve_model(spec: ModelSpec, cache_dir: Path, offline: bool = False) -> Re
         return ResolvedModel(str(local.resolve()), str(local.resolve()), tiny=marker.exists())
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UsageError(f"model not found: '{name}' is neither a local folder nor a hub id like org/name")
+    check_hub_model(name, spec.revision, offline)
     return ResolvedModel(name, name, tiny=False)
+
+
+def check_hub_model(repo: str, revision: str | None, offline: bool) -> None:
+    """A hub id is usable when it is in the local cache or the hub answers for it, asked once.
+
+    Otherwise one UsageError line in seconds, instead of from_pretrained's minutes of
+    retries: what was tried, and how to run from a local folder or the tiny model.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+        return
+    hint = "pass a downloaded checkpoint with --model /path/to/folder, or --model tiny for the offline test model"
+    if offline:
+        raise UsageError(f"model {repo} is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE); {hint}")
+    try:
+        HfApi().model_info(repo, revision=revision, timeout=5)
+    except Exception as exc:  # noqa: BLE001 - not found, gated, no network: all end the same way
+        why = type(exc).__name__
+        if why in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
+            reason = f"the hub has no {'revision ' + revision + ' of ' if revision else ''}{repo} that this machine may read ({why})"
+        else:
+            reason = f"it is not in the Hugging Face cache and the hub did not answer ({why})"
+        raise UsageError(f"cannot use model {repo}: {reason}; {hint}") from None
 
 
 def check_model_dir(path: Path) -> None:

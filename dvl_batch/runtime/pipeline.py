@@ -24,6 +24,8 @@ from ..records import AnswerRow, PreparedSample, Shard, ShardEnd
 from ..sink.parts import ParquetSink
 from .feed import ShardFeed
 
+PROGRESS_INTERVAL = 0.5  # seconds between progress reports within a shard
+
 
 @dataclass
 class RunStats:
@@ -32,7 +34,9 @@ class RunStats:
     shards_written: int = 0
     shards_partial: int = 0
     decoder_restarts: int = 0  # decoder processes that died and were replaced
-    samples: int = 0
+    samples: int = 0  # samples taken from the inputs
+    answered: int = 0  # samples with every row written or waiting only for its shard's part
+    images: int = 0  # images of the answered samples
     rows: int = 0
     error_rows: int = 0
     generated_tokens: int = 0
@@ -41,8 +45,8 @@ class RunStats:
     engine: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: RunStats) -> None:
-        for name in ("shards_written", "shards_partial", "decoder_restarts", "samples", "rows", "error_rows",
-                     "generated_tokens"):
+        for name in ("shards_written", "shards_partial", "decoder_restarts", "samples", "answered", "images", "rows",
+                     "error_rows", "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.decode_seconds += other.decode_seconds
         for key, value in other.engine.items():
@@ -65,6 +69,7 @@ class _Inflight:
     index: int
     questions: list[str]
     remaining: int
+    n_images: int = 1
 
 
 class ShardAssembler:
@@ -78,6 +83,16 @@ class ShardAssembler:
         self.inflight: dict[int, _Inflight] = {}
         self.stats = RunStats()
         self._next_uid = 0
+        self._reported = time.monotonic()
+
+    def _answered(self, n_images: int) -> None:
+        """A sample has all its rows: progress counts it (at most a few reports a second)."""
+        self.stats.answered += 1
+        self.stats.images += n_images
+        now = time.monotonic()
+        if now - self._reported >= PROGRESS_INTERVAL:
+            self._reported = now
+            self.on_progress(self.stats)
 
     def _state(self, shard: Shard) -> _ShardState:
         if shard.id not in self.states:
@@ -99,11 +114,12 @@ class ShardAssembler:
             force = force_eos(sample.key, q_index) if force_eos else None
             prompts.append(EnginePrompt(q_index, request.input_ids, request.prefix_len, force))
         if not prompts:
+            self._answered(sample.n_images)
             return None
         uid = self._next_uid
         self._next_uid += 1
         questions = [r.question for r in sample.requests]
-        self.inflight[uid] = _Inflight(shard.id, sample.key, sample.index, questions, len(prompts))
+        self.inflight[uid] = _Inflight(shard.id, sample.key, sample.index, questions, len(prompts), sample.n_images)
         state.outstanding += len(prompts)
         return WorkItem(uid, {name: torch.from_numpy(array) for name, array in sample.pixels.items()}, prompts)
 
@@ -118,6 +134,7 @@ class ShardAssembler:
         info.remaining -= 1
         if info.remaining == 0:
             del self.inflight[done.uid]
+            self._answered(info.n_images)
         self._maybe_write(state)
 
     def end_shard(self, end: ShardEnd) -> None:

@@ -1,7 +1,9 @@
 """Progress reporting: a live bar on a terminal, periodic log lines under cron, OUT/progress*.json.
 
-Throughput shown is images (samples) per second of this run; the ETA extrapolates
-from shards finished in this run, since shard sizes are unknown until read.
+Progress counts answered samples and their images, so a job of one big shard moves
+too. The total is counted in the background from what is cheap to read (a parquet
+footer, a local tar's headers, a folder shard's list) and extrapolated over shards that
+are not; the ETA divides the images left by this run's images per second.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tarfile
+import threading
 import time
 from typing import Any
 
+from ..records import Shard
+from ..sources.webdataset import split_member_name
 from .job import PreparedJob
 from .pipeline import RunStats
 
@@ -24,22 +30,97 @@ def _eta(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def compact(number: float) -> str:
+    """1234 -> 1234, 123456 -> 123.5k, 12345678 -> 12.3M: counts that fit a narrow column."""
+    if number < 100_000:
+        return str(int(number))
+    if number < 10_000_000:
+        return f"{number / 1000:.1f}k"
+    return f"{number / 1_000_000:.1f}M"
+
+
+def count_samples(shard: Shard) -> int | None:
+    """A shard's sample count when it is cheap to know (None for compressed, remote or unreadable ones)."""
+    if shard.format == "folder":
+        return len(shard.members) or None
+    if "://" in shard.url or shard.url.startswith("pipe:"):
+        return None
+    try:
+        if shard.format == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(shard.url).metadata.num_rows
+        if shard.format == "webdataset" and shard.url.endswith(".tar"):
+            keys: set[str] = set()
+            with tarfile.open(shard.url, "r:") as archive:  # headers only: member data is skipped
+                for member in archive:
+                    split = split_member_name(member.name) if member.isfile() else None
+                    if split:
+                        keys.add(split[0])
+            return len(keys)
+    except Exception:  # noqa: BLE001 - a shard the reader will report as bad: no estimate
+        return None
+    return None
+
+
+class SampleTotal:
+    """The samples of the shards to do, counted in a background thread as the run starts."""
+
+    def __init__(self, shards: list[Shard]):
+        self.shards = shards
+        self.counted: list[int] = []
+        self.tried = 0
+        self._thread = threading.Thread(target=self._count, name="dvl-count", daemon=True)
+        if shards:
+            self._thread.start()
+
+    def _count(self) -> None:
+        for shard in self.shards:
+            number = count_samples(shard)
+            if number is not None:
+                self.counted.append(number)
+            self.tried += 1
+
+    def estimate(self) -> float | None:
+        """Counted samples, plus their mean for each shard not counted; None while nothing is known."""
+        counted = list(self.counted)
+        if not counted:
+            return None
+        return sum(counted) + (len(self.shards) - len(counted)) * sum(counted) / len(counted)
+
+
 class _Clock:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.total = 0
         self.done_before = 0
+        self.samples: SampleTotal | None = None
 
     def rates(self, stats: RunStats) -> tuple[float, float, str]:
+        """Seconds so far, images per second, and the ETA from the images still to answer."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        remaining = self.total - self.done_before - stats.shards_written
+        rate = stats.images / elapsed
+        remaining_shards = self.total - self.done_before - stats.shards_written
+        if remaining_shards <= 0:
+            return elapsed, rate, "0s"
+        total = self.samples.estimate() if self.samples else None
+        if total is not None and stats.answered and rate > 0:
+            per_sample = stats.images / stats.answered  # images per sample so far
+            left = max(total - stats.answered, 0) * per_sample
+            return elapsed, rate, _eta(left / rate)
         per_shard = elapsed / stats.shards_written if stats.shards_written else float("inf")
-        return elapsed, stats.samples / elapsed, _eta(remaining * per_shard) if remaining > 0 else "0s"
+        return elapsed, rate, _eta(remaining_shards * per_shard)
+
+    def sample_total(self) -> int | None:
+        total = self.samples.estimate() if self.samples else None
+        return None if total is None else round(total)
 
 
 class NullReporter(_Clock):
-    def start(self, total_shards: int, done_before: int, label: str) -> None:
+    def start(self, total_shards: int, done_before: int, label: str, todo: list[Shard] | None = None) -> None:
         self.total, self.done_before = total_shards, done_before
+        if todo:
+            self.samples = SampleTotal(todo)
 
     def update(self, stats: RunStats) -> None:
         pass
@@ -55,57 +136,71 @@ class LogReporter(NullReporter):
         super().__init__()
         self.interval = interval
         self.last = 0.0
+        self.label = ""
 
-    def start(self, total_shards: int, done_before: int, label: str) -> None:
-        super().start(total_shards, done_before, label)
+    def start(self, total_shards: int, done_before: int, label: str, todo: list[Shard] | None = None) -> None:
+        super().start(total_shards, done_before, label, todo)
+        self.label = label.split(" ", 1)[0]
         print(f"[dvl-batch] {label}: {total_shards - done_before} of {total_shards} shards to do", file=sys.stderr)
+
+    def line(self, stats: RunStats) -> str:
+        _, rate, eta = self.rates(stats)
+        total = self.sample_total()
+        samples = f"{stats.answered}/{total}" if total is not None else str(stats.answered)
+        return (
+            f"[dvl-batch] {self.label}: {samples} samples ({stats.images} images), "
+            f"shards {self.done_before + stats.shards_written}/{self.total}, {stats.error_rows} error rows, "
+            f"{rate:.1f} img/s, ETA {eta}"
+        )
 
     def update(self, stats: RunStats) -> None:
         now = time.monotonic()
         if now - self.last < self.interval:
             return
         self.last = now
-        _, rate, eta = self.rates(stats)
-        done = self.done_before + stats.shards_written
-        print(
-            f"[dvl-batch] shards {done}/{self.total}, {stats.samples} images, {stats.error_rows} error rows, "
-            f"{rate:.1f} img/s, ETA {eta}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(self.line(stats), file=sys.stderr, flush=True)
 
 
 class RichReporter(NullReporter):
-    """A rich progress bar over shards with images/s and ETA."""
+    """A rich progress bar over samples (shards until their size is known) with images/s and ETA.
 
-    def __init__(self) -> None:
+    Fits an 80-column terminal: a short description, the bar, images done/total, img/s, ETA.
+    """
+
+    def __init__(self, console=None) -> None:
         super().__init__()
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} shards"),
-            TextColumn("{task.fields[images]} images"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[count]}"),
             TextColumn("[cyan]{task.fields[rate]} img/s"),
-            TimeElapsedColumn(),
             TextColumn("ETA {task.fields[eta]}"),
+            console=console,
             transient=False,
             redirect_stderr=False,
         )
         self.task = None
 
-    def start(self, total_shards: int, done_before: int, label: str) -> None:
-        super().start(total_shards, done_before, label)
+    def start(self, total_shards: int, done_before: int, label: str, todo: list[Shard] | None = None) -> None:
+        super().start(total_shards, done_before, label, todo)
         self.progress.start()
-        self.task = self.progress.add_task(label, total=total_shards, completed=done_before, images=0, rate="-", eta="?")
+        short = label.split(" ", 1)[0][:12]
+        self.task = self.progress.add_task(short, total=None, count="0 img", rate="-", eta="?")
 
     def update(self, stats: RunStats) -> None:
         _, rate, eta = self.rates(stats)
-        self.progress.update(
-            self.task, completed=self.done_before + stats.shards_written, images=stats.samples,
-            rate=f"{rate:.1f}", eta=eta,
-        )
+        total = self.sample_total()
+        if total is not None:  # the bar over samples; the count in images
+            per_sample = stats.images / stats.answered if stats.answered else 1.0
+            count = f"{compact(stats.images)}/{compact(round(total * per_sample))} img"
+            self.progress.update(self.task, completed=stats.answered, total=max(total, stats.answered))
+        else:
+            count = f"{compact(stats.images)} img"
+            done = self.done_before + stats.shards_written
+            self.progress.update(self.task, completed=done, total=self.total)
+        self.progress.update(self.task, count=count, rate=f"{rate:.1f}", eta=eta)
 
     def close(self) -> None:
         self.progress.stop()
@@ -133,9 +228,10 @@ class ProgressFile:
             "shards_total": len(self.job.shards),
             "shards_done": self.job.done_before + stats.shards_written,
             "samples_this_run": stats.samples,
+            "images_this_run": stats.images,
             "rows_this_run": stats.rows,
             "error_rows_this_run": stats.error_rows,
-            "images_per_second": round(stats.samples / elapsed, 3),
+            "images_per_second": round(stats.images / elapsed, 3),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "pid": os.getpid(),

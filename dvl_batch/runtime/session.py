@@ -24,6 +24,7 @@ from ..sink.parts import error_rows
 from .job import PreparedJob, prepare_job
 from .pipeline import RunStats, StopFlag
 from .progress import NullReporter, ProgressFile, make_reporter
+from .quiet import quiet_libraries
 
 
 @dataclass
@@ -129,6 +130,7 @@ def run_job(
     """
     started = time.perf_counter()
     spec = checked_spec(spec)
+    quiet_libraries(spec.run.verbose)
     if spec.run.world_size > 1:
         say(f"rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}")
     cache = Path(spec.model.cache_dir) if spec.model.cache_dir else (cache_dir or default_cache_dir())
@@ -147,8 +149,13 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
     try:
         if job.model.notice:
             say(job.model.notice)
+        for warning in job.warnings:
+            say(warning)
+        if not job.todo:  # nothing to do: no model to load, no progress to show
+            state = "finished"
+            return _result(job, stats, started, False)
         runner = pick_runner(spec)
-        reporter.start(len(job.shards), job.done_before, f"{spec.prompt.task} with {job.model.label}")
+        reporter.start(len(job.shards), job.done_before, f"{spec.prompt.task} with {job.model.label}", job.todo)
 
         def on_progress(current: RunStats) -> None:
             reporter.update(current)
@@ -166,6 +173,10 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
             progress_file.update(stats, force=True, state=state)
         finally:
             job.release()
+    return _result(job, stats, started, stop.requested)
+
+
+def _result(job: PreparedJob, stats: RunStats, started: float, interrupted: bool) -> JobResult:
     return JobResult(
         stats=stats,
         out=job.out.root,
@@ -173,6 +184,6 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
         shards_total=len(job.shards),
         shards_done_before=job.done_before,
         seconds=time.perf_counter() - started,
-        interrupted=stop.requested,
+        interrupted=interrupted,
         notice=job.model.notice,
     )

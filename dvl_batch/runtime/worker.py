@@ -21,20 +21,12 @@ from ..sink.output import OutputDir
 from ..sink.parts import ParquetSink
 from .feed import ShardFeed
 from .pipeline import RunStats, StopFlag, process_shards
+from .quiet import quiet_libraries
 
 
 def quiet_transformers() -> None:
     """No weight-loading bars interleaved with ours, no warnings repeated per engine in a job log."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # transformers imports torchao when installed; on machines without its CUDA kernels
-    # it logs one warning per extension, and torch warns about its enums: noise in a job log.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries()
 
 
 def eos_ids(processor, model) -> list[int]:
@@ -84,6 +76,7 @@ class DeviceWorker:
     """Loads the model once; `process` runs shards from a feed into parts."""
 
     def __init__(self, spec: JobSpec, model: ResolvedModel, device: str | None = None):
+        quiet_libraries(spec.run.verbose)  # engine processes and Ray actors start afresh
         self.spec = spec
         self.resolved = model
         self.device = pick_device(device or spec.model.device)

@@ -44,6 +44,20 @@ class RunLock:
         except OSError:
             pass
 
+    def probe(self) -> None:
+        """Raise LockHeldError if another process holds the lock; never creates the file."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file (or unreadable: acquire() will say why)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+            raise LockHeldError(f"another dvl-batch run holds {self.path.parent} ({holder}); exiting") from None
+        finally:
+            os.close(fd)  # also drops the lock just taken
+
     def release(self) -> None:
         if self.fd is not None:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)

@@ -48,6 +48,14 @@ class OutputDir:
             raise
         self.remove_stale_temp(owns)
 
+    def refuse_if_locked(self) -> None:
+        """Raise LockHeldError when another run holds this rank's lock; creates nothing, imports nothing heavy.
+
+        The world-size check needs OUT/.job.lock held, so it stays in `prepare`.
+        """
+        if self.root.is_dir():
+            self.lock.probe()
+
     def release(self) -> None:
         self.lock.release()
         self.world_lock.release()
@@ -113,6 +121,30 @@ class OutputDir:
         atomic_write_json(self.progress_file, record)
 
 
+def _plain(value: Any) -> Any:
+    """A setting as job.json stores it: tuples as lists, so a value read back compares equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-    return "different " + ", ".join(changed) if changed else "different settings"
+    """Each changed setting as `name old -> new`, e.g. `generation.max_new_tokens 6 -> 8`."""
+    before, after = _flatten(_plain(old)), _flatten(_plain(new))
+    changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if not changed:
+        return "different settings"
+    return "changed: " + "; ".join(f"{key} {_shown(before.get(key))} -> {_shown(after.get(key))}" for key in changed)

@@ -1,0 +1,161 @@
+"""Issue 12 end to end: what a new user sees from the real `dvl-batch` command on a CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from dvl_batch.errors import EXIT_LOCKED, EXIT_USAGE
+from dvl_batch.sink.locks import RunLock
+
+from .conftest import EXAMPLES, cli_env, run_cli, write_image_shard, write_tar
+
+FAST = ["--max-new-tokens", "4", "--workers", "1", "--no-progress", "--model", "tiny"]
+
+
+def big_jpeg() -> bytes:
+    """Large enough for the draft decode and torch's resize (the path that warned about NumPy)."""
+    buffer = io.BytesIO()
+    Image.open(EXAMPLES / "images" / "chelsea.jpg").convert("RGB").resize((1600, 1200)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "some-org/not-cached-anywhere"], "not in the Hugging Face cache"),
+        (["--device", "tpu"], "--device (model.device) must be auto, cpu, cuda or cuda:N"),
+        (["--device", "cuda", "--model", "tiny"], "CUDA is not available"),
+        (["--model", "tiny", "--image-field", "nope"], "--image-field nope matches no field"),
+        (["--model", "tiny", "--prompt", "Compare <image> with <image>."], "2 <image> markers"),
+    ],
+    ids=["unknown-hub-id", "device-tpu", "device-cuda-without-cuda", "no-image-field", "two-markers"],
+)
+def test_usage_errors_exit_2_with_one_line_and_write_nothing_into_out(tmp_path, cache_dir, args, expected):
+    if "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(out), *args], cache_dir)
+    assert time.monotonic() - started < 15
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert expected in one_line_error(result)
+    assert not out.exists()
+
+
+def test_bad_inputs_and_missing_image_field_write_nothing_into_an_existing_out(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    missing = run_cli(["caption", str(tmp_path / "nowhere.tar"), "-o", str(out), *FAST], cache_dir)
+    assert missing.returncode == EXIT_USAGE, missing.stderr
+    one_line_error(missing)
+    shard = write_tar(tmp_path / "mpdata.tar", [(f"k{i}.mp", b"\x00" * 10) for i in range(5)])
+    no_image = run_cli(["caption", str(shard), "-o", str(out), *FAST], cache_dir)
+    assert no_image.returncode == EXIT_USAGE
+    assert "mpdata.tar (fields found: mp); pass --image-field NAME" in one_line_error(no_image)
+    assert list(out.iterdir()) == []
+    hint = run_cli(["inspect", str(shard)], cache_dir)
+    assert hint.returncode == 0 and "--image-field" in hint.stderr and "mp" in hint.stderr
+
+
+def test_unreachable_hub_fails_in_seconds_with_one_line(tmp_path, cache_dir):
+    env = cli_env(cache_dir)
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there
+    out = tmp_path / "out"
+    started = time.monotonic()
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dvl_batch", "caption", str(EXAMPLES / "shards"), "-o", str(out), "--model",
+         "some-org/not-cached-anywhere"], env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert time.monotonic() - started < 15
+    assert result.returncode == EXIT_USAGE
+    line = one_line_error(result)
+    assert "some-org/not-cached-anywhere" in line and "--model /path/to/folder" in line and "--model tiny" in line
+    assert not out.exists()
+
+
+def test_cpu_run_stderr_holds_only_dvl_batch_lines(tmp_path, cache_dir):
+    shard = write_image_shard(tmp_path / "data" / "big.tar", {"big": big_jpeg(), "cat": (EXAMPLES / "images" / "chelsea.jpg").read_bytes()})
+    out = tmp_path / "out"
+    result = run_cli(["caption", str(shard), "-o", str(out), "--max-new-tokens", "4", "--workers", "1", "--model", "tiny"], cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
+    assert "Loading" not in result.stderr
+    before_summary = result.stderr.split("dvl-batch summary")[0].splitlines()
+    assert before_summary and all(line.startswith("[dvl-batch]") for line in before_summary), result.stderr
+
+
+def test_rerun_with_nothing_to_do_loads_no_model(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    assert run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(out), *FAST], cache_dir).returncode == 0
+    started = time.monotonic()
+    again = run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(out), *FAST], cache_dir)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do: all 1 shards" in again.stderr and "img/s" not in again.stderr
+    assert json.loads((out / "progress.json").read_text())["state"] == "finished"
+    assert time.monotonic() - started < 60
+
+
+def test_lock_refusal_comes_before_torch_is_imported(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = RunLock(out / ".lock")
+    lock.acquire()  # held by this (test) process: the subprocess must see it taken
+    try:
+        code = (
+            "import sys\nfrom dvl_batch.cli import run_cli\n"
+            f"sys.argv = ['dvl-batch', 'caption', {str(EXAMPLES / 'shards')!r}, '-o', {str(out)!r}, '--model', 'tiny']\n"
+            "try:\n    run_cli()\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+        )
+        import subprocess
+
+        result = subprocess.run([sys.executable, "-c", code], env=cli_env(cache_dir), capture_output=True, text=True, timeout=60)
+    finally:
+        lock.release()
+    assert result.stdout.split() == [str(EXIT_LOCKED), "False", "False"], result.stdout + result.stderr
+    assert "another dvl-batch run holds" in result.stderr
+
+
+def test_caption_with_a_vqa_recipe_and_bad_questions_files_are_refused_up_front(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    recipe = run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(out), "--recipe", "vqa-annotation", *FAST], cache_dir)
+    assert recipe.returncode == EXIT_USAGE and "would be ignored" in one_line_error(recipe)
+    typo = tmp_path / "q.jsonl"
+    typo.write_text(json.dumps({"key": "chelsea", "qestion": "What animal?"}) + "\n")
+    misspelt = run_cli(["vqa", str(EXAMPLES / "shards"), "-o", str(out), "--questions-file", str(typo), *FAST], cache_dir)
+    assert misspelt.returncode == EXIT_USAGE
+    assert "no 'question' or 'questions' field" in one_line_error(misspelt) and "did you mean 'question'" in misspelt.stderr
+    assert not out.exists()
+    other_keys = tmp_path / "other.jsonl"
+    other_keys.write_text(json.dumps({"key": "not-a-sample", "question": "What?"}) + "\n")
+    warned = run_cli(["vqa", str(EXAMPLES / "shards"), "-o", str(out), "--questions-file", str(other_keys), *FAST], cache_dir)
+    assert warned.returncode == 0, warned.stderr
+    assert warned.stderr.count("is a key of") == 1 and "not-a-sample" in warned.stderr
+
+
+def test_help_shows_defaults_and_a_readable_usage_line(cache_dir):
+    import subprocess
+
+    env = {**cli_env(cache_dir), "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "dvl_batch", "caption", "--help"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "[OPTIONS] INPUT..." in text and "{inputs}" not in text
+    assert "[default: 128]" in text and "[default: Describe this image.]" in text
+    assert "[OPTIONS] RECIPE" in " ".join(run_cli(["run", "--help"], cache_dir).stdout.split())
