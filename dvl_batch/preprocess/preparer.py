@@ -45,7 +45,7 @@ class SamplePreparer:
     def prepare(self, raw: RawSample, shard: Shard) -> PreparedSample:
         started = time.perf_counter()
         sample = PreparedSample(shard_id=shard.id, key=raw.key, index=raw.index, error=raw.error)
-        questions = self.questions.questions_for(raw.key, raw.fields)
+        questions = self.questions.questions_for(raw.source_key or raw.key, raw.fields)
         if not questions:
             sample.error = sample.error or "no question for this sample"
             questions = [""]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..sink.files import atomic_write_bytes
 from ..sink.output import OutputDir
 from ..sources import FolderManifest, discover_shards
 from .models import resolve_model
+from .resume import check_identity_from_parts, exclude_paths, recover_manifest, trusted_parts
 
 
 @dataclass
@@ -33,6 +34,7 @@ class PreparedJob:
     shards: list[Shard]  # this rank's shards
     todo: list[Shard]  # those without a part file yet
     metadata: dict[str, Any]  # goes into every part's schema metadata
+    notices: list[str] = field(default_factory=list)  # parts not trusted (redone), chunks rebuilt
 
     @property
     def done_before(self) -> int:
@@ -75,7 +77,8 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
 
 def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
     """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
-    discover_shards(spec.data.inputs, spec.data.shard_size)  # fail on bad inputs before touching OUT
+    exclude = exclude_paths(spec.output.path)  # nothing in OUT is ever read as input
+    discover_shards(spec.data.inputs, spec.data.shard_size, exclude=exclude)  # fail on bad inputs before touching OUT
     model = resolve_model(spec.model, cache_dir, offline)
     rank, world_size = spec.run.rank, spec.run.world_size
     out = OutputDir(spec.output.path, rank, world_size)
@@ -89,15 +92,21 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
             "dvl_batch_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        metadata = job_metadata(spec, model)
+        notices: list[str] = []
         with out.shared_lock():
+            check_identity_from_parts(out, metadata, spec.output.overwrite)
             out.check_job(record, spec.output.overwrite)
-            manifest = FolderManifest(out.manifest_file)
-            shards = discover_shards(spec.data.inputs, spec.data.shard_size, manifest)
+            manifest = FolderManifest(out.manifest_file, taken=lambda shard_id: out.part_path(shard_id).exists())
+            if recover_manifest(out, manifest):
+                notices.append(f"{out.manifest_file.name}: folder chunks missing from it were rebuilt from OUT/parts")
+            shards = discover_shards(spec.data.inputs, spec.data.shard_size, manifest, exclude=exclude)
             manifest.save(atomic_write_bytes)
         mine = [s for s in shards if shard_owner(s.id, spec.run.world_size) == spec.run.rank]
-        done = out.done_shards()
+        done, redo = trusted_parts(out, mine, metadata["fingerprint"])
+        notices.extend(redo)
         todo = [s for s in mine if s.id not in done]
     except BaseException:
         out.release()
         raise
-    return PreparedJob(spec, model, out, mine, todo, job_metadata(spec, model))
+    return PreparedJob(spec, model, out, mine, todo, metadata, notices)

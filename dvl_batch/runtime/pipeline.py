@@ -32,6 +32,7 @@ class RunStats:
     shards_written: int = 0
     shards_partial: int = 0
     decoder_restarts: int = 0  # decoder processes that died and were replaced
+    duplicate_keys: int = 0  # samples whose key was taken already in their shard (renamed KEY#N)
     samples: int = 0
     rows: int = 0
     error_rows: int = 0
@@ -41,7 +42,7 @@ class RunStats:
     engine: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: RunStats) -> None:
-        for name in ("shards_written", "shards_partial", "decoder_restarts", "samples", "rows", "error_rows",
+        for name in ("shards_written", "shards_partial", "decoder_restarts", "duplicate_keys", "samples", "rows", "error_rows",
                      "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.decode_seconds += other.decode_seconds
@@ -123,6 +124,7 @@ class ShardAssembler:
     def end_shard(self, end: ShardEnd) -> None:
         state = self._state(end.shard)
         state.end = end
+        self.stats.duplicate_keys += end.duplicate_keys
         self._maybe_write(state)
 
     def _add_row(self, state: _ShardState, row: AnswerRow) -> None:

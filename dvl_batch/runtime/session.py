@@ -147,6 +147,8 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
     try:
         if job.model.notice:
             say(job.model.notice)
+        for notice in job.notices:
+            say(notice)
         runner = pick_runner(spec)
         reporter.start(len(job.shards), job.done_before, f"{spec.prompt.task} with {job.model.label}")
 
