@@ -11,7 +11,7 @@ from ..records import RawSample
 
 IMAGE_EXTENSIONS = (
     "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jp2", "img", "image",
-    "avif", "jfif", "tga",
+    "avif", "jfif", "tga", "ico",
 )
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -87,6 +87,21 @@ def _tar_sample(
     return sample
 
 
+def _skip_member(archive: tarfile.TarFile, step: int = 8 * 2**20) -> None:
+    """Read past the member just listed, in `step`-byte reads, to the next header.
+
+    tarfile would skip it itself, but in 10 KB reads that each copy what is left of its
+    decompression buffer: a 2 GB member of gzipped zeros took 45 s that way, 8 s this way
+    (2 shared cores).
+    Memory stays at about `step` plus one decompressed chunk. (A sparse member's next
+    header follows its stored bytes, which is all that is skipped.)"""
+    stream = archive.fileobj
+    target = archive.offset
+    while stream.tell() < target:
+        if not stream.read(min(step, target - stream.tell())):
+            break
+
+
 class _RecentMembers:
     """The data of the last members read (up to `budget` bytes), so that a hard link, which
     a streamed tar cannot seek back for, still gets its target's bytes."""
@@ -189,6 +204,7 @@ def read_webdataset(
                         problems[ext] = f"hard link to '{safe_text(info.linkname)}', whose data is no longer at hand"
                 elif info.size > max_bytes:
                     problems[ext], data = too_large(info.size, max_bytes), None
+                    _skip_member(archive)
                 else:
                     handle = archive.extractfile(info)
                     data = handle.read() if handle is not None else b""
