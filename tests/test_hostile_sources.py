@@ -132,6 +132,9 @@ def test_duplicate_keys_are_renamed_and_counted_never_merged(tmp_path):
     assert [s.key for s in samples] == ["a", "b", "a#2", "c", "c#2"]
     assert samples[3].images == [good] and samples[4].images == [junk], "the good c.jpg was replaced by the junk one"
     assert samples[2].source_key == "a" and end.duplicate_keys == 2 and "2 duplicate keys" in end.message
+    from dvl_batch.inspect import inspect_shard
+
+    assert inspect_shard(Shard("t", str(tmp_path / "s.tar"), "webdataset")).duplicate_keys == 2
     write_parquet(tmp_path / "p.parquet", {"key": ["00000000", None, "00000003", "00000003"],
                                            "image": pa.array([good] * 4, pa.binary())})
     rows, end = read_all(Shard("p", str(tmp_path / "p.parquet"), "parquet"))

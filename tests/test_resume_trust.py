@@ -146,6 +146,8 @@ def test_hostile_folder_end_to_end(tmp_path, cache_dir):
     again = run_cli(args, cache_dir, timeout=300)
     assert again.returncode == 0, again.stderr
     assert len(read_rows(out)) == len(rows), "the rerun read something new (its own parts?)"
+    report = json.loads(run_cli(["status", str(out), "--json"], cache_dir).stdout)
+    assert report["duplicate_keys"] == 1 and report["rows"] == len(rows)
     (out / "progress.json").write_text("{")
     status = run_cli(["status", str(out)], cache_dir)
     assert status.returncode == 2 and status.stderr.strip().startswith("error:") and "Traceback" not in status.stderr

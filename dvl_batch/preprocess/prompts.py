@@ -134,6 +134,7 @@ class PromptRenderer:
         self.turns = tuple(turns)
         self.max_prompt_tokens = max_prompt_tokens
         self._cache: dict[tuple[str, int], TokenizedPrompt] = {}
+        self._special_strings: list[str] | None = None
 
     @classmethod
     def from_spec(cls, processor, spec: PromptSpec) -> PromptRenderer:
@@ -182,8 +183,10 @@ class PromptRenderer:
         return ids
 
     def _specials(self) -> list[str]:
-        """The tokenizer's special-token strings, longest first."""
-        return sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        """The tokenizer's special-token strings, longest first (looked up once)."""
+        if self._special_strings is None:
+            self._special_strings = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        return self._special_strings
 
     def _ids_plain_user_text(self, question: str, n_images: int) -> list[int]:
         """Token ids where special-token strings typed in user text (the EOS string in a
