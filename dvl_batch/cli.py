@@ -121,6 +121,8 @@ def _print_summary(result) -> None:
     table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({stats.shards_written} this run, {stats.shards_partial} partial)")
     table.add_row("images", f"{stats.images} in {stats.answered} samples")
     table.add_row("rows", f"{stats.rows} ({stats.error_rows} with errors)")
+    if stats.duplicate_keys:
+        table.add_row("duplicate keys (renamed KEY#N)", str(stats.duplicate_keys))
     table.add_row("time", f"{seconds:.1f} s")
     table.add_row("throughput", f"{stats.images / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
     engine = stats.engine
@@ -260,6 +262,10 @@ def status(
     table.add_row("task", str(report["task"]))
     table.add_row("shards", f"{report['shards_done']}/{total if total is not None else '?'} done ({report['partial_shards']} partial)")
     table.add_row("rows", f"{report['rows']} ({report['error_rows']} with errors)")
+    if report["duplicate_keys"]:
+        table.add_row("duplicate keys (renamed KEY#N)", str(report["duplicate_keys"]))
+    if report["unreadable_parts"]:
+        table.add_row("unreadable parts (redone by the next run)", "\n".join(report["unreadable_parts"]))
     if report["world_size"] > 1:
         table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
     for run_info in report["runs"]:
@@ -293,13 +299,15 @@ def inspect(
             "samples": r.samples,
             "error_samples": r.errors,
             "partial": r.partial,
+            "duplicate_keys": r.duplicate_keys,
             "message": r.message,
             "fields": dict(r.fields),
             "image_fields": dict(r.image_fields),
         }
         for r in reports
     ]
-    summary = {"shards": len(shards), "inspected": len(reports), "samples": sum(r.samples for r in reports), "details": rows}
+    summary = {"shards": len(shards), "inspected": len(reports), "samples": sum(r.samples for r in reports),
+               "duplicate_keys": sum(r.duplicate_keys for r in reports), "details": rows}
     if as_json:
         out_console.print_json(json.dumps(summary))
         return

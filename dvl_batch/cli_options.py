@@ -45,6 +45,7 @@ Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Decoder pr
 Prefetch = Annotated[int | None, typer.Option(help="Samples buffered per decoder process.", rich_help_panel="Data")]
 FastDecode = Annotated[bool | None, typer.Option("--fast-decode/--exact-decode", help="Fast: JPEG draft decoding + normalisation on device. Exact: the checkpoint's image processor on full decodes.", rich_help_panel="Data")]
 MaxPixels = Annotated[int | None, typer.Option(help="Images with more pixels become error rows (decompression-bomb guard).", rich_help_panel="Data")]
+MaxFileBytes = Annotated[int | None, typer.Option(help="Members, files and parquet values larger than this many bytes become error rows, unread (default 64 MiB).", rich_help_panel="Data")]
 Limit = Annotated[int | None, typer.Option(help="Stop after this many samples (smoke tests; counted per engine process with --gpus/--runner ray).", rich_help_panel="Data")]
 ShardSize = Annotated[int | None, typer.Option(help="Images per shard for plain folders.", rich_help_panel="Data")]
 Engine = Annotated[str | None, typer.Option(help="continuous (slot scheduler, default) or generate (transformers' generate).", rich_help_panel="Batching")]
@@ -74,7 +75,7 @@ JOB_OPTIONS: dict[str, Any] = {
     "batch_size": BatchSize, "engine": Engine, "token_budget": TokenBudget, "prefill_batch": PrefillBatch,
     "cuda_graphs": CudaGraphs, "compile": Compile,
     "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
-    "key_field": KeyField, "max_image_pixels": MaxPixels, "limit": Limit, "shard_size": ShardSize,
+    "key_field": KeyField, "max_image_pixels": MaxPixels, "max_file_bytes": MaxFileBytes, "limit": Limit, "shard_size": ShardSize,
     "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
     "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress, "verbose": Verbose,
     "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,

@@ -6,7 +6,6 @@ finds; status reads job.json, progress files and part footers (no row data).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .records import RawSample, Shard, ShardEnd
-from .sink.parts import read_part_info
+from .sink.verify import part_record, read_state_file
 from .sources import FolderManifest, discover_shards, read_shard
 
 
@@ -26,6 +25,7 @@ class ShardReport:
     errors: int = 0
     partial: bool = False
     message: str | None = None
+    duplicate_keys: int = 0
     fields: Counter = field(default_factory=Counter)
     image_fields: Counter = field(default_factory=Counter)
 
@@ -34,7 +34,7 @@ def inspect_shard(shard: Shard, image_field: str | None = None, key_field: str |
     report = ShardReport(shard)
     for item in read_shard(shard, image_field, key_field):
         if isinstance(item, ShardEnd):
-            report.partial, report.message = item.partial, item.message
+            report.partial, report.message, report.duplicate_keys = item.partial, item.message, item.duplicate_keys
             continue
         assert isinstance(item, RawSample)
         report.samples += 1
@@ -51,29 +51,44 @@ def inspect_inputs(inputs: list[str], image_field: str | None, key_field: str | 
 
 
 def collect_status(out: Path) -> dict[str, Any]:
-    """Shards done/total, rows, errors and throughput of an output folder."""
+    """Shards done/total, rows, errors and throughput of an output folder.
+
+    A part that does not read back is counted (and named) as unreadable, not trusted; a
+    job.json or progress file that does not parse is one UsageError line saying what to do.
+    """
     out = Path(out)
     job_file = out / "job.json"
     if not job_file.exists():
         raise UsageError(f"{out} is not a dvl-batch output folder (no job.json)")
-    job = json.loads(job_file.read_text())
+    job = read_state_file(job_file, "delete it and rerun the job's command: it is rebuilt from OUT/parts")
+    if not isinstance(job, dict):
+        raise UsageError(f"{job_file} is corrupt (not a JSON object); delete it and rerun the job's command")
     parts = sorted((out / "parts").glob("*.parquet"))
-    rows = errors = partial = 0
+    rows = errors = partial = duplicates = 0
+    unreadable: list[str] = []
     for part in parts:
-        info = read_part_info(part)
+        try:
+            info = part_record(part)["shard"]
+        except (OSError, ValueError) as exc:
+            unreadable.append(f"{part.name}: {exc}")
+            continue
         rows += info.get("rows", 0)
         errors += info.get("errors", 0)
         partial += bool(info.get("partial"))
-    progress = current_world(json.loads(p.read_text()) for p in sorted(out.glob("progress*.json")))
+        duplicates += int(info.get("duplicate_keys") or 0)
+    fix = "delete it: the next run writes it again"
+    progress = current_world(read_state_file(p, fix) for p in sorted(out.glob("progress*.json")))
     world_size = progress[0].get("world_size", 1) if progress else 1
     total = sum(p.get("shards_total", 0) for p in progress) if len(progress) == world_size else None
     return {
         "output": str(out),
         "model": job.get("model"),
         "task": job.get("spec", {}).get("prompt", {}).get("task"),
-        "shards_done": len(parts),
+        "shards_done": len(parts) - len(unreadable),
         "shards_total": total,
         "partial_shards": partial,
+        "unreadable_parts": unreadable,
+        "duplicate_keys": duplicates,
         "rows": rows,
         "error_rows": errors,
         "world_size": world_size,
@@ -88,7 +103,7 @@ def current_world(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     Ranks of one `--world-size` each keep a progress file; files left by earlier runs
     with another world size (or by a single run) are not part of the current picture.
     """
-    records = list(records)
+    records = [r for r in records if isinstance(r, dict)]
     if not records:
         return []
     latest = max(records, key=lambda r: str(r.get("updated", "")))

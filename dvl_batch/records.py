@@ -40,6 +40,7 @@ class RawSample:
     error: str | None = None
     field_names: tuple[str, ...] = ()  # every field/column present (for inspect and error messages)
     image_names: tuple[str, ...] = ()  # the fields the images came from
+    source_key: str | None = None  # the key as stored, when `key` had to be made distinct (duplicates)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ShardEnd:
     n_samples: int
     partial: bool = False
     message: str | None = None
+    duplicate_keys: int = 0  # samples whose stored key was taken already (renamed KEY#N)
 
 
 @dataclass

@@ -73,6 +73,7 @@ class DataSpec:
     prefetch: int = 32  # samples buffered per worker
     fast_decode: bool = True  # JPEG draft decoding + normalisation on the device
     max_image_pixels: int = 89_478_485  # larger images become error rows (decompression bombs)
+    max_file_bytes: int = 64 * 2**20  # larger members/files/values become error rows, never read whole
     limit: int | None = None  # stop after this many samples (smoke tests)
     shard_size: int = 1000  # images per shard for plain folders
 

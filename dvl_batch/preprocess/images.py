@@ -15,7 +15,9 @@ half of a worker's time per image).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -23,16 +25,40 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 
-def _defer_to_our_pixel_limit() -> None:
-    """Pillow's own decompression-bomb limit off, truncated files refused: set when decoding
-    starts, not at import. dvl-batch enforces its own, configurable limit (DataSpec.max_image_pixels)."""
-    if Image.MAX_IMAGE_PIXELS is not None or ImageFile.LOAD_TRUNCATED_IMAGES:
-        Image.MAX_IMAGE_PIXELS = None
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
 class ImageError(ValueError):
     """An image that cannot be used; the message goes into the row's `error` column."""
+
+
+_LIMIT: list[int | None] = [None]  # the limit `_bomb_check` applies (one per decoder process)
+
+
+def _bomb_check(size: tuple[int, int]) -> None:
+    limit = _LIMIT[0]
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageError(f"image too large: {size[0]}x{size[1]} pixels exceeds the limit of {limit}")
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int):
+    """Pillow's decompression-bomb check made ours, truncated files refused, while decoding;
+    Pillow's own settings are restored afterwards (nothing changes at import either).
+
+    Pillow checks the size of every image it opens before decoding it: the outer file at
+    `Image.open`, and the frames containers open themselves (a 30000x30000 PNG inside an
+    ICO or ICNS). Its check is replaced by one that applies our limit with our message,
+    so no container is decoded before its frames were measured. `MAX_IMAGE_PIXELS` is set
+    to the limit too (its warning is raised as an error in `decode_image_drafted`), for
+    any reader that checks the constant itself.
+    """
+    saved = (_LIMIT[0], Image.MAX_IMAGE_PIXELS, Image._decompression_bomb_check, ImageFile.LOAD_TRUNCATED_IMAGES)  # type: ignore[attr-defined]
+    _LIMIT[0] = max_pixels
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image._decompression_bomb_check = _bomb_check  # type: ignore[attr-defined]
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        _LIMIT[0], Image.MAX_IMAGE_PIXELS, Image._decompression_bomb_check, ImageFile.LOAD_TRUNCATED_IMAGES = saved  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -130,10 +156,10 @@ def decode_image_drafted(data: bytes, max_pixels: int, draft_side: int | None = 
     """`decode_image`, also saying whether libjpeg decoded at a reduced scale."""
     if not data:
         raise ImageError("empty file (0 bytes)")
-    _defer_to_our_pixel_limit()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_limit(max_pixels):
             warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
@@ -146,6 +172,8 @@ def decode_image_drafted(data: bytes, max_pixels: int, draft_side: int | None = 
             if draft_side and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
                 image.draft("RGB", fitted_size(width, height, draft_side, 1))
             image.load()
+            if image.size[0] * image.size[1] > max_pixels:  # a container whose frame was larger than its header said
+                raise ImageError(f"image too large: {image.size[0]}x{image.size[1]} pixels exceeds the limit of {max_pixels}")
             drafted = image.size != (width, height)
             image = ImageOps.exif_transpose(image) or image
             return _to_rgb(image), drafted
@@ -153,8 +181,10 @@ def decode_image_drafted(data: bytes, max_pixels: int, draft_side: int | None = 
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised or unsupported format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "a frame"
+        raise ImageError(f"image too large: {size} (a frame inside the file) exceeds the limit of {max_pixels}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise ImageError(f"corrupt or truncated image data: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - crafted files make Pillow raise anything (struct.error, KeyError...)

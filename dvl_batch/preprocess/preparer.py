@@ -46,7 +46,7 @@ class SamplePreparer:
         started = time.perf_counter()
         sample = PreparedSample(shard_id=shard.id, key=raw.key, index=raw.index, error=raw.error,
                                 n_images=max(1, len(raw.images)))
-        questions = self.questions.questions_for(raw.key, raw.fields)
+        questions = self.questions.questions_for(raw.source_key or raw.key, raw.fields)
         if not questions:
             sample.error = sample.error or "no question for this sample"
             questions = [""]

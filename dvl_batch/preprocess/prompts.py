@@ -10,8 +10,10 @@ shared prefix that several questions about one image can reuse.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,7 @@ class PromptRenderer:
         self.turns = tuple(turns)
         self.max_prompt_tokens = max_prompt_tokens
         self._cache: dict[tuple[str, int], TokenizedPrompt] = {}
+        self._special_strings: list[str] | None = None
 
     @classmethod
     def from_spec(cls, processor, spec: PromptSpec) -> PromptRenderer:
@@ -180,11 +183,58 @@ class PromptRenderer:
         return text + "Assistant:"
 
     def _ids(self, question: str, n_images: int) -> list[int]:
-        text = self.render(question, n_images)
-        expanded = text.replace(self.image_token, self.image_token * self.num_image_tokens)
-        ids = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        user_texts = (question, self.system_prompt or "", *(text for _, text in self.turns))
+        if any(special in text for special in self._specials() for text in user_texts):
+            ids = self._ids_plain_user_text(question, n_images)
+        else:
+            text = self.render(question, n_images)
+            expanded = text.replace(self.image_token, self.image_token * self.num_image_tokens)
+            ids = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
         if ids.count(self.image_token_id) != n_images * self.num_image_tokens:
             raise ValueError("image placeholders in the prompt do not match the number of images")
+        return ids
+
+    def _specials(self) -> list[str]:
+        """The tokenizer's special-token strings, longest first (looked up once)."""
+        if self._special_strings is None:
+            self._special_strings = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        return self._special_strings
+
+    def _ids_plain_user_text(self, question: str, n_images: int) -> list[int]:
+        """Token ids where special-token strings typed in user text (the EOS string in a
+        question) are plain text, while the template's own (image tokens, EOS after an
+        assistant turn, BOS) stay special.
+
+        The user's occurrences are hidden behind private-use marks while the template is
+        rendered; the result is cut at the template's special tokens (where the tokenizer
+        cuts anyway) and each piece, marks restored, is tokenized with special tokens split.
+        """
+        specials = self._specials()
+        marks = {special: f"\ue000{index}\ue001" for index, special in enumerate(specials)}
+
+        def hide(text: str) -> str:
+            for special, mark in marks.items():
+                text = text.replace(special, mark)
+            return text
+
+        def restore(text: str) -> str:
+            for special, mark in marks.items():
+                text = text.replace(mark, special)
+            return text
+
+        hidden = copy.copy(self)
+        hidden.turns = tuple((role, hide(text)) for role, text in self.turns)
+        hidden.system_prompt = None if self.system_prompt is None else hide(self.system_prompt)
+        text = hidden.render(hide(question), n_images)
+        expanded = text.replace(self.image_token, self.image_token * self.num_image_tokens)
+        with_wrap = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        bare = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        ids: list[int] = list(with_wrap[: len(with_wrap) - len(bare)])  # BOS, as add_special_tokens adds it
+        for piece in re.split("(" + "|".join(re.escape(s) for s in specials) + ")", expanded):
+            if piece in marks:
+                ids.append(int(self.tokenizer.convert_tokens_to_ids(piece)))
+            elif piece:
+                ids.extend(self.tokenizer(restore(piece), add_special_tokens=False, split_special_tokens=True)["input_ids"])
         return ids
 
     def tokenize(self, question: str, n_images: int) -> TokenizedPrompt:

@@ -22,6 +22,7 @@ from ..sink.output import OutputDir
 from ..sources import FolderManifest, discover_shards
 from .models import resolve_model
 from .preflight import check_devices, check_inputs
+from .resume import check_identity_from_parts, exclude_paths, recover_manifest, trusted_parts
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PreparedJob:
     shards: list[Shard]  # this rank's shards
     todo: list[Shard]  # those without a part file yet
     metadata: dict[str, Any]  # goes into every part's schema metadata
-    warnings: list[str] = field(default_factory=list)  # said once, before the run starts
+    notices: list[str] = field(default_factory=list)  # said once before the run: warnings, parts redone, chunks rebuilt
 
     @property
     def done_before(self) -> int:
@@ -78,7 +79,8 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
 def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
     """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
     # Every usage error is found before OUT is touched: inputs, device, model, what the data holds.
-    listed = discover_shards(spec.data.inputs, spec.data.shard_size)
+    exclude = exclude_paths(spec.output.path)  # nothing in OUT is ever read as input
+    listed = discover_shards(spec.data.inputs, spec.data.shard_size, exclude=exclude)
     check_devices(spec)
     model = resolve_model(spec.model, cache_dir, offline)
     warnings = check_inputs(spec, listed)
@@ -94,15 +96,21 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
             "dvl_batch_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        metadata = job_metadata(spec, model)
+        notices: list[str] = list(warnings)
         with out.shared_lock():
+            check_identity_from_parts(out, metadata, spec.output.overwrite)
             out.check_job(record, spec.output.overwrite)
-            manifest = FolderManifest(out.manifest_file)
-            shards = discover_shards(spec.data.inputs, spec.data.shard_size, manifest)
+            manifest = FolderManifest(out.manifest_file, taken=lambda shard_id: out.part_path(shard_id).exists())
+            if recover_manifest(out, manifest):
+                notices.append(f"{out.manifest_file.name}: folder chunks missing from it were rebuilt from OUT/parts")
+            shards = discover_shards(spec.data.inputs, spec.data.shard_size, manifest, exclude=exclude)
             manifest.save(atomic_write_bytes)
         mine = [s for s in shards if shard_owner(s.id, spec.run.world_size) == spec.run.rank]
-        done = out.done_shards()
+        done, redo = trusted_parts(out, mine, metadata["fingerprint"])
+        notices.extend(redo)
         todo = [s for s in mine if s.id not in done]
     except BaseException:
         out.release()
         raise
-    return PreparedJob(spec, model, out, mine, todo, job_metadata(spec, model), warnings)
+    return PreparedJob(spec, model, out, mine, todo, metadata, notices)

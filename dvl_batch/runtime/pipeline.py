@@ -34,6 +34,7 @@ class RunStats:
     shards_written: int = 0
     shards_partial: int = 0
     decoder_restarts: int = 0  # decoder processes that died and were replaced
+    duplicate_keys: int = 0  # samples whose key was taken already in their shard (renamed KEY#N)
     samples: int = 0  # samples taken from the inputs
     answered: int = 0  # samples with every row written or waiting only for its shard's part
     images: int = 0  # images of the answered samples
@@ -45,8 +46,8 @@ class RunStats:
     engine: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: RunStats) -> None:
-        for name in ("shards_written", "shards_partial", "decoder_restarts", "samples", "answered", "images", "rows",
-                     "error_rows", "generated_tokens"):
+        for name in ("shards_written", "shards_partial", "decoder_restarts", "duplicate_keys", "samples", "answered",
+                     "images", "rows", "error_rows", "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.decode_seconds += other.decode_seconds
         for key, value in other.engine.items():
@@ -83,7 +84,7 @@ class ShardAssembler:
         self.inflight: dict[int, _Inflight] = {}
         self.stats = RunStats()
         self._next_uid = 0
-        self._reported = time.monotonic()
+        self._reported = float("-inf")  # the first answered sample is reported at once
 
     def _answered(self, n_images: int) -> None:
         """A sample has all its rows: progress counts it (at most a few reports a second)."""
@@ -140,6 +141,7 @@ class ShardAssembler:
     def end_shard(self, end: ShardEnd) -> None:
         state = self._state(end.shard)
         state.end = end
+        self.stats.duplicate_keys += end.duplicate_keys
         self._maybe_write(state)
 
     def _add_row(self, state: _ShardState, row: AnswerRow) -> None:

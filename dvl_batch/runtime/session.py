@@ -149,8 +149,8 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
     try:
         if job.model.notice:
             say(job.model.notice)
-        for warning in job.warnings:
-            say(warning)
+        for notice in job.notices:
+            say(notice)
         if not job.todo:  # nothing to do: no model to load, no progress to show
             state = "finished"
             return _result(job, stats, started, False)

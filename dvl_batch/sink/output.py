@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import UsageError
 from .files import atomic_write_json, explain_os_error
 from .locks import RunLock, WorldLock
+from .verify import read_state_file
 
 
 class OutputDir:
@@ -94,7 +95,11 @@ class OutputDir:
     def check_job(self, job_record: dict[str, Any], overwrite: bool) -> None:
         """Refuse to mix outputs of different settings in one OUT, unless told to start over."""
         if self.job_file.exists():
-            previous = json.loads(self.job_file.read_text())
+            previous = read_state_file(
+                self.job_file, "delete it and rerun the same command: the job's identity is rebuilt from OUT/parts"
+            )
+            if not isinstance(previous, dict):
+                raise UsageError(f"{self.job_file} is corrupt (not a JSON object); delete it and rerun the same command")
             if previous.get("fingerprint") == job_record["fingerprint"]:
                 return
             if not overwrite:

@@ -47,7 +47,7 @@ class ParquetSink:
 
     def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None) -> Path:
         rows = sorted(rows, key=lambda r: (r.sample_index, r.question_index))
-        columns = {name: [getattr(r, name) for r in rows] for name in PART_SCHEMA.names}
+        columns = {name: [_storable(getattr(r, name)) for r in rows] for name in PART_SCHEMA.names}
         table = pa.table(columns, schema=PART_SCHEMA)
         shard_meta = {
             "id": shard.id,
@@ -58,6 +58,7 @@ class ParquetSink:
             "message": (end.message if end else None) or note,
             "rows": len(rows),
             "errors": sum(1 for r in rows if r.error),
+            "duplicate_keys": end.duplicate_keys if end else 0,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "writer": f"{socket.gethostname()}:{os.getpid()}",  # which engine process or actor wrote it
         }
@@ -66,6 +67,16 @@ class ParquetSink:
         path = self.out.part_path(shard.id)
         atomic_write(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
         return path
+
+
+def _storable(value: Any) -> Any:
+    """Text parquet can store: lone surrogates (undecodable file-name bytes) become `\\xNN`."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
 
 
 def read_part_info(path: Path) -> dict[str, Any]:
@@ -79,5 +90,12 @@ def read_part_info(path: Path) -> dict[str, Any]:
 
 
 def error_rows(out: Path) -> int:
-    """Rows with an error in every part of OUT (earlier runs' parts too), from the footers."""
-    return sum(int(read_part_info(path).get("errors") or 0) for path in sorted((Path(out) / "parts").glob("*.parquet")))
+    """Rows with an error in every part of OUT (earlier runs' parts too), from the footers
+    (a part that does not read back counts for nothing here; the next run redoes it)."""
+    total = 0
+    for path in sorted((Path(out) / "parts").glob("*.parquet")):
+        try:
+            total += int(read_part_info(path).get("errors") or 0)
+        except Exception:  # noqa: BLE001 - pyarrow raises ArrowInvalid for a part cut by hand
+            continue
+    return total

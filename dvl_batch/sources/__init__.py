@@ -21,19 +21,26 @@ from __future__ import annotations
 from ..records import Shard
 from .discovery import FolderManifest, discover_shards
 from .folder import read_folder
-from .formats import SHARD_ROW_KEY
+from .formats import DEFAULT_MAX_FILE_BYTES, SHARD_ROW_KEY, name_of_key, safe_text
 from .parquet import read_parquet
 from .webdataset import read_webdataset
 
-__all__ = ["SHARD_ROW_KEY", "FolderManifest", "discover_shards", "read_shard"]
+__all__ = [
+    "DEFAULT_MAX_FILE_BYTES", "SHARD_ROW_KEY", "FolderManifest", "discover_shards", "name_of_key", "read_shard",
+    "safe_text",
+]
 
 
-def read_shard(shard: Shard, image_field: str | None = None, key_field: str | None = None):
-    """Yield every sample of a shard, then exactly one ShardEnd."""
+def read_shard(
+    shard: Shard, image_field: str | None = None, key_field: str | None = None,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+):
+    """Yield every sample of a shard, then exactly one ShardEnd; no member or file over
+    `max_bytes` is ever read into memory (it becomes an error row)."""
     if shard.format == "webdataset":
-        return read_webdataset(shard, image_field)
+        return read_webdataset(shard, image_field, max_bytes)
     if shard.format == "parquet":
-        return read_parquet(shard, image_field, key_field)
+        return read_parquet(shard, image_field, key_field, max_bytes)
     if shard.format == "folder":
-        return read_folder(shard)
+        return read_folder(shard, max_bytes)
     raise ValueError(f"unknown shard format {shard.format}")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,13 +48,36 @@ def _file_shard(path: str, fmt: str) -> Shard:
 
 
 
-def _list_folder_images(root: Path) -> list[str]:
-    found = []
+def is_output_folder(path: Path) -> bool:
+    """A dvl-batch OUT (its parts and bookkeeping), which is never read as input."""
+    return (path / "parts").is_dir() and any((path / name).exists() for name in ("job.json", "progress.json", ".lock"))
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file (following symlinks); FIFOs, devices and sockets are never listed, so never opened."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _walk(root: Path, skip: frozenset[Path]):
+    """(folder, sorted visible file names) under root, without hidden folders or output folders."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and is_image_name(name):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and (here / d).resolve() not in skip and not is_output_folder(here / d)
+        )
+        yield here, sorted(n for n in filenames if not n.startswith("."))
+
+
+def _list_folder_images(root: Path, skip: frozenset[Path] = frozenset()) -> list[str]:
+    found = []
+    for here, names in _walk(root, skip):
+        for name in names:
+            if is_image_name(name) and format_of(name) is None and _is_regular(here / name):
+                found.append((here / name).relative_to(root).as_posix())
     return found
 
 
@@ -65,22 +89,50 @@ class FolderManifest:
     The manifest pins existing chunks and puts only unseen files into new chunks.
     """
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, taken: Callable[[str], bool] = lambda shard_id: False):
+        """`taken(id)`: whether a part of that id exists, so a new chunk never reuses its id
+        (after the manifest lost a chunk, reusing it would mark new images done)."""
         self.path = path
+        self.taken = taken
         self.data: dict[str, list[dict[str, Any]]] = {}
         if path is not None and path.exists():
-            self.data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+                if not isinstance(data, dict) or not all(
+                    isinstance(chunks, list) and all(isinstance(c, dict) and "id" in c and isinstance(c.get("members"), list)
+                                                     for c in chunks)
+                    for chunks in data.values()
+                ):
+                    raise ValueError("not a mapping of folders to chunk lists")
+            except (OSError, ValueError) as exc:
+                raise UsageError(
+                    f"{path} is corrupt ({exc}); delete it and rerun: the chunks already done are rebuilt from OUT/parts"
+                ) from None
+            self.data = data
         self.changed = False
+        self.skip: frozenset[Path] = frozenset()
+
+    def add_chunk(self, root: str, shard_id: str, members: list[str]) -> None:
+        """Pin a chunk found in OUT (its part) but missing from the manifest."""
+        chunks = self.data.setdefault(root, [])
+        if all(c["id"] != shard_id for c in chunks):
+            chunks.append({"id": shard_id, "members": members})
+            self.changed = True
 
     def shards_for(self, root: Path, shard_size: int) -> list[Shard]:
         key = str(root.resolve())
         chunks = self.data.setdefault(key, [])
         assigned = {m for c in chunks for m in c["members"]}
-        fresh = [name for name in _list_folder_images(root) if name not in assigned]
+        fresh = [name for name in _list_folder_images(root, self.skip) if name not in assigned]
         stem = f"{_safe_name(root.resolve().name)}-{_path_digest(key)}"
+        used = {c["id"] for c in chunks}
+        number = 0
         for start in range(0, len(fresh), shard_size):
+            while f"{stem}-{number:06d}" in used or self.taken(f"{stem}-{number:06d}"):
+                number += 1
             members = fresh[start : start + shard_size]
-            chunks.append({"id": f"{stem}-{len(chunks):06d}", "members": members})
+            chunks.append({"id": f"{stem}-{number:06d}", "members": members})
+            used.add(chunks[-1]["id"])
             self.changed = True
         return [Shard(id=c["id"], url=key, format="folder", members=tuple(c["members"])) for c in chunks]
 
@@ -92,11 +144,19 @@ class FolderManifest:
         self.changed = False
 
 
-def discover_shards(inputs: tuple[str, ...] | list[str], shard_size: int, manifest: FolderManifest | None = None):
-    """Expand inputs (files, dirs, brace patterns, URLs) into a de-duplicated shard list."""
+def discover_shards(
+    inputs: tuple[str, ...] | list[str], shard_size: int, manifest: FolderManifest | None = None,
+    exclude: tuple[str | Path, ...] = (),
+):
+    """Expand inputs (files, dirs, brace patterns, URLs) into a de-duplicated shard list.
+
+    Folders named in `exclude` (the job's OUT) and any dvl-batch output folder found
+    while searching are skipped: a run never reads its own parts as input.
+    """
     if not inputs:
         raise UsageError("no input given: pass shard files, a folder, or a pattern like 'shards/{000..009}.tar'")
     manifest = manifest or FolderManifest(None)
+    manifest.skip = frozenset(Path(p).resolve() for p in exclude)
     shards: list[Shard] = []
     for raw in inputs:
         for item in _expand_braces(raw):
@@ -123,15 +183,18 @@ def _shards_of(item: str, shard_size: int, manifest: FolderManifest) -> list[Sha
         if fmt is None:
             raise UsageError(f"unsupported input {item}: expected .tar/.tgz/.tar.gz, .parquet, an image or a folder")
         return [_file_shard(str(path), fmt)]
-    containers = sorted(
-        p for p in path.rglob("*") if p.is_file() and format_of(p.name) and not p.name.startswith(".")
-    )
-    if containers:
-        return [_file_shard(str(p), format_of(p.name) or "") for p in containers]
-    folder_shards = manifest.shards_for(path, shard_size)
-    if not folder_shards:
+    if path.resolve() in manifest.skip or is_output_folder(path):
+        raise UsageError(f"{item} is a dvl-batch output folder, not an input")
+    # Shard files and loose images side by side are both inputs: one stray .parquet in a
+    # folder of photos must not hide the photos (nor the other way round).
+    containers = [here / n for here, names in _walk(path, manifest.skip) for n in names
+                  if format_of(n) and _is_regular(here / n)]
+    shards = [_file_shard(str(p), format_of(p.name) or "") for p in sorted(containers)]
+    if any(is_image_name(n) and not format_of(n) for _, names in _walk(path, manifest.skip) for n in names):
+        shards.extend(manifest.shards_for(path, shard_size))
+    if not shards:
         raise UsageError(f"no shards or images found under {item}")
-    return folder_shards
+    return shards
 
 
 def _single_image_shard(path: Path) -> Shard:

@@ -9,10 +9,19 @@ from typing import Any
 
 from ..errors import UsageError
 from ..records import RawSample, Shard, ShardEnd
-from .formats import open_stream, shard_error_sample
+from .formats import (
+    DEFAULT_MAX_FILE_BYTES,
+    KeyRegistry,
+    open_stream,
+    read_regular_file,
+    shard_error_sample,
+    too_large,
+)
 
 KEY_COLUMNS = ("key", "__key__", "id", "image_id", "uid")
 PATH_COLUMNS = ("image_path", "path", "file_name", "filename", "filepath", "file")
+BATCH_BYTES = 256 * 2**20  # rows decoded at once are sized to about this many bytes
+NULL_KEY = "__null_key__"  # prefix of the key of a row whose key column is null (never a real key's form)
 
 
 @dataclass(frozen=True)
@@ -68,30 +77,51 @@ def parquet_layout(schema, image_field: str | None, key_field: str | None) -> Pa
     return ParquetLayout(image_column, kind, key_column, text_columns)
 
 
-def _parquet_images(value: Any, kind: str, base_dir: Path) -> list[bytes]:
+def _parquet_images(value: Any, kind: str, base_dir: Path, max_bytes: int) -> list[bytes]:
     if value is None:
         return []
     if kind == "bytes":
+        if len(value) > max_bytes:
+            raise OSError(0, too_large(len(value), max_bytes))
         return [value]
     if kind == "struct":
         if value.get("bytes") is not None:
-            return [value["bytes"]]
+            return _parquet_images(value["bytes"], "bytes", base_dir, max_bytes)
         if value.get("path"):
-            return _parquet_images(value["path"], "path", base_dir)
+            return _parquet_images(value["path"], "path", base_dir, max_bytes)
         return []
     if kind == "path":
         path = Path(value)
-        return [(path if path.is_absolute() else base_dir / path).read_bytes()]
+        return [read_regular_file(path if path.is_absolute() else base_dir / path, max_bytes)]
     out: list[bytes] = []
     for item in value:
-        out.extend(_parquet_images(item, "struct" if isinstance(item, dict) else "bytes", base_dir))
+        out.extend(_parquet_images(item, "struct" if isinstance(item, dict) else "bytes", base_dir, max_bytes))
     return out
 
 
-def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -> Iterator[RawSample | ShardEnd]:
+def _batch_rows(source) -> int:
+    """Rows per decoded batch: 64, fewer when rows are large (a row group of 50 MB images)."""
+    meta = source.metadata
+    if not meta.num_rows or not meta.num_row_groups:
+        return 64
+    average = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / meta.num_rows
+    return max(1, min(64, int(BATCH_BYTES // max(average, 1))))
+
+
+def _row_key(row: dict[str, Any], column: str | None, count: int) -> str:
+    if column is None:
+        return f"{count:08d}"
+    value = row.get(column)
+    return f"{NULL_KEY}{count:08d}" if value is None else str(value)
+
+
+def read_parquet(
+    shard: Shard, image_field: str | None, key_field: str | None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> Iterator[RawSample | ShardEnd]:
     import pyarrow.parquet as pq
 
     count = 0
+    keys = KeyRegistry()
     try:
         source = pq.ParquetFile(open_stream(shard.url) if "://" in shard.url else shard.url)
         layout = parquet_layout(source.schema_arrow, image_field, key_field)
@@ -106,22 +136,29 @@ def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -
         no_image = f"no image column found; columns: {', '.join(source.schema_arrow.names)}"
     columns = sorted({layout.image_column, *layout.text_columns, layout.key_column} - {None})
     base_dir = Path(shard.url).parent
+
+    def end(partial: bool = False, message: str | None = None) -> ShardEnd:
+        notes = "; ".join(n for n in (message, keys.note()) if n) or None
+        return ShardEnd(shard, count, partial=partial, message=notes, duplicate_keys=keys.duplicates)
+
     try:
-        for batch in source.iter_batches(batch_size=64, columns=columns or None):
+        for batch in source.iter_batches(batch_size=_batch_rows(source), columns=columns or None):
             for row in batch.to_pylist():
-                key = str(row[layout.key_column]) if layout.key_column and row.get(layout.key_column) is not None else f"{count:08d}"
+                stored = _row_key(row, layout.key_column, count)
+                key = keys.unique(stored)
                 fields = {c: row[c] for c in layout.text_columns if row.get(c) is not None}
                 sample = RawSample(
                     key=key, index=count, fields=fields, field_names=tuple(source.schema_arrow.names),
                     image_names=(layout.image_column,) if layout.image_column else (), error=no_image,
+                    source_key=stored if key != stored else None,
                 )
                 try:
                     if no_image is None:
-                        sample.images = _parquet_images(row[layout.image_column], layout.image_kind, base_dir)
+                        sample.images = _parquet_images(row[layout.image_column], layout.image_kind, base_dir, max_bytes)
                         if not sample.images:
                             sample.error = f"no image data in column '{layout.image_column}' (null)"
                 except OSError as exc:
-                    sample.error = f"cannot read image file: {exc}"
+                    sample.error = f"cannot read image: {exc.strerror or exc}" if exc.errno == 0 else f"cannot read image file: {exc}"
                 yield sample
                 count += 1
     except Exception as exc:  # noqa: BLE001 - a corrupt page ends the shard, rows before it stay
@@ -129,6 +166,6 @@ def read_parquet(shard: Shard, image_field: str | None, key_field: str | None) -
         if count == 0:
             yield shard_error_sample(f"unreadable parquet file: {exc}")
             count = 1
-        yield ShardEnd(shard, count, partial=True, message=message)
+        yield end(True, message)
         return
-    yield ShardEnd(shard, count)
+    yield end()

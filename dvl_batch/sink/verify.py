@@ -1,0 +1,63 @@
+"""What a rerun may trust in OUT: parts that read back and belong to the job, state files that parse.
+
+A part is only "done" when its footer reads back, its schema is the part schema, its
+row count is the one its record states, and its job record carries the job's
+fingerprint. Anything else (truncated by hand, half-copied, another job's) is redone.
+Only footers are read, never row data, so checking thousands of parts stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+METADATA_KEY = b"dvl_batch"
+
+
+def part_record(path: Path) -> dict[str, Any]:
+    """{"job": ..., "shard": ...} from a part's footer; ValueError/OSError if it does not read back."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid for a cut or garbled file
+        raise ValueError(f"does not read back as parquet ({str(exc).splitlines()[0]})") from None
+    blob = (meta.metadata or {}).get(METADATA_KEY)
+    if not blob:
+        raise ValueError("has no dvl_batch record in its footer")
+    try:
+        record = json.loads(blob)
+    except ValueError:
+        raise ValueError("has a garbled dvl_batch record") from None
+    shard = record.get("shard") or {}
+    if "rows" in shard and shard["rows"] != meta.num_rows:
+        raise ValueError(f"holds {meta.num_rows} rows, its record says {shard['rows']}")
+    if "key" not in meta.schema.to_arrow_schema().names:
+        raise ValueError("is not a dvl-batch part (no key column)")
+    record.setdefault("shard", {}).setdefault("rows", meta.num_rows)
+    return record
+
+
+def untrusted_reason(path: Path, fingerprint: str) -> str | None:
+    """Why the part at `path` is not a finished shard of the job `fingerprint`, or None if it is."""
+    try:
+        record = part_record(path)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    found = (record.get("job") or {}).get("fingerprint")
+    if found != fingerprint:
+        return f"was written by another job (fingerprint {found}, this job {fingerprint})"
+    return None
+
+
+def read_state_file(path: Path, fix: str) -> Any:
+    """A JSON state file of OUT, or one UsageError line that says how to fix it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is corrupt ({str(exc).splitlines()[0]}); {fix}") from None
