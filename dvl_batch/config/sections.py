@@ -73,6 +73,7 @@ class DataSpec:
     fast_decode: bool = True  # JPEG draft decoding + normalisation on the device
     max_image_pixels: int = 89_478_485  # larger images become error rows (decompression bombs)
     limit: int | None = None  # stop after this many samples (smoke tests)
+    read_retries: int = 3  # retries (with backoff) of a shard read that fails for a transient reason
     shard_size: int = 1000  # images per shard for plain folders
 
 
@@ -97,6 +98,7 @@ class OutputSpec:
     path: str = ""
     overwrite: bool = False
     strict: bool = False  # exit code 4 when any row has an error
+    checkpoint_seconds: float = 60.0  # answered rows of unfinished shards are saved at least this often
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class RunSpec:
     world_size: int | None = None  # None: from the environment (WORLD_SIZE, SLURM), else 1
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray instance
     progress: bool = True
+    watchdog_seconds: float = 1800.0  # end a run whose device and decoders make no progress this long (0: never)
 
 
 
