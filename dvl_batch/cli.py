@@ -77,7 +77,8 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_summary(result)
     if result.interrupted:
-        err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
+        err.print(f"[red]interrupted[/]: {result.stats.rows} rows saved this run ({result.stats.shards_written} shards "
+                  "finished); rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
 
 

@@ -9,8 +9,10 @@ checkpoint or a part.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,32 @@ class ShardAssembler:
         self.stats = RunStats()
         self._next_uid = 0
         self._last_flush = self._last_progress = time.monotonic()
+        self.lock = threading.RLock()  # the checkpoint timer thread flushes while the main thread adds rows
+        self._timer_error: BaseException | None = None
+
+    @contextlib.contextmanager
+    def checkpointing(self) -> Iterator[None]:
+        """A timer thread saves answered rows every `checkpoint_seconds`, even while the
+        engine yields nothing for a while (checkpoints are plain files: no pyarrow in it)."""
+        done = threading.Event()
+
+        def timer() -> None:
+            while not done.wait(max(0.02, self.checkpoint_seconds - (time.monotonic() - self._last_flush))):
+                try:
+                    with self.lock:
+                        if time.monotonic() - self._last_flush >= self.checkpoint_seconds:
+                            self._flush_rows()
+                except BaseException as exc:  # noqa: BLE001 - raised in the main thread by tick()
+                    self._timer_error = exc
+                    return
+
+        thread = threading.Thread(target=timer, name="dvl-checkpoints", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=30)
 
     def _state(self, shard: Shard) -> _ShardState:
         if shard.id not in self.states:
@@ -92,6 +120,10 @@ class ShardAssembler:
 
     def add_sample(self, sample: PreparedSample, shard: Shard, force_eos: Callable[[str, int], int | None] | None = None):
         """Record a sample; returns its WorkItem, or None when every row is already an error."""
+        with self.lock:
+            return self._add_sample(sample, shard, force_eos)
+
+    def _add_sample(self, sample: PreparedSample, shard: Shard, force_eos: Callable[[str, int], int | None] | None):
         state = self._state(shard)
         state.samples += 1
         self.stats.samples += 1
@@ -116,6 +148,11 @@ class ShardAssembler:
         return WorkItem(uid, {name: torch.from_numpy(array) for name, array in sample.pixels.items()}, prompts)
 
     def add_completion(self, done: Completion) -> None:
+        with self.lock:
+            self._add_completion(done)
+        self.tick()
+
+    def _add_completion(self, done: Completion) -> None:
         info = self.inflight[done.uid]
         state = self.states[info.shard_id]
         text = None if done.error else self.decode(done.tokens)
@@ -129,17 +166,20 @@ class ShardAssembler:
             del self.inflight[done.uid]
             state.rows.extend(info.rows)
         self._maybe_write(state)
-        self.tick()
 
     def end_shard(self, end: ShardEnd) -> None:
-        state = self._state(end.shard)
-        state.end = end
-        self._maybe_write(state)
+        with self.lock:
+            state = self._state(end.shard)
+            state.end = end
+            self._maybe_write(state)
 
     def tick(self) -> None:
-        """Checkpoint when the interval is up; report answers now and then."""
+        """Main thread: checkpoint when the interval is up (the timer may have); report answers now and then."""
+        if self._timer_error is not None:
+            error, self._timer_error = self._timer_error, None
+            raise error
         now = time.monotonic()
-        if self.checkpoint_seconds > 0 and now - self._last_flush >= self.checkpoint_seconds:
+        if now - self._last_flush >= self.checkpoint_seconds:
             self.flush()
         elif now - self._last_progress >= PROGRESS_SECONDS:
             self._last_progress = now
@@ -147,10 +187,15 @@ class ShardAssembler:
 
     def flush(self) -> None:
         """Save every whole sample answered so far: a checkpoint per shard that has new rows."""
-        self._last_flush = self._last_progress = time.monotonic()
+        with self.lock:
+            self._flush_rows()
+        self._last_progress = time.monotonic()
+        self.on_progress(self.stats)
+
+    def _flush_rows(self) -> None:
+        self._last_flush = time.monotonic()
         for state in list(self.states.values()):
             self._checkpoint(state)
-        self.on_progress(self.stats)
 
     def _checkpoint(self, state: _ShardState) -> None:
         if not state.rows:
@@ -185,6 +230,10 @@ class ShardAssembler:
 
     def close_incomplete(self, note: str) -> None:
         """After --limit: write shards cut short (marked partial); drop ones with no rows."""
+        with self.lock:
+            self._close_incomplete(note)
+
+    def _close_incomplete(self, note: str) -> None:
         for state in list(self.states.values()):
             if state.outstanding:
                 continue

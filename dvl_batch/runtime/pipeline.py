@@ -81,8 +81,9 @@ def process_shards(
     stream = prepared_stream(spec, SamplePreparer(spec, model_path, processor), feed)
     items = _work_items(stream, assembler, feed, spec.data.limit, stop, force_eos)
     try:
-        for completion in engine.run(items):
-            assembler.add_completion(completion)
+        with assembler.checkpointing():
+            for completion in engine.run(items):
+                assembler.add_completion(completion)
     except Exception:  # a failed run still keeps every whole sample it answered (not a second Ctrl-C)
         with contextlib.suppress(Exception):
             assembler.flush()

@@ -3,8 +3,9 @@
 A shard's part appears only once its last sample is answered. So that a kill loses at
 most a few seconds of work, not a whole shard, the rows of every *whole* sample (all
 its questions answered) are flushed at least every `output.checkpoint_seconds` to
-`OUT/checkpoints/<shard>.ckpt<N>.parquet` (the part schema; each file written
-atomically like a part). A resumed run skips the samples its shard's checkpoints hold;
+`OUT/checkpoints/<shard>.ckpt<N>.jsonl` (one row per line, the part's columns; each
+file written atomically like a part). Plain JSON, written without pyarrow, because a
+timer thread writes them while decoder processes may be forked. A resumed run skips the samples its shard's checkpoints hold;
 when the shard completes, its checkpoints are folded into its one part and removed.
 Checkpoint files are internal: readers use the parts.
 """
@@ -14,24 +15,15 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ..records import AnswerRow
-from .files import atomic_write
+from .files import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
-METADATA_KEY = b"dvl_batch_checkpoint"
-_NAME = re.compile(r"^(?P<shard>.+)\.ckpt(?P<seq>\d+)\.parquet$")
-
-
-def _schema() -> pa.Schema:
-    from .parts import PART_SCHEMA  # parts imports this module
-
-    return PART_SCHEMA
+_NAME = re.compile(r"^(?P<shard>.+)\.ckpt(?P<seq>\d+)\.jsonl$")
 
 
 class Checkpoints:
@@ -55,28 +47,17 @@ class Checkpoints:
         return self.scan().get(shard_id, [])
 
     def write(self, shard_id: str, seq: int, rows: list[AnswerRow]) -> Path:
-        schema = _schema()
-        rows = sorted(rows, key=lambda r: (r.sample_index, r.question_index))
-        table = pa.table({name: [getattr(r, name) for r in rows] for name in schema.names}, schema=schema)
-        meta = {"shard": shard_id, "fingerprint": self.fingerprint, "rows": len(rows)}
-        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{shard_id}.ckpt{seq:06d}.parquet"
-        atomic_write(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+        path = self.folder / f"{shard_id}.ckpt{seq:06d}.jsonl"
+        atomic_write_bytes(path, "".join(json.dumps(asdict(row)) + "\n" for row in rows).encode())
         return path
 
     def read_rows(self, paths: list[Path]) -> list[AnswerRow]:
-        rows: list[AnswerRow] = []
-        for path in paths:
-            rows.extend(AnswerRow(**record) for record in _read(path).to_pylist())
-        return rows
+        return [AnswerRow(**record) for path in paths for record in _read(path)]
 
     def done_samples(self, paths: list[Path]) -> frozenset[int]:
         """Sample indices held by a shard's checkpoints (each holds whole samples only)."""
-        done: set[int] = set()
-        for path in paths:
-            done.update(_read(path, ["sample_index"])["sample_index"].to_pylist())
-        return frozenset(done)
+        return frozenset(record["sample_index"] for path in paths for record in _read(path))
 
     def remove(self, paths: list[Path]) -> None:
         for path in paths:
@@ -96,15 +77,16 @@ class Checkpoints:
                 path.unlink(missing_ok=True)
 
 
-def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(path, columns=columns)
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def count_rows(root: Path) -> tuple[int, int]:
-    """(checkpoint files, rows in them) of OUT, from the footers; for `status`."""
+    """(checkpoint files, rows in them) of OUT; for `status`."""
     files = rows = 0
     for paths in Checkpoints(root).scan().values():
         for path in paths:
             files += 1
-            rows += pq.ParquetFile(path).metadata.num_rows
+            with open(path, "rb") as handle:
+                rows += sum(1 for line in handle if line.strip())
     return files, rows

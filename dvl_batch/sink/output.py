@@ -107,7 +107,7 @@ class OutputDir:
         """Delete this tool's results in OUT (parts, job.json, progress, manifest) and nothing else."""
         if self.world_size > 1 and (self.job_file.exists() or self.done_shards()):
             raise UsageError("--overwrite cannot be combined with --world-size; clear OUT with one run first")
-        for part in [*self.parts.glob("*.parquet"), *(self.root / CHECKPOINT_DIR).glob("*.parquet")]:
+        for part in [*self.parts.glob("*.parquet"), *(self.root / CHECKPOINT_DIR).glob("*.jsonl")]:
             part.unlink()
         for path in [self.job_file, self.manifest_file, *self.root.glob("progress*.json")]:
             path.unlink(missing_ok=True)
