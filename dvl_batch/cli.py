@@ -232,6 +232,9 @@ def status(
     table.add_row("task", str(report["task"]))
     table.add_row("shards", f"{report['shards_done']}/{total if total is not None else '?'} done ({report['partial_shards']} partial)")
     table.add_row("rows", f"{report['rows']} ({report['error_rows']} with errors)")
+    if report["checkpoint_files"]:
+        table.add_row("checkpointed", f"{report['checkpoint_rows']} rows of unfinished shards "
+                      f"({report['checkpoint_files']} checkpoint files)")
     if report["world_size"] > 1:
         table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
     for run_info in report["runs"]:

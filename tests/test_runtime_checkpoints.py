@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from dvl_batch.errors import EXIT_INTERRUPTED
+from dvl_batch.inspect import collect_status
 
 from .cli_processes import Run, fault_env, wait_until
 from .conftest import write_tar
@@ -71,6 +72,7 @@ def test_sigkill_at_random_points_loses_at_most_one_checkpoint_interval_per_kill
     keys = write_big_shard(data / "big.tar", 2000)
     rng = random.Random(9)
     kills: list[dict] = []
+    status_checked = 0
     while len(kills) < 10:
         log = tmp_path / f"answers-{len(kills)}.log"
         before = {p.name for p in checkpoint_files(out)}
@@ -78,9 +80,16 @@ def test_sigkill_at_random_points_loses_at_most_one_checkpoint_interval_per_kill
         run = Run(caption_args(data, out, INTERVAL), fault_env(cache_dir, {"log_answers": str(log)}))
         assert wait_until(lambda before=before: any(p.name not in before for p in checkpoint_files(out)), 120, run.proc), run.stderr
         time.sleep(rng.uniform(0, 3.0))
+        live = collect_status(out)["runs"]
         run.proc.kill()
         killed_at = time.time()
         assert run.wait() == -signal.SIGKILL, run.stderr
+        if live and live[0]["state"] == "running":  # `status` tells the killed run from a live one
+            assert live[0]["alive"] is True
+            report = collect_status(out)
+            assert report["runs"][0]["state"].startswith("not running") and not report["runs"][0]["alive"], report
+            assert report["checkpoint_rows"] == len(checkpoint_keys(out))
+            status_checked += 1
         assert not list((out / "parts").glob("*.parquet")), "the shard must not finish before the 10th kill"
         saved = checkpoint_keys(out)
         assert len(saved) == len(set(saved)), "a sample saved twice"
@@ -90,6 +99,7 @@ def test_sigkill_at_random_points_loses_at_most_one_checkpoint_interval_per_kill
             "lost": len(times) - (len(saved) - saved_before),  # answered but not saved: answered again later
             "interval_worth": sum(t > killed_at - INTERVAL - 0.15 for t in times),  # answers in the last interval
         })
+    assert status_checked >= 1
     final = finish(data, out, keys, cache_dir, tmp_path / "answers-final.log", INTERVAL)
     total = sum(k["answered"] for k in kills) + final
     twice = total - len(keys)
