@@ -42,7 +42,7 @@ from .cli_options import (
     Task,
     Workers,
 )
-from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
 app = typer.Typer(
     name="dvl-batch",
@@ -76,6 +76,13 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_summary(result)
+    unreadable = result.stats.unreadable
+    for line in unreadable:
+        err.print(f"[red]not read[/]: {escape(line)}")
+    if unreadable and not result.interrupted:
+        err.print(f"[red]error:[/] {len(unreadable)} shards could not be read and have no part; "
+                  "rerun the same command to retry them")
+        raise typer.Exit(EXIT_FAILED)
     if result.interrupted:
         err.print(f"[red]interrupted[/]: {result.stats.rows} rows saved this run ({result.stats.shards_written} shards "
                   "finished); rerun the same command to resume")
@@ -98,6 +105,8 @@ def _print_summary(result) -> None:
     engine = stats.engine
     if engine.get("oom_splits"):
         table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))
+    if stats.unreadable:
+        table.add_row("shards not read (retried next run)", str(len(stats.unreadable)))
     if stats.decoder_restarts:
         table.add_row("decoder processes restarted", str(stats.decoder_restarts))
     if engine.get("idle_seconds"):

@@ -54,7 +54,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from self._shard_items(preparer, shard, worker_id, None)
 
     def _shard_items(self, preparer: SamplePreparer, shard: Shard, worker_id: int, resume: ResumePoint | None):
-        for item in read_shard(shard, self.spec.data.image_field, self.spec.data.key_field):
+        for item in read_shard(shard, self.spec.data.image_field, self.spec.data.key_field, self.spec.data.read_retries):
             if isinstance(item, ShardEnd):
                 yield item
                 continue

@@ -28,10 +28,11 @@ from .webdataset import read_webdataset
 __all__ = ["SHARD_ROW_KEY", "FolderManifest", "discover_shards", "read_shard"]
 
 
-def read_shard(shard: Shard, image_field: str | None = None, key_field: str | None = None):
-    """Yield every sample of a shard, then exactly one ShardEnd."""
+def read_shard(shard: Shard, image_field: str | None = None, key_field: str | None = None, retries: int = 3):
+    """Yield every sample of a shard, then exactly one ShardEnd (`unreadable` when even
+    `retries` retries of a transient failure did not read it)."""
     if shard.format == "webdataset":
-        return read_webdataset(shard, image_field)
+        return read_webdataset(shard, image_field, retries)
     if shard.format == "parquet":
         return read_parquet(shard, image_field, key_field)
     if shard.format == "folder":
