@@ -75,3 +75,39 @@ def test_missing_questions_file_with_two_decoders_exits_2_at_once(tmp_path, cach
     assert "Traceback" not in done.stderr and "DataLoader" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
         f"error: questions file not found: {tmp_path / 'missing.jsonl'}"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_exception_in_a_decoder_ends_the_stream_with_one_line(tmp_path, tiny_model_dir, tiny_processor, workers):
+    from dvl_batch.config.spec import spec_from_recipe
+    from dvl_batch.preprocess.decoder_pool import DecoderFailure
+    from dvl_batch.preprocess.preparer import SamplePreparer
+    from dvl_batch.preprocess.stream import prepared_stream
+    from dvl_batch.records import Shard
+    from dvl_batch.runtime.feed import ShardFeed
+
+    spec = spec_from_recipe(None, inputs=[str(tmp_path)], output=str(tmp_path / "out"), workers=workers)
+    feed = ShardFeed([Shard(f"s{i}", f"u{i}", "bogus") for i in range(4)])
+    started = time.monotonic()
+    stream = prepared_stream(spec, SamplePreparer(spec, str(tiny_model_dir), tiny_processor), feed)
+    first = next(stream)
+    assert isinstance(first, DecoderFailure), first
+    assert first.message == "a decoder process failed: ValueError: unknown shard format bogus"
+    assert first.error().exit_code == EXIT_FAILED
+    stream.close()
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_watchdog_ends_a_run_that_makes_no_progress(tmp_path, cache_dir, tiny_model_dir):
+    from .cli_processes import fault_env
+
+    many_shards(tmp_path / "data", 1, 2)
+    started = time.monotonic()
+    stalled = subprocess.run(
+        [sys.executable, "-m", "dvl_batch", *caption([str(tmp_path / "data")], tmp_path / "out", "--watchdog-seconds", "2")],
+        env=fault_env(cache_dir, {"slow_image_open": 60}), capture_output=True, text=True, timeout=120)
+    assert stalled.returncode == EXIT_FAILED, stalled.stderr
+    assert time.monotonic() - started < 60
+    errors = [line for line in stalled.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no progress for 2 s" in errors[0], stalled.stderr

@@ -10,6 +10,8 @@ checkpoint or a part.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..engine.types import Completion, EnginePrompt, WorkItem
+from ..errors import EXIT_FAILED
 from ..records import AnswerRow, PreparedSample, Shard, ShardEnd
 from ..sink.parts import ParquetSink
 
@@ -88,6 +91,7 @@ class ShardAssembler:
         self._last_flush = self._last_progress = time.monotonic()
         self.lock = threading.RLock()  # the checkpoint timer thread flushes while the main thread adds rows
         self._timer_error: BaseException | None = None
+        self.activity = 0  # stream items and completions seen (the watchdog's measure of progress)
 
     @contextlib.contextmanager
     def checkpointing(self) -> Iterator[None]:
@@ -117,6 +121,37 @@ class ShardAssembler:
         if shard.id not in self.states:
             self.states[shard.id] = _ShardState(shard, self.sink.checkpoints.files(shard.id))
         return self.states[shard.id]
+
+    @contextlib.contextmanager
+    def watchdog(self, seconds: float) -> Iterator[None]:
+        """End the process when neither decoders nor the device deliver anything for `seconds`
+        (a wedged library, a dead mount): answered rows are saved, one line says why, exit 1.
+        A hung main thread cannot be trusted to unwind, so this thread ends the process."""
+        if seconds <= 0:
+            yield
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            seen, since = self.activity, time.monotonic()
+            while not done.wait(min(5.0, seconds / 4)):
+                if self.activity != seen:
+                    seen, since = self.activity, time.monotonic()
+                elif time.monotonic() - since >= seconds:
+                    if self.lock.acquire(timeout=10):
+                        with contextlib.suppress(Exception):
+                            self._flush_rows()
+                    print(f"error: no progress for {seconds:g} s (neither the decoders nor the device delivered "
+                          "anything); answered rows are saved, rerun to resume (see --watchdog-seconds)",
+                          file=sys.stderr, flush=True)
+                    os._exit(EXIT_FAILED)
+
+        thread = threading.Thread(target=watch, name="dvl-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
 
     def add_sample(self, sample: PreparedSample, shard: Shard, force_eos: Callable[[str, int], int | None] | None = None):
         """Record a sample; returns its WorkItem, or None when every row is already an error."""
@@ -175,6 +210,7 @@ class ShardAssembler:
 
     def tick(self) -> None:
         """Main thread: checkpoint when the interval is up (the timer may have); report answers now and then."""
+        self.activity += 1
         if self._timer_error is not None:
             error, self._timer_error = self._timer_error, None
             raise error

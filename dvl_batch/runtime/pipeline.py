@@ -18,7 +18,7 @@ import torch
 
 from ..config.spec import JobSpec
 from ..engine.types import Engine, WorkItem
-from ..preprocess.decoder_pool import DecoderRestart
+from ..preprocess.decoder_pool import DecoderFailure, DecoderRestart
 from ..preprocess.preparer import SamplePreparer
 from ..preprocess.stream import prepared_stream
 from ..records import ShardEnd
@@ -46,6 +46,9 @@ def _work_items(
         if isinstance(item, ShardEnd):
             assembler.end_shard(item)
             continue
+        if isinstance(item, DecoderFailure):
+            feed.close()
+            raise item.error()
         if isinstance(item, DecoderRestart):
             assembler.stats.decoder_restarts += 1
             continue
@@ -81,7 +84,7 @@ def process_shards(
     stream = prepared_stream(spec, SamplePreparer(spec, model_path, processor), feed)
     items = _work_items(stream, assembler, feed, spec.data.limit, stop, force_eos)
     try:
-        with assembler.checkpointing():
+        with assembler.checkpointing(), assembler.watchdog(spec.run.watchdog_seconds):
             for completion in engine.run(items):
                 assembler.add_completion(completion)
     except Exception:  # a failed run still keeps every whole sample it answered (not a second Ctrl-C)
