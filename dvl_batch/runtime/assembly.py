@@ -100,7 +100,7 @@ class ShardAssembler:
         done = threading.Event()
 
         def timer() -> None:
-            while not done.wait(max(0.02, self.checkpoint_seconds - (time.monotonic() - self._last_flush))):
+            while not done.wait(min(3600.0, max(0.02, self.checkpoint_seconds - (time.monotonic() - self._last_flush)))):
                 try:
                     with self.lock:
                         if time.monotonic() - self._last_flush >= self.checkpoint_seconds:
@@ -119,7 +119,8 @@ class ShardAssembler:
 
     def _state(self, shard: Shard) -> _ShardState:
         if shard.id not in self.states:
-            self.states[shard.id] = _ShardState(shard, self.sink.checkpoints.files(shard.id))
+            checkpoints = self.sink.checkpoints  # None: a sink that takes whole shards only (Ray Data batches)
+            self.states[shard.id] = _ShardState(shard, checkpoints.files(shard.id) if checkpoints else [])
         return self.states[shard.id]
 
     @contextlib.contextmanager
