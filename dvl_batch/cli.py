@@ -43,7 +43,8 @@ from .cli_options import (
     Task,
     Workers,
 )
-from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
+from .cli_tables import print_summary, status_table
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
 
 class _Command(TyperCommand):
@@ -84,15 +85,23 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
     try:
         result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
     except ErrorRowsError as exc:
-        _print_summary(exc.result)
+        print_summary(err, exc.result)
         err.print(f"[red]strict mode[/]: {escape(str(exc).removeprefix('strict mode: '))}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
         err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    _print_summary(result)
+    print_summary(err, result)
+    unreadable = result.stats.unreadable
+    for line in unreadable:
+        err.print(f"[red]not read[/]: {escape(line)}")
+    if unreadable and not result.interrupted:
+        err.print(f"[red]error:[/] {len(unreadable)} shards could not be read and have no part; "
+                  "rerun the same command to retry them")
+        raise typer.Exit(EXIT_FAILED)
     if result.interrupted:
-        err.print(f"[red]interrupted[/]: {result.stats.shards_written} shards saved this run; rerun the same command to resume")
+        err.print(f"[red]interrupted[/]: {result.stats.rows} rows saved this run ({result.stats.shards_written} shards "
+                  "finished); rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -104,35 +113,6 @@ def _refuse_if_locked(spec) -> None:
     launched = with_launch_defaults(spec)
     if launched.output.path:
         OutputDir(launched.output.path, launched.run.rank or 0, launched.run.world_size or 1).refuse_if_locked()
-
-
-def _print_summary(result) -> None:
-    stats = result.stats
-    if not stats.samples and not stats.shards_written and result.shards_done >= result.shards_total:
-        err.print(f"nothing to do: all {result.shards_total} shards in {escape(str(result.out))} are done "
-                  "(new shards are picked up when they appear; --overwrite starts over)")
-        return
-    seconds = max(result.seconds, 1e-9)
-    table = Table(title="dvl-batch summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("output", str(result.out))
-    table.add_row("model", result.model)
-    table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({stats.shards_written} this run, {stats.shards_partial} partial)")
-    table.add_row("images", f"{stats.images} in {stats.answered} samples")
-    table.add_row("rows", f"{stats.rows} ({stats.error_rows} with errors)")
-    if stats.duplicate_keys:
-        table.add_row("duplicate keys (renamed KEY#N)", str(stats.duplicate_keys))
-    table.add_row("time", f"{seconds:.1f} s")
-    table.add_row("throughput", f"{stats.images / seconds:.2f} img/s, {stats.generated_tokens / seconds:.1f} tokens/s")
-    engine = stats.engine
-    if engine.get("oom_splits"):
-        table.add_row("out-of-memory retries", str(int(engine["oom_splits"])))
-    if stats.decoder_restarts:
-        table.add_row("decoder processes restarted", str(stats.decoder_restarts))
-    if engine.get("idle_seconds"):
-        table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s")
-    err.print(table)
 
 
 def _version(value: bool) -> None:
@@ -254,28 +234,7 @@ def status(
     if as_json:
         out_console.print_json(json.dumps(report))
         return
-    table = Table(title=f"dvl-batch status: {output}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    total = report["shards_total"]
-    table.add_row("model", str(report["model"]))
-    table.add_row("task", str(report["task"]))
-    table.add_row("shards", f"{report['shards_done']}/{total if total is not None else '?'} done ({report['partial_shards']} partial)")
-    table.add_row("rows", f"{report['rows']} ({report['error_rows']} with errors)")
-    if report["duplicate_keys"]:
-        table.add_row("duplicate keys (renamed KEY#N)", str(report["duplicate_keys"]))
-    if report["unreadable_parts"]:
-        table.add_row("unreadable parts (redone by the next run)", "\n".join(report["unreadable_parts"]))
-    if report["world_size"] > 1:
-        table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
-    for run_info in report["runs"]:
-        label = f"rank {run_info.get('rank')}" if report["world_size"] > 1 else "last run"
-        table.add_row(
-            label,
-            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s "
-            f"(pid {run_info.get('pid')} on {run_info.get('host')})",
-        )
-    out_console.print(table)
+    out_console.print(status_table(output, report))
 
 
 @app.command(cls=_Command)

@@ -63,6 +63,9 @@ WorldSize = Annotated[int | None, typer.Option(help="Number of independent worke
 RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: RAY_ADDRESS, else a local Ray instance).", rich_help_panel="Scale-out")]
 Verbose = Annotated[bool | None, typer.Option("--verbose", help="Keep the libraries' warnings and progress bars in the log (hushed by default).", rich_help_panel="Output")]
 Progress = Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (terminal) or log lines (no terminal).", rich_help_panel="Output")]
+CheckpointSeconds = Annotated[float | None, typer.Option(help="Save answered rows of shards still in progress at least this often (seconds; default 60), so a kill loses at most that much work.", rich_help_panel="Output")]
+ReadRetries = Annotated[int | None, typer.Option(help="Retries, with backoff, of a shard read that fails for a transient reason (network, a failing pipe: command, I/O error); default 3.", rich_help_panel="Data")]
+WatchdogSeconds = Annotated[float | None, typer.Option(help="End a run whose device and decoders make no progress for this long (seconds; default 1800; 0: never).", rich_help_panel="Output")]
 Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
 MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
 Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
@@ -78,5 +81,6 @@ JOB_OPTIONS: dict[str, Any] = {
     "key_field": KeyField, "max_image_pixels": MaxPixels, "max_file_bytes": MaxFileBytes, "limit": Limit, "shard_size": ShardSize,
     "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
     "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress, "verbose": Verbose,
+    "checkpoint_seconds": CheckpointSeconds, "read_retries": ReadRetries, "watchdog_seconds": WatchdogSeconds,
     "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,
 }

@@ -14,6 +14,8 @@ from typing import Any
 
 from .errors import UsageError
 from .records import RawSample, Shard, ShardEnd
+from .sink.checkpoints import count_rows
+from .sink.locks import RunLock
 from .sink.verify import part_record, read_state_file
 from .sources import FolderManifest, discover_shards, read_shard
 
@@ -79,6 +81,9 @@ def collect_status(out: Path) -> dict[str, Any]:
     fix = "delete it: the next run writes it again"
     progress = current_world(read_state_file(p, fix) for p in sorted(out.glob("progress*.json")))
     world_size = progress[0].get("world_size", 1) if progress else 1
+    for record in progress:
+        mark_dead_runs(out, record)
+    checkpoint_files, checkpoint_rows = count_rows(out)
     total = sum(p.get("shards_total", 0) for p in progress) if len(progress) == world_size else None
     return {
         "output": str(out),
@@ -91,10 +96,25 @@ def collect_status(out: Path) -> dict[str, Any]:
         "duplicate_keys": duplicates,
         "rows": rows,
         "error_rows": errors,
+        "checkpoint_files": checkpoint_files,  # rows of shards in progress, folded into their parts when they finish
+        "checkpoint_rows": checkpoint_rows,
         "world_size": world_size,
         "ranks_reporting": len(progress),
         "runs": progress,
     }
+
+
+def mark_dead_runs(out: Path, record: dict[str, Any]) -> None:
+    """A progress file says "running" until its run ends; a run killed with -9 never says otherwise.
+    The run's lock tells: the kernel drops it when its process dies."""
+    if record.get("state") != "running":
+        return
+    world = record.get("world_size", 1) or 1
+    suffix = "" if world == 1 else f"-rank{record.get('rank', 0)}of{world}"
+    holder = RunLock(out / f".lock{suffix}").holder()
+    record["alive"] = holder is not None
+    if holder is None:
+        record["state"] = "not running (the run ended without saying so: killed or crashed)"
 
 
 def current_world(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

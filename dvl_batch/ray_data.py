@@ -33,12 +33,16 @@ ANSWER_COLUMNS = [name for name in PART_SCHEMA.names if name not in ("key", "sha
 
 
 class _RowCollector:
-    """Takes the assembler's finished rows instead of writing a parquet part."""
+    """Takes the assembler's finished rows instead of writing a parquet part (no checkpoints:
+    a batch is answered in one call)."""
+
+    checkpoints = None
 
     def __init__(self) -> None:
         self.rows: list[AnswerRow] = []
 
-    def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None) -> None:
+    def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None,
+              checkpoints=()) -> None:
         self.rows = sorted(rows, key=lambda r: (r.sample_index, r.question_index))
 
 
@@ -129,7 +133,8 @@ class ImageAnswerer:
         n_rows = len(batch[self.image_column])
         shard = Shard(id="batch", url="", format="ray-data")
         collector = _RowCollector()
-        assembler = ShardAssembler(collector, self.worker.decode, lambda stats: None)  # type: ignore[arg-type]
+        assembler = ShardAssembler(collector, self.worker.decode, lambda stats: None,  # type: ignore[arg-type]
+                                   checkpoint_seconds=float("inf"))
 
         def work_items():
             for sample in self.pool.map(lambda i: self._prepare(batch, i, shard), range(n_rows)):

@@ -27,6 +27,8 @@ class Shard:
     url: str
     format: str  # "webdataset" | "parquet" | "folder"
     members: tuple[str, ...] = ()  # folder shards: image paths relative to `url`
+    # samples an earlier run already answered and checkpointed (OUT/checkpoints): not read again
+    skip: frozenset[int] = field(default=frozenset(), compare=False, repr=False)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ShardEnd:
     partial: bool = False
     message: str | None = None
     duplicate_keys: int = 0  # samples whose stored key was taken already (renamed KEY#N)
+    unreadable: bool = False  # the shard could not be read (even after retries): no part, redone next run
 
 
 @dataclass

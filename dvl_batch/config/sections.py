@@ -75,6 +75,7 @@ class DataSpec:
     max_image_pixels: int = 89_478_485  # larger images become error rows (decompression bombs)
     max_file_bytes: int = 64 * 2**20  # larger members/files/values become error rows, never read whole
     limit: int | None = None  # stop after this many samples (smoke tests)
+    read_retries: int = 3  # retries (with backoff) of a shard read that fails for a transient reason
     shard_size: int = 1000  # images per shard for plain folders
 
 
@@ -99,6 +100,7 @@ class OutputSpec:
     path: str = ""
     overwrite: bool = False
     strict: bool = False  # exit code 4 when any row has an error
+    checkpoint_seconds: float = 60.0  # answered rows of unfinished shards are saved at least this often
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class RunSpec:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray instance
     progress: bool = True
     verbose: bool = False  # keep libraries' warnings and progress bars in the log
+    watchdog_seconds: float = 1800.0  # end a run whose device and decoders make no progress this long (0: never)
 
 
 

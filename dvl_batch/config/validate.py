@@ -183,6 +183,10 @@ def validate(spec: Any) -> None:
     _check(d.workers is None or d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
     _check(d.limit is None or d.limit >= 1, f"data.limit must be >= 1, got {d.limit}")
+    _check(d.read_retries >= 0, f"data.read_retries must be >= 0, got {d.read_retries}")
+    _check(spec.output.checkpoint_seconds > 0,
+           f"output.checkpoint_seconds must be > 0, got {spec.output.checkpoint_seconds}")
+    _check(r.watchdog_seconds >= 0, f"run.watchdog_seconds must be >= 0 (0: no watchdog), got {r.watchdog_seconds}")
     _check(d.shard_size >= 1, f"data.shard_size must be >= 1, got {d.shard_size}")
     _check(d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
     _check(d.max_file_bytes >= 1, f"data.max_file_bytes must be >= 1, got {d.max_file_bytes}")

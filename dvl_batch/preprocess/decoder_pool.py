@@ -47,6 +47,26 @@ class ResumePoint:
 
 
 @dataclass(frozen=True)
+class DecoderFailure:
+    """Stream item: a decoder raised (a bug, a bad setting); the run ends with this one line."""
+
+    message: str
+    exit_code: int = 1
+
+    @classmethod
+    def of(cls, exc: BaseException) -> DecoderFailure:
+        if isinstance(exc, DvlError):
+            return cls(str(exc), exc.exit_code)
+        text = (str(exc).strip().splitlines() or [""])[0]
+        return cls(f"a decoder process failed: {type(exc).__name__}: {text}".rstrip(": "))
+
+    def error(self) -> DvlError:
+        error = DvlError(self.message)
+        error.exit_code = self.exit_code
+        return error
+
+
+@dataclass(frozen=True)
 class DecoderRestart:
     """Stream item: the decoder pool was restarted after a decoder process died."""
 

@@ -22,7 +22,7 @@ from ..config.launch import default_decoders
 from ..config.spec import JobSpec
 from ..records import PreparedSample, Shard, ShardEnd, ShardSupply
 from ..sources import read_shard
-from .decoder_pool import ResumePoint, WorkerSlots, supervised_stream
+from .decoder_pool import DecoderFailure, ResumePoint, WorkerSlots, supervised_stream
 from .handoff import SpillDir
 from .preparer import SamplePreparer
 
@@ -46,20 +46,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker_id, n_workers = (info.id, info.num_workers) if info else (0, 1)
         claim = (lambda index: self.slots.working_on(worker_id, index)) if self.slots else None
-        for point in self.resume[worker_id::n_workers]:
-            if claim:
-                claim(self.feed.shards.index(point.shard))
-            yield from self._shard_items(preparer, point.shard, worker_id, point)
-        while (shard := self.feed.take(claim)) is not None:
-            yield from self._shard_items(preparer, shard, worker_id, None)
+        try:
+            for point in self.resume[worker_id::n_workers]:
+                if claim:
+                    claim(self.feed.shards.index(point.shard))
+                yield from self._shard_items(preparer, point.shard, worker_id, point)
+            while (shard := self.feed.take(claim)) is not None:
+                yield from self._shard_items(preparer, shard, worker_id, None)
+        except Exception as exc:  # noqa: BLE001 - sent as one line; the device process ends the run
+            self.feed.close()
+            yield DecoderFailure.of(exc)
 
     def _shard_items(self, preparer: SamplePreparer, shard: Shard, worker_id: int, resume: ResumePoint | None):
-        for item in read_shard(shard, self.spec.data.image_field, self.spec.data.key_field, self.spec.data.max_file_bytes):
+        data = self.spec.data
+        for item in read_shard(shard, data.image_field, data.key_field, data.max_file_bytes, data.read_retries):
             if isinstance(item, ShardEnd):
                 yield item
                 continue
             if resume is not None and item.index < resume.start:
                 continue  # delivered before the pool was restarted
+            if item.index in shard.skip:
+                continue  # answered and checkpointed by an earlier run
             if resume is not None and item.index in resume.poisoned:
                 item.error = f"a decoder process died twice while preparing this sample ({resume.reason})"
             elif self.slots is not None:

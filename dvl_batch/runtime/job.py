@@ -7,9 +7,10 @@ already done (their part file exists).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .._version import __version__
 from ..config.spec import JobSpec
 from ..engine.model import ResolvedModel
 from ..records import Shard
+from ..sink.checkpoints import Checkpoints
 from ..sink.files import atomic_write_bytes
 from ..sink.output import OutputDir
 from ..sources import FolderManifest, discover_shards
@@ -76,6 +78,24 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
     }
 
 
+def with_checkpoints(out: OutputDir, todo: list[Shard]) -> list[Shard]:
+    """Open shards, each with the samples its checkpoints already hold (`Shard.skip`); a
+    checkpoint that does not read back is removed (its samples are simply answered again)."""
+    checkpoints = Checkpoints(out.root)
+    found = checkpoints.scan()
+    result = []
+    for shard in todo:
+        done: set[int] = set()
+        for path in found.get(shard.id, []):
+            try:
+                done |= checkpoints.done_samples([path])
+            except Exception:  # noqa: BLE001 - unreadable: redo its samples
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        result.append(replace(shard, skip=frozenset(done)) if done else shard)
+    return result
+
+
 def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
     """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
     # Every usage error is found before OUT is touched: inputs, device, model, what the data holds.
@@ -109,7 +129,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
         mine = [s for s in shards if shard_owner(s.id, spec.run.world_size) == spec.run.rank]
         done, redo = trusted_parts(out, mine, metadata["fingerprint"])
         notices.extend(redo)
-        todo = [s for s in mine if s.id not in done]
+        todo = with_checkpoints(out, [s for s in mine if s.id not in done])
     except BaseException:
         out.release()
         raise

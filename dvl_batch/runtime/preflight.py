@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..preprocess.prompts import IMAGE_MARKER, load_questions_file
 from ..records import RawSample, Shard
 from ..sources import read_shard
+from ..sources.formats import is_remote
 
 PEEK_SAMPLES = 64  # samples of the first shard read to check the job against the data
 
@@ -40,8 +41,9 @@ def check_devices(spec: JobSpec) -> None:
 
 
 def peek(shard: Shard, spec: JobSpec, limit: int = PEEK_SAMPLES) -> list[RawSample]:
-    """The first samples of a shard, read the way the run reads them."""
-    reader = read_shard(shard, spec.data.image_field, spec.data.key_field)
+    """The first samples of a shard, read the way the run reads them (no retries: a peek
+    that fails says nothing; the run itself retries and reports)."""
+    reader = read_shard(shard, spec.data.image_field, spec.data.key_field, spec.data.max_file_bytes, 0)
     try:
         return [item for item in itertools.islice(reader, limit) if isinstance(item, RawSample)]
     finally:
@@ -100,10 +102,16 @@ def _check_questions_file(shard: Shard, samples: list[RawSample], spec: JobSpec)
 
 
 def check_inputs(spec: JobSpec, shards: list[Shard]) -> list[str]:
-    """Refuse a job its data cannot serve, judging from the first shard; warnings to show."""
-    if not shards:
+    """Refuse a job its data cannot serve, judging from the first local shard; warnings to show.
+
+    Remote shards (`pipe:` commands, URLs) are not peeked at: that would run the user's
+    command or download the start of the shard an extra time; their problems show as
+    error rows of the run instead.
+    """
+    local = [s for s in shards if not is_remote(s.url)]
+    if not local:
         return []
-    shard = shards[0]
+    shard = local[0]
     samples = peek(shard, spec)
     _check_images(shard, samples, spec)
     _check_markers(shard, samples, spec)

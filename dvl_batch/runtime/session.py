@@ -57,7 +57,7 @@ class ErrorRowsError(DvlError):
 
 
 class _Signals:
-    """First SIGINT/SIGTERM: finish in-flight work and save it. Second: stop at once."""
+    """First SIGINT/SIGTERM: take no new samples, save every answered row. Second: stop at once."""
 
     def __init__(self, stop: StopFlag, say: Callable[[str], None]):
         self.stop, self.say = stop, say
@@ -68,7 +68,7 @@ class _Signals:
             raise KeyboardInterrupt
         self.stop.requested = True
         self.stop.reason = signal.Signals(signum).name
-        self.say(f"{self.stop.reason} received: finishing in-flight shards, then exiting (again to abort now)")
+        self.say(f"{self.stop.reason} received: saving the rows answered so far, then exiting (again to abort now)")
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .checkpoints import CHECKPOINT_DIR, Checkpoints
 from .files import atomic_write_json, explain_os_error
 from .locks import RunLock, WorldLock
 from .verify import read_state_file
@@ -76,6 +77,8 @@ class OutputDir:
             if self.world_size == 1 or (owns is not None and owns(shard_id)):
                 stale.unlink(missing_ok=True)
                 removed += 1
+        if self.world_size == 1 or owns is not None:  # checkpoints of finished shards, half-written checkpoints
+            Checkpoints(self.root).remove_stale(self.done_shards(), None if self.world_size == 1 else owns)
         if self.world_size == 1:
             for stale in self.root.glob(".*.tmp-*"):
                 stale.unlink(missing_ok=True)
@@ -117,7 +120,7 @@ class OutputDir:
         """Delete this tool's results in OUT (parts, job.json, progress, manifest) and nothing else."""
         if self.world_size > 1 and (self.job_file.exists() or self.done_shards()):
             raise UsageError("--overwrite cannot be combined with --world-size; clear OUT with one run first")
-        for part in self.parts.glob("*.parquet"):
+        for part in [*self.parts.glob("*.parquet"), *(self.root / CHECKPOINT_DIR).glob("*.jsonl")]:
             part.unlink()
         for path in [self.job_file, self.manifest_file, *self.root.glob("progress*.json")]:
             path.unlink(missing_ok=True)

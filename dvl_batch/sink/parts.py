@@ -1,8 +1,9 @@
 """Parts: the rows of one finished shard as one parquet file, written atomically.
 
-The part file *is* the checkpoint: a shard is done exactly when
-`OUT/parts/<shard>.parquet` exists, and it only ever appears whole. Its footer carries
-the job's and the shard's record, so `status` reads footers, never row data.
+A shard is done exactly when `OUT/parts/<shard>.parquet` exists, and it only ever
+appears whole; the rows saved in the shard's checkpoints (checkpoints.py) are folded
+into it. Its footer carries the job's and the shard's record, so `status` reads
+footers, never row data.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..records import AnswerRow, Shard, ShardEnd
+from .checkpoints import Checkpoints
 from .files import atomic_write
 from .output import OutputDir
 
@@ -44,9 +46,13 @@ class ParquetSink:
     def __init__(self, out: OutputDir, job_metadata: dict[str, Any]):
         self.out = out
         self.job_metadata = job_metadata
+        self.checkpoints = Checkpoints(out.root, job_metadata.get("fingerprint"))
 
-    def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None) -> Path:
-        rows = sorted(rows, key=lambda r: (r.sample_index, r.question_index))
+    def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None,
+              checkpoints: list[Path] | tuple[Path, ...] = ()) -> Path:
+        """The shard's part: `rows` plus those of its `checkpoints`, which are removed once the part exists."""
+        unique = {(r.sample_index, r.question_index): r for r in [*self.checkpoints.read_rows(list(checkpoints)), *rows]}
+        rows = sorted(unique.values(), key=lambda r: (r.sample_index, r.question_index))
         columns = {name: [_storable(getattr(r, name)) for r in rows] for name in PART_SCHEMA.names}
         table = pa.table(columns, schema=PART_SCHEMA)
         shard_meta = {
@@ -66,6 +72,7 @@ class ParquetSink:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
         path = self.out.part_path(shard.id)
         atomic_write(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+        self.checkpoints.remove(list(checkpoints))
         return path
 
 

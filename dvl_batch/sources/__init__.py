@@ -33,12 +33,13 @@ __all__ = [
 
 def read_shard(
     shard: Shard, image_field: str | None = None, key_field: str | None = None,
-    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES, retries: int = 3,
 ):
-    """Yield every sample of a shard, then exactly one ShardEnd; no member or file over
+    """Yield every sample of a shard, then exactly one ShardEnd (`unreadable` when even
+    `retries` retries of a transient failure did not read it); no member or file over
     `max_bytes` is ever read into memory (it becomes an error row)."""
     if shard.format == "webdataset":
-        return read_webdataset(shard, image_field, max_bytes)
+        return read_webdataset(shard, image_field, max_bytes, retries)
     if shard.format == "parquet":
         return read_parquet(shard, image_field, key_field, max_bytes)
     if shard.format == "folder":

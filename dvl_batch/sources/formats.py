@@ -3,9 +3,12 @@ bounded reads, bytes-safe keys and the per-shard key registry that keeps keys di
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 import stat
+import subprocess
 
 from ..records import RawSample
 
@@ -36,7 +39,59 @@ def is_image_name(name: str) -> bool:
     return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
+class TransientReadError(OSError):
+    """A read that may work when tried again: a failing `pipe:` command, a network error, EIO."""
+
+
+TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.ESTALE}
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (TransientReadError, TimeoutError, ConnectionError)) or (
+        isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+
+
+class CommandStream(io.RawIOBase):
+    """stdout of a shell command (`pipe:CMD`, or curl for http(s)); a non-zero exit at the
+    end of its output raises TransientReadError with one readable line."""
+
+    def __init__(self, command: str | list[str], label: str):
+        self.label = label
+        self.proc = subprocess.Popen(command, shell=isinstance(command, str), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.proc.stdout.readinto(buffer)
+        if not count:
+            self._check()
+        return count
+
+    def _check(self) -> None:
+        code = self.proc.wait()
+        if code != 0:
+            lines = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            detail = f": {lines[-1][:200]}" if lines else ""
+            raise TransientReadError(f"{self.label} failed (exit {code}){detail}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+        super().close()
+
+
 def open_stream(url: str):
+    if url.startswith("pipe:"):
+        return io.BufferedReader(CommandStream(url[5:], f"command '{url[5:]}'"), 1 << 16)
+    if url.startswith(("http://", "https://")):
+        command = ["curl", "--connect-timeout", "30", "--fail", "--silent", "--show-error", "--location", url]
+        return io.BufferedReader(CommandStream(command, f"download of {url}"), 1 << 16)
     if is_remote(url):
         from webdataset.gopen import gopen
 

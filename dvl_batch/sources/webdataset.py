@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -15,6 +16,8 @@ from .formats import (
     DEFAULT_MAX_FILE_BYTES,
     IMAGE_EXTENSIONS,
     KeyRegistry,
+    TransientReadError,
+    is_transient,
     open_stream,
     safe_text,
     shard_error_sample,
@@ -152,9 +155,31 @@ class _TarEnding:
         self.tarinfo = RecordingTarInfo
 
 
-def read_webdataset(
-    shard: Shard, image_field: str | None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-) -> Iterator[RawSample | ShardEnd]:
+def read_webdataset(shard: Shard, image_field: str | None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                    retries: int = 3, backoff: float = 1.0) -> Iterator[RawSample | ShardEnd]:
+    """Stream a tar/tgz shard; a transient read failure (a failing `pipe:` command, a network
+    error, EIO) reopens it after a backoff (1, 2, 4... s) and skips the samples already
+    yielded. A shard that still fails ends with `ShardEnd(unreadable=True)`: no part is
+    written, and the next run tries it again."""
+    delivered = 0
+    for attempt in range(retries + 1):
+        try:
+            for item in _read_once(shard, image_field, max_bytes):
+                if isinstance(item, RawSample):
+                    if item.index < delivered:
+                        continue
+                    delivered = item.index + 1
+                yield item
+            return
+        except Exception as exc:  # noqa: BLE001 - only transient ones reach here
+            problem = str(exc)
+            if attempt < retries:
+                time.sleep(backoff * 2**attempt)
+    tries = f"{retries + 1} attempts" if retries else "1 attempt"
+    yield ShardEnd(shard, delivered, partial=True, unreadable=True, message=f"could not be read ({tries}): {problem}")
+
+
+def _read_once(shard: Shard, image_field: str | None, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[RawSample | ShardEnd]:
     """Stream a tar/tgz shard, grouping consecutive members by key as webdataset does.
 
     Cut shards keep every sample read before the cut; the sample whose member data was
@@ -213,6 +238,8 @@ def read_webdataset(
                     recent.add(name, data)
                 reading = None
     except Exception as exc:  # noqa: BLE001 - any read failure ends the shard; rows before it stay
+        if is_transient(exc) or is_transient(exc.__cause__ or exc.__context__ or exc):
+            raise TransientReadError(str(exc) if is_transient(exc) else str(exc.__cause__ or exc.__context__)) from exc
         message = safe_text(f"read error after {count} complete samples: {exc}")
         if reading is not None:
             yield RawSample(key=keys.unique(current_key or reading), index=count,

@@ -17,6 +17,9 @@ Faults:
   of SIGSEGV, as a decoder hitting a bug in a native image library would.
 - "slow_image_open": seconds added to every image open (a slow decoder), so a test can
   kill a decoder process while it is working.
+- "log_answers": a file. The main process appends one line (the time) to it for every
+  answer it decodes (tokenizer.decode with skip_special_tokens), so a test counts the
+  answers a run made even when it was killed (O_APPEND writes survive SIGKILL).
 """
 
 from __future__ import annotations
@@ -88,6 +91,48 @@ def _install_decoder_faults() -> None:
     Image.open = open_image
 
 
+def _install_answer_log() -> None:
+    import importlib.abc
+    import importlib.util
+    import sys
+    import time
+
+    main_pid = os.getpid()
+    fd = os.open(FAULTS["log_answers"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    target = "transformers.tokenization_utils_base"
+
+    def patch(module) -> None:
+        base = module.PreTrainedTokenizerBase
+        real_decode = base.decode
+
+        def decode(self, *args, **kwargs):
+            text = real_decode(self, *args, **kwargs)
+            if kwargs.get("skip_special_tokens") and os.getpid() == main_pid:
+                os.write(fd, f"{time.time():.3f}\n".encode())
+            return text
+
+        base.decode = decode
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target_module=None):
+            if name != target:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            real_exec = spec.loader.exec_module
+
+            def exec_module(module):
+                real_exec(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
+
+if "log_answers" in FAULTS:
+    _install_answer_log()
 if "pause_part_write" in FAULTS or "fail_part_write" in FAULTS:
     _install_part_write_faults()
 if "crash_on_bytes" in FAULTS or "slow_image_open" in FAULTS:

@@ -1,0 +1,113 @@
+"""Transient read failures are retried; a shard that still cannot be read has no part and is
+retried by the next run; a usage error in a decoder-fed setting ends the run at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dvl_batch.errors import EXIT_FAILED, EXIT_USAGE
+
+from .conftest import cli_env, many_shards, read_rows
+
+
+def caption(inputs: list[str], out: Path, *extra: str) -> list[str]:
+    return ["caption", *inputs, "-o", str(out), "--model", "tiny", "--max-new-tokens", "2", "--workers", "1",
+            "--no-progress", *extra]
+
+
+def run(args: list[str], cache_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvl_batch", *args], env=cli_env(cache_dir), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_pipe_shard_failing_twice_is_answered_in_full(tmp_path, cache_dir, tiny_model_dir):
+    (shard,) = many_shards(tmp_path / "data", 1, 3)
+    counter = tmp_path / "attempts"
+    counter.write_text("0")
+    script = tmp_path / "fetch.sh"  # cuts the stream after 2000 bytes twice, as a dropped connection would
+    script.write_text(f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
+                      "if [ $n -ge 2 ]; then cat $1; else head -c 2000 $1; echo 'connection reset' >&2; exit 56; fi\n")
+    command = f"pipe:sh {script} {shard}"
+    done = run(caption([command], tmp_path / "out"), cache_dir)
+    assert done.returncode == 0, done.stderr
+    assert counter.read_text().strip() == "3"
+    rows = read_rows(tmp_path / "out")
+    assert sorted(rows["key"].to_pylist()) == [f"s000_{i:03d}" for i in range(3)]
+    assert all(rows["error"].is_null().to_pylist())
+
+
+@pytest.mark.slow
+def test_pipe_shard_that_always_fails_has_no_part_exit_1_and_is_retried_next_run(tmp_path, cache_dir, tiny_model_dir):
+    good, bad = many_shards(tmp_path / "data", 2, 2)
+    flag = tmp_path / "network-is-back"
+    script = tmp_path / "fetch.sh"
+    script.write_text(f"if [ -f {flag} ]; then cat $1; else echo 'Could not resolve host' >&2; exit 6; fi\n")
+    command = f"pipe:sh {script} {bad}"
+    out = tmp_path / "out"
+    failed = run(caption([str(good), command], out, "--read-retries", "1"), cache_dir)
+    assert failed.returncode == EXIT_FAILED, failed.stderr
+    assert "Traceback" not in failed.stderr and "((" not in failed.stderr and "bufsize" not in failed.stderr
+    not_read = [line for line in failed.stderr.splitlines() if line.startswith("not read")]
+    assert len(not_read) == 1 and "failed (exit 6): Could not resolve host" in not_read[0], failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rerun the same command to retry" in errors[0], failed.stderr
+    assert len(list((out / "parts").glob("*.parquet"))) == 1  # the good shard only
+    flag.touch()
+    retried = run(caption([str(good), command], out, "--read-retries", "1"), cache_dir)
+    assert retried.returncode == 0, retried.stderr
+    keys = sorted(read_rows(out)["key"].to_pylist())
+    assert keys == ["s000_000", "s000_001", "s001_000", "s001_001"]
+
+
+def test_missing_questions_file_with_two_decoders_exits_2_at_once(tmp_path, cache_dir, tiny_model_dir):
+    many_shards(tmp_path / "data", 2, 2)
+    started = time.monotonic()
+    done = run(["vqa", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--model", "tiny", "--workers", "2",
+                "--questions-file", str(tmp_path / "missing.jsonl"), "--no-progress"], cache_dir, timeout=30)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in done.stderr and "DataLoader" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: questions file not found: {tmp_path / 'missing.jsonl'}"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_exception_in_a_decoder_ends_the_stream_with_one_line(tmp_path, tiny_model_dir, tiny_processor, workers):
+    from dvl_batch.config.spec import spec_from_recipe
+    from dvl_batch.preprocess.decoder_pool import DecoderFailure
+    from dvl_batch.preprocess.preparer import SamplePreparer
+    from dvl_batch.preprocess.stream import prepared_stream
+    from dvl_batch.records import Shard
+    from dvl_batch.runtime.feed import ShardFeed
+
+    spec = spec_from_recipe(None, inputs=[str(tmp_path)], output=str(tmp_path / "out"), workers=workers)
+    feed = ShardFeed([Shard(f"s{i}", f"u{i}", "bogus") for i in range(4)])
+    started = time.monotonic()
+    stream = prepared_stream(spec, SamplePreparer(spec, str(tiny_model_dir), tiny_processor), feed)
+    first = next(stream)
+    assert isinstance(first, DecoderFailure), first
+    assert first.message == "a decoder process failed: ValueError: unknown shard format bogus"
+    assert first.error().exit_code == EXIT_FAILED
+    stream.close()
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_watchdog_ends_a_run_that_makes_no_progress(tmp_path, cache_dir, tiny_model_dir):
+    from .cli_processes import fault_env
+
+    many_shards(tmp_path / "data", 1, 2)
+    started = time.monotonic()
+    stalled = subprocess.run(
+        [sys.executable, "-m", "dvl_batch", *caption([str(tmp_path / "data")], tmp_path / "out", "--watchdog-seconds", "2")],
+        env=fault_env(cache_dir, {"slow_image_open": 60}), capture_output=True, text=True, timeout=120)
+    assert stalled.returncode == EXIT_FAILED, stalled.stderr
+    assert time.monotonic() - started < 60
+    errors = [line for line in stalled.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no progress for 2 s" in errors[0], stalled.stderr
