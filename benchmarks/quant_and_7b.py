@@ -213,7 +213,9 @@ def time_engine(engine, items: list[WorkItem], device: torch.device) -> tuple[fl
 def make_engine(kind: str, model, views, eos: int, args, cuda_graphs: bool = True):
     generation = GenerationSpec(max_new_tokens=args.max_new_tokens)
     if kind == "slot":
-        return SlotEngine(VisionLanguageModel(model), views, generation, BatchSpec(cuda_graphs=cuda_graphs), [eos], eos)
+        engine = SlotEngine(VisionLanguageModel(model), views, generation, BatchSpec(cuda_graphs=cuda_graphs), [eos], eos)
+        engine.stop_schedule = True  # the requests carry the profile's stop schedule
+        return engine
     return GenerateEngine(model, views, generation, BatchSpec(batch_size=args.generate_batch), [eos], eos)
 
 

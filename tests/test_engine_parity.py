@@ -146,6 +146,7 @@ def test_forced_eos_schedule_is_identical_in_both_engines(tiny_model, tiny_proce
     items, views = _items(tiny_processor, lambda uid: 2, force=lambda uid, qi: 2 + (uid * 3 + qi) % 5)
     refs = _reference(tiny_model, views, items, eos, max_new=12)
     slot = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=4), [eos], eos)
+    slot.stop_schedule = True
     generate = GenerateEngine(tiny_model, views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=5), [eos], eos)
     got_slot = {(c.uid, c.index): c.tokens for c in slot.run(iter(items))}
     got_generate = {(c.uid, c.index): c.tokens for c in generate.run(iter(items))}

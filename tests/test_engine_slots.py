@@ -29,6 +29,7 @@ def test_finished_rows_and_groups_read_no_keys_and_answers_stay_exact(tiny_model
     refs = _reference(tiny_model, views, items, eos, max_new=16)
     engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=16), BatchSpec(batch_size=12),
                         [eos], eos)
+    engine.stop_schedule = True
     checked = []
     original = SlotEngine._decode
 
@@ -69,3 +70,19 @@ def test_device_clock_is_inert_on_cpu_and_per_image_adds_up():
     ms = per_image({"vision": 1.0, "prefix": 3.0, "decode": 4.0}, {"attention_fraction": 0.75}, wall=10.0, images=1000)
     assert ms["busy"] == 8.0 and ms["idle"] == 2.0
     assert ms["decode_attention"] == 3.0 and ms["decode_rest"] == 1.0
+
+
+def test_a_stop_schedule_is_only_in_engines_built_for_it(tiny_model, tiny_processor):
+    """The bench's forced-EOS schedule is opt-in: a job's decode step carries none of it, and
+    scheduled prompts on such an engine are refused rather than silently run unscheduled."""
+    eos = tiny_processor.tokenizer.eos_token_id
+    plain, views = _items(tiny_processor, lambda uid: 1)
+    engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=4), BatchSpec(batch_size=4),
+                        [eos], eos)
+    assert len(list(engine.run(iter(plain)))) == len(plain)
+    assert engine.store.stop_schedule is False
+    scheduled, _ = _items(tiny_processor, lambda uid: 1, force=lambda uid, qi: 2)
+    fresh = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=4), BatchSpec(batch_size=4),
+                       [eos], eos)
+    with pytest.raises(ValueError, match="stop_schedule"):
+        list(fresh.run(iter(scheduled)))

@@ -168,6 +168,8 @@ def run_dvl(
         finally:
             out.lock.release()
 
+    if hasattr(worker.engine, "stop_schedule"):
+        worker.engine.stop_schedule = True  # the profile's stop schedule, captured in the decode step
     warm_spec = replace(spec, output=replace(spec.output, path=spec.output.path + "-warmup"))
     one(warm_spec, warm_shards)  # allocates the KV slots and captures the CUDA graph
     worker.engine.stats = type(worker.engine.stats)(slots=worker.engine.stats.slots)

@@ -67,6 +67,10 @@ class SlotEngine:
         self.rows_per_group = 1
         self.prefill_batch_limit: int | None = None  # set when a measured prefill batch would not fit
         self.device_clock: DeviceClock | None = None  # set by the bench: device time per phase
+        # Set by the bench before the first run: prompts carry a forced-EOS schedule
+        # (EnginePrompt.force_eos_after), so the captured decode step applies it. A job's
+        # step has no such work in it.
+        self.stop_schedule = False
         route_attention(vlm.language_model)
 
     # ------------------------------------------------------------ sizing
@@ -159,7 +163,7 @@ class SlotEngine:
         self.store = SlotStore(
             self.vlm, self.views, layout, self.gen, self.eos_ids[0], self.pad_id, self._prefill_batch(),
             compile_steps=self.batch.compile, cuda_graphs=self.batch.cuda_graphs,
-            use_triton=self.batch.triton_attention,
+            use_triton=self.batch.triton_attention, stop_schedule=self.stop_schedule,
         )
         self.layout = layout
         self.stats.slots = layout.rows
@@ -207,6 +211,8 @@ class SlotEngine:
                 rows_t = store.start_whole_prompt_rows(slots)
             else:
                 logits, rows_t = store.prefill_suffixes([g.suffix(j) for g in groups for j in range(q)], slots)
+        if not store.stop_schedule and any(p.force_eos_after for g in groups for p in g.prompts):
+            raise ValueError("prompts with a forced-EOS schedule need an engine with stop_schedule set before its first run")
         force = [
             (g.prompts[j].force_eos_after or NO_FORCE) if j < len(g.prompts) else NO_FORCE
             for g in groups

@@ -72,12 +72,14 @@ class SlotStore:
         compile_steps: bool,
         cuda_graphs: bool,
         use_triton: bool = True,
+        stop_schedule: bool = False,
     ):
         route_attention(vlm.language_model)
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
         self.device, self.dtype = vlm.device, vlm.dtype
         self.on_cuda = self.device.type == "cuda"
+        self.stop_schedule = stop_schedule  # the bench's forced-EOS schedule; jobs never carry it in the graph
         self.generator = torch.Generator(device=self.device).manual_seed(generation.seed)
         self.scratch = layout.groups  # one spare group absorbs the padding rows of fixed-size prefills
         self.kv = SlotKV.allocate(
@@ -259,12 +261,13 @@ class SlotStore:
 
     def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int], rows: dict) -> Launched:
         """Pick every new row's first token and arm its state; the tokens come back later."""
-        force_t = self._upload(force)
-        first = self.pick(logits, torch.zeros_like(force_t), force_t)
+        force_t = self._upload(force) if self.stop_schedule else None
+        first = self.pick(logits, torch.zeros_like(force_t) if force_t is not None else None, force_t)
         self.next_tok[rows_t] = first
         self.n_gen.index_fill_(0, rows_t, 1)
         self.row_live.index_fill_(0, rows_t, 1)
-        self.force_at[rows_t] = force_t
+        if force_t is not None:
+            self.force_at[rows_t] = force_t
         return self._send_home(first, rows)
 
     def _send_home(self, tokens: torch.Tensor, rows: dict) -> Launched:
@@ -283,12 +286,14 @@ class SlotStore:
 
     # ------------------------------------------------------------ decode
 
-    def pick(self, logits: torch.Tensor, n_generated: torch.Tensor, force_at: torch.Tensor) -> torch.Tensor:
-        """Greedy or temperature/top-p sampling, then the forced-EOS schedule."""
+    def pick(self, logits: torch.Tensor, n_generated: torch.Tensor | None, force_at: torch.Tensor | None) -> torch.Tensor:
+        """Greedy or temperature/top-p sampling, then the forced-EOS schedule (with `stop_schedule`)."""
         if self.gen.temperature <= 0:
             chosen = logits.argmax(dim=-1)
         else:
             chosen = sample_top_p(logits, self.gen.temperature, self.gen.top_p, self.generator)
+        if force_at is None:
+            return chosen
         forced = (n_generated + 1) == force_at
         return torch.where(forced, torch.full_like(chosen, self.eos_id), chosen)
 
@@ -309,6 +314,8 @@ class SlotStore:
         hidden = self.vlm.language_forward(self.vlm.embed_tokens(self.next_tok[:, None]), positions, dvl_step=step)
         logits = self.vlm.lm_head(hidden[:, -1]).float()
         greedy = logits.argmax(dim=-1)
+        if not self.stop_schedule:
+            return logits, greedy
         forced = (self.n_gen + 1) == self.force_at
         return logits, torch.where(forced, torch.full_like(greedy, self.eos_id), greedy)
 
@@ -360,7 +367,7 @@ class SlotStore:
             self._decode_body()
         tokens = self.step_tokens
         if self.gen.temperature > 0:
-            tokens = self.pick(self.step_logits, self.n_gen, self.force_at)
+            tokens = self.pick(self.step_logits, self.n_gen, self.force_at if self.stop_schedule else None)
         self.next_tok.copy_(tokens)
         self.row_len.add_(self.row_live).clamp_(max=self.layout.suffix_cap - 1)  # freed rows stay at 0
         self.n_gen.add_(1)
