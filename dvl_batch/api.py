@@ -9,8 +9,8 @@ command line. Build the spec with `JobSpec.from_recipe(recipe, **options)`.
 from __future__ import annotations
 
 from .config.launch import default_cache_dir, hub_offline
-from .runtime.session import ErrorRowsError, JobResult, run_job
+from .runtime.session import ErrorRowsError, JobResult, UnreadableShardsError, run_job
 
 run = run_job
 
-__all__ = ["ErrorRowsError", "JobResult", "default_cache_dir", "hub_offline", "run"]
+__all__ = ["ErrorRowsError", "JobResult", "UnreadableShardsError", "default_cache_dir", "hub_offline", "run"]

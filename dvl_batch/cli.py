@@ -44,7 +44,7 @@ from .cli_options import (
     Workers,
 )
 from .cli_tables import print_summary, status_table
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
 
 class _Command(TyperCommand):
@@ -81,9 +81,19 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         options["task"] = task
     spec = spec_from_recipe(recipe or None, inputs=inputs, **options)
     _refuse_if_locked(spec)
-    from .api import ErrorRowsError, run  # torch and transformers load only once the options are known to be valid
+    from .api import (  # torch and transformers load only once options are valid
+        ErrorRowsError,
+        UnreadableShardsError,
+        run,
+    )
     try:
         result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
+    except UnreadableShardsError as exc:
+        print_summary(err, exc.result)
+        for line in exc.result.stats.unreadable:
+            err.print(f"[red]not read[/]: {escape(line)}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(exc.exit_code) from None
     except ErrorRowsError as exc:
         print_summary(err, exc.result)
         err.print(f"[red]strict mode[/]: {escape(str(exc).removeprefix('strict mode: '))}")
@@ -92,13 +102,8 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     print_summary(err, result)
-    unreadable = result.stats.unreadable
-    for line in unreadable:
+    for line in result.stats.unreadable:  # an interrupted run may have some too
         err.print(f"[red]not read[/]: {escape(line)}")
-    if unreadable and not result.interrupted:
-        err.print(f"[red]error:[/] {len(unreadable)} shards could not be read and have no part; "
-                  "rerun the same command to retry them")
-        raise typer.Exit(EXIT_FAILED)
     if result.interrupted:
         err.print(f"[red]interrupted[/]: {result.stats.rows} rows saved this run ({result.stats.shards_written} shards "
                   "finished); rerun the same command to resume")

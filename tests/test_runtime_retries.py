@@ -111,3 +111,22 @@ def test_watchdog_ends_a_run_that_makes_no_progress(tmp_path, cache_dir, tiny_mo
     assert time.monotonic() - started < 60
     errors = [line for line in stalled.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no progress for 2 s" in errors[0], stalled.stderr
+
+
+def test_api_raises_for_a_shard_that_cannot_be_read_like_the_cli_exits_1(tmp_path, cache_dir, tiny_model_dir):
+    """`dvl_batch.run` ends the same way as the command: the readable shard is written, the
+    unreadable one is named in an exception with exit code 1 that carries the result."""
+    from dvl_batch import run as run_api
+    from dvl_batch.api import UnreadableShardsError
+    from dvl_batch.config.spec import JobSpec
+
+    good, bad = many_shards(tmp_path / "data", 2, 2)
+    script = tmp_path / "fetch.sh"
+    script.write_text("echo 'Could not resolve host' >&2; exit 6\n")
+    spec = JobSpec.from_recipe(None, inputs=[str(good), f"pipe:sh {script} {bad}"], output=str(tmp_path / "out"),
+                               model="tiny", max_new_tokens=2, workers=0, read_retries=0, progress=False)
+    with pytest.raises(UnreadableShardsError) as caught:
+        run_api(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
+    assert caught.value.exit_code == EXIT_FAILED
+    assert caught.value.result.stats.shards_written == 1
+    assert len(caught.value.result.stats.unreadable) == 1 and "exit 6" in caught.value.result.stats.unreadable[0]

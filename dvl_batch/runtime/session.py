@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config.launch import default_cache_dir, hub_offline, parse_gpus, with_launch_defaults
 from ..config.spec import JobSpec
-from ..errors import EXIT_ERROR_ROWS, DvlError, UsageError
+from ..errors import EXIT_ERROR_ROWS, EXIT_FAILED, DvlError, UsageError
 from ..sink.parts import error_rows
 from .job import PreparedJob, prepare_job
 from .pipeline import RunStats, StopFlag
@@ -50,6 +50,17 @@ class ErrorRowsError(DvlError):
     """`output.strict` and OUT holds error rows (earlier runs' rows count too); the run itself finished."""
 
     exit_code = EXIT_ERROR_ROWS
+
+    def __init__(self, message: str, result: JobResult):
+        super().__init__(message)
+        self.result = result
+
+
+class UnreadableShardsError(DvlError):
+    """Shards that still could not be read after their retries have no part (the next run
+    retries them); the rest of the run finished and its result is attached."""
+
+    exit_code = EXIT_FAILED
 
     def __init__(self, message: str, result: JobResult):
         super().__init__(message)
@@ -126,7 +137,8 @@ def run_job(
     """Run a job to completion (or until interrupted); resumable by running it again.
 
     Raises UsageError before touching anything for a spec without inputs or output
-    folder, and ErrorRowsError after the run when `output.strict` finds error rows.
+    folder, UnreadableShardsError (exit 1) after the run when shards could not be read
+    even after retries, and ErrorRowsError when `output.strict` finds error rows.
     """
     started = time.perf_counter()
     spec = checked_spec(spec)
@@ -136,6 +148,10 @@ def run_job(
     cache = Path(spec.model.cache_dir) if spec.model.cache_dir else (cache_dir or default_cache_dir())
     job = prepare_job(spec, cache, hub_offline() if offline is None else offline)
     result = _run_prepared(job, reporter or make_reporter(spec.run.progress), say, started)
+    unreadable = result.stats.unreadable
+    if unreadable and not result.interrupted:
+        raise UnreadableShardsError(f"{len(unreadable)} shards could not be read and have no part; "
+                                    "rerun the same command to retry them", result)
     _check_strict(spec, result)
     return result
 
