@@ -98,13 +98,11 @@ class ShardAssembler:
         self._timer_error: BaseException | None = None
         self.activity = 0  # stream items and completions seen (the watchdog's measure of progress)
 
-    @contextlib.contextmanager
-    def checkpointing(self) -> Iterator[None]:
+    def checkpointing(self) -> contextlib.AbstractContextManager[None]:
         """A timer thread saves answered rows every `checkpoint_seconds`, even while the
         engine yields nothing for a while (checkpoints are plain files: no pyarrow in it)."""
-        done = threading.Event()
 
-        def timer() -> None:
+        def timer(done: threading.Event) -> None:
             while not done.wait(min(3600.0, max(0.02, self.checkpoint_seconds - (time.monotonic() - self._last_flush)))):
                 try:
                     with self.lock:
@@ -114,13 +112,7 @@ class ShardAssembler:
                     self._timer_error = exc
                     return
 
-        thread = threading.Thread(target=timer, name="dvl-checkpoints", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join(timeout=30)
+        return _in_background(timer, "dvl-checkpoints", join_seconds=30)
 
     def _state(self, shard: Shard) -> _ShardState:
         if shard.id not in self.states:
@@ -128,17 +120,14 @@ class ShardAssembler:
             self.states[shard.id] = _ShardState(shard, checkpoints.files(shard.id) if checkpoints else [])
         return self.states[shard.id]
 
-    @contextlib.contextmanager
-    def watchdog(self, seconds: float) -> Iterator[None]:
+    def watchdog(self, seconds: float) -> contextlib.AbstractContextManager[None]:
         """End the process when neither decoders nor the device deliver anything for `seconds`
         (a wedged library, a dead mount): answered rows are saved, one line says why, exit 1.
         A hung main thread cannot be trusted to unwind, so this thread ends the process."""
         if seconds <= 0:
-            yield
-            return
-        done = threading.Event()
+            return contextlib.nullcontext()
 
-        def watch() -> None:
+        def watch(done: threading.Event) -> None:
             seen, since = self.activity, time.monotonic()
             while not done.wait(min(5.0, seconds / 4)):
                 if self.activity != seen:
@@ -152,12 +141,7 @@ class ShardAssembler:
                           file=sys.stderr, flush=True)
                     os._exit(EXIT_FAILED)
 
-        thread = threading.Thread(target=watch, name="dvl-watchdog", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
+        return _in_background(watch, "dvl-watchdog")
 
     def add_sample(self, sample: PreparedSample, shard: Shard, force_eos: Callable[[str, int], int | None] | None = None):
         """Record a sample; returns its WorkItem, or None when every row is already an error."""
@@ -291,3 +275,17 @@ class ShardAssembler:
                 self._write(state, note)
             else:
                 del self.states[state.shard.id]
+
+
+@contextlib.contextmanager
+def _in_background(loop: Callable[[threading.Event], None], name: str, join_seconds: float | None = None) -> Iterator[None]:
+    """Run `loop(done)` in a daemon thread for the duration of the block; `done` is set at its end."""
+    done = threading.Event()
+    thread = threading.Thread(target=loop, args=(done,), name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if join_seconds is not None:
+            thread.join(timeout=join_seconds)

@@ -59,24 +59,8 @@ class RunLock:
             os.close(fd)  # also drops the lock just taken
 
     def holder(self) -> int | None:
-        """The pid of the live process holding this lock, or None (never taken, or its holder died).
-
-        Asks the kernel (F_GETLK) without taking the lock, so a starting run is never refused.
-        """
-        import struct
-
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            l_type, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        return None if l_type == fcntl.F_UNLCK else (pid or -1)
+        """The pid of the live process holding this lock, or None (never taken, or its holder died)."""
+        return lock_holder(self.path)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -127,27 +111,28 @@ class WorldLock:
             ) from None
         self.fd = fd
 
-    def holder(self) -> int | None:
-        """The pid of the live process holding this lock, or None (never taken, or its holder died).
-
-        Asks the kernel (F_GETLK) without taking the lock, so a starting run is never refused.
-        """
-        import struct
-
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            l_type, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        return None if l_type == fcntl.F_UNLCK else (pid or -1)
-
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of a live process holding a lock on `path`, or None (never taken, or its holder died).
+
+    Asks the kernel (F_GETLK) without taking the lock, so a starting run is never refused.
+    """
+    import struct
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if l_type == fcntl.F_UNLCK else (pid or -1)
