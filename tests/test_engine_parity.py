@@ -40,7 +40,7 @@ def _items(processor, questions_per_item, force=None):
     return items, views
 
 
-def _reference(model, views, items, eos, max_new=MAX_NEW):
+def generate_references(model, views, items, eos, max_new=MAX_NEW):
     by_name = {v.name: v for v in views}
     refs = {}
     for item in items:
@@ -66,7 +66,7 @@ def _reference(model, views, items, eos, max_new=MAX_NEW):
 def vqa_case(tiny_model, tiny_processor):
     items, views = _items(tiny_processor, lambda uid: 1 + uid % 4)
     eos = tiny_processor.tokenizer.eos_token_id
-    return items, views, _reference(tiny_model, views, items, eos), eos
+    return items, views, generate_references(tiny_model, views, items, eos), eos
 
 
 @pytest.mark.parametrize("batch_size,prefill_batch", [(None, None), (1, 1), (2, 1), (3, 2), (16, 8)])
@@ -93,7 +93,7 @@ def test_slot_engine_caption_matches_generate(tiny_model, tiny_processor, batch_
     items, views = _items(tiny_processor, lambda uid: 1)
     for item in items[::2]:  # prompts of different lengths in one prefill batch
         item.prompts[0] = EnginePrompt(0, *_tokenize(tiny_processor, "What is in the picture? Answer briefly."))
-    refs = _reference(tiny_model, views, items, eos)
+    refs = generate_references(tiny_model, views, items, eos)
     engine = SlotEngine(
         VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=MAX_NEW), BatchSpec(batch_size=batch_size),
         [eos], eos,
@@ -144,7 +144,7 @@ def test_generate_engine_bucketed_matches_single(tiny_model, vqa_case, batch_siz
 def test_forced_eos_schedule_is_identical_in_both_engines(tiny_model, tiny_processor):
     eos = tiny_processor.tokenizer.eos_token_id
     items, views = _items(tiny_processor, lambda uid: 2, force=lambda uid, qi: 2 + (uid * 3 + qi) % 5)
-    refs = _reference(tiny_model, views, items, eos, max_new=12)
+    refs = generate_references(tiny_model, views, items, eos, max_new=12)
     slot = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=4), [eos], eos)
     slot.stop_schedule = True
     generate = GenerateEngine(tiny_model, views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=5), [eos], eos)
@@ -165,7 +165,7 @@ def test_hybrid_model_matches_generate(tiny_hybrid_dir):
     items, views = _items(processor, lambda uid: 1 + uid % 2)
     items = items[:3]
     eos = processor.tokenizer.eos_token_id
-    refs = _reference(model, views, items, eos, max_new=10)
+    refs = generate_references(model, views, items, eos, max_new=10)
     engine = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=10), BatchSpec(batch_size=4), [eos], eos)
     got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
     assert got == refs

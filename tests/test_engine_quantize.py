@@ -27,7 +27,8 @@ from dvl_batch.runtime.progress import NullReporter
 from dvl_batch.runtime.worker import build_engine
 
 from .conftest import EXAMPLES, cli_env, job_json, read_rows, run_cli
-from .test_multi_image import CASES, _items, _reference
+from .test_engine_parity import generate_references
+from .test_multi_image import CASES, MAX_NEW, _items
 
 FAST = ["--model", "tiny", "--max-new-tokens", "6", "--workers", "0", "--no-progress"]
 logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-extension warnings on CPU machines
@@ -57,7 +58,7 @@ def test_int8_weight_only_quantizes_language_model_only_and_engines_agree(cache_
     assert _tensor_kinds(model, inside=False) == {"Parameter"}, "the vision tower and aligner stay in full precision"
     items, views = _items(processor, CASES[:4])
     eos = processor.tokenizer.eos_token_id
-    refs = _reference(model, views, items, eos)
+    refs = generate_references(model, views, items, eos, max_new=MAX_NEW)
     slot = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=3), [eos], eos)
     assert {(c.uid, c.index): c.tokens for c in slot.run(iter(items))} == refs
     generate = GenerateEngine(model, views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=4), [eos], eos)
@@ -130,7 +131,7 @@ def test_eager_attention_engines_agree(cache_dir):
     assert model.config.vision_config._attn_implementation == "eager"
     items, views = _items(processor, CASES[:2])
     eos = processor.tokenizer.eos_token_id
-    refs = _reference(model, views, items, eos)
+    refs = generate_references(model, views, items, eos, max_new=MAX_NEW)
     slot = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=12), BatchSpec(batch_size=2), [eos], eos)
     assert {(c.uid, c.index): c.tokens for c in slot.run(iter(items))} == refs
 

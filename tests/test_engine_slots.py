@@ -13,7 +13,7 @@ from dvl_batch.engine.device_clock import DeviceClock
 from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.engine.slots import store_prefix
 
-from .test_engine_parity import _items, _reference
+from .test_engine_parity import _items, generate_references
 
 
 @pytest.mark.parametrize("questions", [1, 3])
@@ -26,7 +26,7 @@ def test_finished_rows_and_groups_read_no_keys_and_answers_stay_exact(tiny_model
         return 2 + (uid + 2 * qi) % 5
 
     items, views = _items(tiny_processor, lambda uid: questions, force=force)
-    refs = _reference(tiny_model, views, items, eos, max_new=16)
+    refs = generate_references(tiny_model, views, items, eos, max_new=16)
     engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=16), BatchSpec(batch_size=12),
                         [eos], eos)
     engine.stop_schedule = True

@@ -12,7 +12,7 @@ import torch
 
 from dvl_batch.config.spec import BatchSpec, GenerationSpec
 from dvl_batch.engine.continuous import SlotEngine
-from dvl_batch.engine.generate import GenerateEngine, trim_at_eos
+from dvl_batch.engine.generate import GenerateEngine
 from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.engine.types import EnginePrompt, WorkItem
 from dvl_batch.preprocess.images import decode_image, normalize_pixels, render_views, views_from_image_processor
@@ -22,6 +22,7 @@ from dvl_batch.sources import discover_shards, read_shard
 from dvl_batch.sources.webdataset import pick_image_fields
 
 from .conftest import EXAMPLES, example_images, read_rows, run_cli, write_parquet, write_tar
+from .test_engine_parity import generate_references
 
 MAX_NEW = 12
 TURNS = (("user", "Answer in a few words."), ("assistant", "Understood."))
@@ -53,25 +54,11 @@ def _items(processor, cases=CASES):
     return items, views
 
 
-def _reference(model, views, items, eos):
-    by_name = {v.name: v for v in views}
-    refs = {}
-    for item in items:
-        pixels = {k: normalize_pixels(v, by_name[k], torch.float32) for k, v in item.pixels.items()}
-        for prompt in item.prompts:
-            ids = torch.tensor([prompt.input_ids])
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, max_new_tokens=MAX_NEW, do_sample=False
-            )
-            refs[(item.uid, prompt.index)] = trim_at_eos(out[0, ids.shape[1] :].tolist(), [eos])[0]
-    return refs
-
-
 @pytest.fixture(scope="module")
 def mixed_case(tiny_model, tiny_processor):
     items, views = _items(tiny_processor)
     eos = tiny_processor.tokenizer.eos_token_id
-    return items, views, _reference(tiny_model, views, items, eos), eos
+    return items, views, generate_references(tiny_model, views, items, eos, max_new=MAX_NEW), eos
 
 
 def test_prompt_ids_and_pixels_equal_the_processors_own(tiny_processor):
@@ -123,7 +110,7 @@ def test_hybrid_model_multi_image_matches_generate(tiny_hybrid_dir):
     items, views = _items(processor, CASES[:3])
     assert {v.name for v in views} == {"pixel_values", "high_res_pixel_values"}
     eos = processor.tokenizer.eos_token_id
-    refs = _reference(model, views, items, eos)
+    refs = generate_references(model, views, items, eos, max_new=MAX_NEW)
     engine = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=MAX_NEW), BatchSpec(batch_size=2), [eos], eos)
     assert {(c.uid, c.index): c.tokens for c in engine.run(iter(items))} == refs
 
