@@ -92,8 +92,7 @@ class ShardAssembler:
         self.inflight: dict[int, _Inflight] = {}
         self.stats = RunStats()
         self._next_uid = 0
-        self._last_flush = time.monotonic()
-        self._last_progress = float("-inf")  # the first answered sample is reported at once
+        self._last_flush = self._last_progress = time.monotonic()
         self.lock = threading.RLock()  # the checkpoint timer thread flushes while the main thread adds rows
         self._timer_error: BaseException | None = None
         self.activity = 0  # stream items and completions seen (the watchdog's measure of progress)
@@ -205,6 +204,9 @@ class ShardAssembler:
         """A sample has all its rows: progress counts it and its images."""
         self.stats.answered += 1
         self.stats.images += n_images
+        if self.stats.answered == 1:  # the first answer shows at once that the job moves
+            self._last_progress = time.monotonic()
+            self.on_progress(self.stats)
 
     def tick(self) -> None:
         """Main thread: checkpoint when the interval is up (the timer may have); report answers now and then."""
