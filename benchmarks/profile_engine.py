@@ -56,13 +56,6 @@ def top_kernels(fn, limit: int = 15) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=limit, max_name_column_width=70)
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate (bytes read + written per second) over 4 GiB."""
-    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 4 * 2**30 / timed(lambda: dst.copy_(src), repeats=10)
-
-
 class Profiler:
     def __init__(self, args):
         from dvl_batch.api import default_cache_dir
@@ -158,9 +151,10 @@ class Profiler:
     # ------------------------------------------------------------ decode attention
 
     def attn(self) -> None:
+        from dvl_batch.bench.device_time import copy_bandwidth
         from dvl_batch.engine.triton_decode import KernelConfig, choose_splits, decode_attention
 
-        copy = copy_bandwidth()
+        copy = copy_bandwidth(gib=2.0)
         self.results["copy_bandwidth_TBps"] = copy / 1e12
         print(f"device copy {copy / 1e12:.2f} TB/s", flush=True)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count

@@ -198,6 +198,8 @@ class SlotEngine:
     def _prefill(self, groups: list[Group], slots: list[int]) -> None:
         """Enqueue the prefill of new groups; their first tokens are read with the next step."""
         store, q = self.store, self.layout.rows_per_group
+        if not store.stop_schedule and any(p.force_eos_after for g in groups for p in g.prompts):
+            raise ValueError("prompts with a forced-EOS schedule need an engine with stop_schedule set before its first run")
         items = list({id(g.item): g.item for g in groups}.values())
         clock = PhaseClock(self.device, self.batch.phase_timing)
         with phase(self.device_clock, "vision"):
@@ -211,8 +213,6 @@ class SlotEngine:
                 rows_t = store.start_whole_prompt_rows(slots)
             else:
                 logits, rows_t = store.prefill_suffixes([g.suffix(j) for g in groups for j in range(q)], slots)
-        if not store.stop_schedule and any(p.force_eos_after for g in groups for p in g.prompts):
-            raise ValueError("prompts with a forced-EOS schedule need an engine with stop_schedule set before its first run")
         force = [
             (g.prompts[j].force_eos_after or NO_FORCE) if j < len(g.prompts) else NO_FORCE
             for g in groups

@@ -262,7 +262,7 @@ class SlotStore:
     def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int], rows: dict) -> Launched:
         """Pick every new row's first token and arm its state; the tokens come back later."""
         force_t = self._upload(force) if self.stop_schedule else None
-        first = self.pick(logits, torch.zeros_like(force_t) if force_t is not None else None, force_t)
+        first = self.pick(logits, force_t)
         self.next_tok[rows_t] = first
         self.n_gen.index_fill_(0, rows_t, 1)
         self.row_live.index_fill_(0, rows_t, 1)
@@ -286,15 +286,16 @@ class SlotStore:
 
     # ------------------------------------------------------------ decode
 
-    def pick(self, logits: torch.Tensor, n_generated: torch.Tensor | None, force_at: torch.Tensor | None) -> torch.Tensor:
-        """Greedy or temperature/top-p sampling, then the forced-EOS schedule (with `stop_schedule`)."""
+    def pick(self, logits: torch.Tensor, force_at: torch.Tensor | None = None, generated: torch.Tensor | int = 0) -> torch.Tensor:
+        """Greedy or temperature/top-p sampling, then the forced-EOS schedule when `force_at`
+        is given (with `stop_schedule`); `generated` tokens so far (0 for a row's first)."""
         if self.gen.temperature <= 0:
             chosen = logits.argmax(dim=-1)
         else:
             chosen = sample_top_p(logits, self.gen.temperature, self.gen.top_p, self.generator)
         if force_at is None:
             return chosen
-        forced = (n_generated + 1) == force_at
+        forced = (generated + 1) == force_at
         return torch.where(forced, torch.full_like(chosen, self.eos_id), chosen)
 
     def _decode_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,7 +368,7 @@ class SlotStore:
             self._decode_body()
         tokens = self.step_tokens
         if self.gen.temperature > 0:
-            tokens = self.pick(self.step_logits, self.n_gen, self.force_at if self.stop_schedule else None)
+            tokens = self.pick(self.step_logits, self.force_at if self.stop_schedule else None, self.n_gen)
         self.next_tok.copy_(tokens)
         self.row_len.add_(self.row_live).clamp_(max=self.layout.suffix_cap - 1)  # freed rows stay at 0
         self.n_gen.add_(1)
