@@ -14,7 +14,8 @@ from dvl_batch.sink import files as sink_files
 from dvl_batch.sink import parts as sink_parts
 from dvl_batch.sink.files import atomic_write_json
 from dvl_batch.sink.output import OutputDir
-from dvl_batch.sink.parts import ParquetSink, read_part_info
+from dvl_batch.sink.parts import ParquetSink
+from dvl_batch.sink.verify import part_record
 
 SHARD = Shard("shard-a", "/data/a.tar", "webdataset")
 
@@ -38,7 +39,7 @@ def leftovers(out: OutputDir) -> list[str]:
 def test_part_holds_rows_in_order_and_shard_record(out):
     path = ParquetSink(out, {"model": "m"}).write(SHARD, ShardEnd(SHARD, 3, partial=True, message="cut"), rows()[::-1])
     assert pq.read_table(path)["sample_index"].to_pylist() == [0, 1, 2]
-    info = read_part_info(path)
+    info = part_record(path)["shard"]
     assert info["partial"] is True and info["message"] == "cut" and info["rows"] == 3 and info["errors"] == 0
     assert leftovers(out) == ["shard-a.parquet"]
 

@@ -22,8 +22,8 @@ from ..records import AnswerRow, Shard, ShardEnd
 from .checkpoints import Checkpoints
 from .files import atomic_write
 from .output import OutputDir
+from .verify import METADATA_KEY, part_record
 
-METADATA_KEY = b"dvl_batch"
 PART_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -86,23 +86,13 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def read_part_info(path: Path) -> dict[str, Any]:
-    """The shard record a part carries in its schema metadata (footer only, no data read)."""
-    meta = pq.read_schema(path).metadata or {}
-    blob = meta.get(METADATA_KEY)
-    info = json.loads(blob)["shard"] if blob else {}
-    if "rows" not in info:
-        info["rows"] = pq.ParquetFile(path).metadata.num_rows
-    return info
-
-
 def error_rows(out: Path) -> int:
     """Rows with an error in every part of OUT (earlier runs' parts too), from the footers
     (a part that does not read back counts for nothing here; the next run redoes it)."""
     total = 0
     for path in sorted((Path(out) / "parts").glob("*.parquet")):
         try:
-            total += int(read_part_info(path).get("errors") or 0)
-        except Exception:  # noqa: BLE001 - pyarrow raises ArrowInvalid for a part cut by hand
+            total += int(part_record(path)["shard"].get("errors") or 0)
+        except (OSError, ValueError):  # a part that does not read back (part_record says why)
             continue
     return total
