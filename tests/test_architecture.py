@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dvl_batch"
 
 # rank of each part of dvl_batch (the first name after `dvl_batch.`); lower ranks come first
 RANKS = {
-    "_version": 0, "errors": 0, "records": 0,
+    "_version": 0, "errors": 0, "records": 0, "processes": 0,
     "config": 1,
     "sources": 2,
     "preprocess": 3,

@@ -20,6 +20,7 @@ import torch
 
 from ..config.launch import default_decoders
 from ..config.spec import JobSpec
+from ..processes import die_with_parent
 from ..records import PreparedSample, Shard, ShardEnd, ShardSupply
 from ..sources import read_shard
 from .decoder_pool import DecoderFailure, ResumePoint, WorkerSlots, supervised_stream
@@ -74,25 +75,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield preparer.prepare(item, shard)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this decoder when the process that forked it dies.
-
-    torch's own check notices a dead parent only every few seconds, and an orphan keeps
-    the parent's inherited sockets open: a killed Ray actor is not seen as dead (and not
-    restarted) while its decoders live on.
-    """
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux: torch's watchdog still ends orphans
-    if os.getppid() != parent_pid:
-        os._exit(0)  # the parent died before the prctl took effect
-
-
 def _worker_init(slots: WorkerSlots | None, parent_pid: int, worker_id: int) -> None:
     """Workers ignore SIGINT and SIGTERM: Ctrl-C goes to the whole process group, and
     schedulers (SLURM) send SIGTERM to every process of a job; the main process, not
@@ -102,7 +84,7 @@ def _worker_init(slots: WorkerSlots | None, parent_pid: int, worker_id: int) -> 
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid, exit_code=0)  # torch notices a dead parent only every few seconds
     if slots is not None:
         slots.register(worker_id)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ...config.launch import parse_device_list, usable_cpus
 from ...errors import EXIT_FAILED, EXIT_USAGE, DvlError, UsageError
+from ...processes import die_with_parent
 from ..feed import ShardFeed
 from ..job import PreparedJob
 from ..pipeline import RunStats, StopFlag
@@ -57,22 +58,9 @@ def _engine_signals(stop_event: Any) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_event.set())
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel kills this engine when the parent dies, even by SIGKILL. The parent's
-    death frees the OUT lock, and a new run must not find an orphan still writing parts."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # elsewhere an orphan finishes its shards; its parts are still whole
-    if os.getppid() != parent_pid:  # the parent died before we asked
-        os._exit(1)
-
-
 def engine_main(task: EngineTask, feed: ShardFeed, events: Any, stop_event: Any, parent_pid: int) -> None:
     """Entry point of one spawned engine process: build the worker, run the feed, report."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid, exit_code=1)  # a new run must not find an orphan still writing parts
     _engine_signals(stop_event)
     try:
         import torch
