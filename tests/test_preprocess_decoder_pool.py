@@ -84,3 +84,26 @@ def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path,
     rows = read_rows(out).to_pandas()
     assert sorted(rows["key"]) == sorted(keys) and rows["error"].isna().all()
     assert restarts_in(run.stderr) >= 1
+
+
+def test_a_shard_left_behind_by_a_decoder_that_moved_on_is_resumed():
+    """A decoder that finished reading shard a and took shard b has only b in its slot; a's
+    last samples (and its end) may still sit in the loader's queue when the pool dies. a must
+    be resumed from what was delivered, not dropped; shards that ended stay ended."""
+    from collections import Counter
+
+    from dvl_batch.preprocess.decoder_pool import WorkerSlots, _Delivered, _in_flight
+    from dvl_batch.records import PreparedSample, Shard, ShardEnd
+
+    shards = [Shard(f"s{i}", f"s{i}.tar", "webdataset") for i in range(4)]
+    slots = WorkerSlots(1, len(shards))
+    slots.register(0)
+    delivered = _Delivered()
+    slots.working_on(0, 0)
+    delivered.saw(PreparedSample(shard_id="s0", key="k", index=0))
+    delivered.saw(ShardEnd(shards[0], 1))  # s0 ended
+    slots.working_on(0, 1)
+    delivered.saw(PreparedSample(shard_id="s1", key="k", index=0))  # s1's later samples still queued
+    slots.working_on(0, 2)  # the decoder moved on to s2
+    points = _in_flight(slots, shards, [], delivered, Counter(), "died")
+    assert {p.shard.id: p.start for p in points} == {"s1": 1, "s2": 0}

@@ -75,16 +75,22 @@ class DecoderRestart:
 
 class WorkerSlots:
     """Shared memory where each decoder records its pid, its shard (feed index) and the sample
-    it is preparing, so that after a death the supervisor knows what was in flight."""
+    it is preparing, so that after a death the supervisor knows what was in flight; and every
+    shard this pool took, since a decoder that moved on to its next shard may have left the
+    last one's samples in the loader's queue, lost with the pool."""
 
-    def __init__(self, workers: int, context: Any = None):
+    def __init__(self, workers: int, shards: int = 0, context: Any = None):
         self.workers = workers
-        self.values = (context or mp.get_context()).Array("q", [0, -1, -1] * workers, lock=False)
+        context = context or mp.get_context()
+        self.values = context.Array("q", [0, -1, -1] * workers, lock=False)
+        self.taken = context.Array("b", max(1, shards), lock=False)
 
     def register(self, worker_id: int) -> None:
         self.values[3 * worker_id] = os.getpid()
 
     def working_on(self, worker_id: int, feed_index: int) -> None:
+        if feed_index < len(self.taken):
+            self.taken[feed_index] = 1
         self.values[3 * worker_id + 1] = feed_index
         self.values[3 * worker_id + 2] = -1
 
@@ -139,6 +145,9 @@ def _in_flight(
 ) -> list[ResumePoint]:
     """The shards to resume after a pool failed; each sample a dead decoder was preparing gets a strike."""
     open_shards: dict[str, Shard] = {p.shard.id: p.shard for p in previous}
+    for index, taken in enumerate(slots.taken[: len(shards)]):
+        if taken:  # handed to this pool: finished (its ShardEnd delivered) or resumed, never dropped
+            open_shards[shards[index].id] = shards[index]
     for pid, index, sample in slots.entries():
         if index < 0:
             continue
@@ -175,7 +184,7 @@ def supervised_stream(
     fruitless = 0
     try:
         while True:
-            slots = WorkerSlots(workers)
+            slots = WorkerSlots(workers, len(shards))
             delivered.expect(resume)
             items_before = delivered.items
             iterator = iter(make_loader(resume, slots))
