@@ -73,7 +73,8 @@ def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path,
         pytest.skip("needs /proc/PID/task/TID/children to find the decoder processes")
     keys = write_shards(tmp_path / "data")
     out = tmp_path / "out"
-    run = Run(caption_args(tmp_path / "data", out, workers=1), fault_env(cache_dir, {"slow_image_open": 0.4}))
+    # 6 images at 1 s each: the decoder is still at work 1.5 s in, however fast the machine
+    run = Run(caption_args(tmp_path / "data", out, workers=1), fault_env(cache_dir, {"slow_image_open": 1.0}))
     assert wait_until(lambda: child_pids(run.proc.pid), 120, run.proc), run.stderr
     time.sleep(1.5)  # the decoder is part-way through the slow images
     decoders = child_pids(run.proc.pid)
