@@ -8,13 +8,14 @@ image library would). Every sample still gets exactly one row.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from .cli_processes import Run, fault_env, wait_until
+from .cli_processes import Run, fault_env
 from .conftest import example_images, read_rows, write_image_shard
 
 POISON = "DVL-TEST-POISON"
@@ -73,14 +74,15 @@ def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path,
         pytest.skip("needs /proc/PID/task/TID/children to find the decoder processes")
     keys = write_shards(tmp_path / "data")
     out = tmp_path / "out"
-    # 6 images at 1 s each: the decoder is still at work 1.5 s in, however fast the machine
+    # 6 images at 1 s each; the decoder says when it starts one, so it is killed mid-image
+    # however fast or loaded the machine
     run = Run(caption_args(tmp_path / "data", out, workers=1), fault_env(cache_dir, {"slow_image_open": 1.0}))
-    assert wait_until(lambda: child_pids(run.proc.pid), 120, run.proc), run.stderr
-    time.sleep(1.5)  # the decoder is part-way through the slow images
-    decoders = child_pids(run.proc.pid)
-    assert decoders, "the decoder should still be working"
-    for pid in decoders:  # a plain SIGKILL, as the kernel's OOM killer sends
-        os.kill(pid, signal.SIGKILL)
+    assert run.wait_for_line("opening an image", timeout=120), run.stderr
+    line = run.lines_with("opening an image")[0]
+    decoder = int(re.search(r"decoder (\d+) opening", line).group(1))
+    assert decoder in child_pids(run.proc.pid), "the announcing process should be a decoder of the run"
+    time.sleep(0.3)  # inside the image's 1 s
+    os.kill(decoder, signal.SIGKILL)  # a plain SIGKILL, as the kernel's OOM killer sends
     assert run.wait(timeout=300) == 0, run.stderr
     rows = read_rows(out).to_pandas()
     assert sorted(rows["key"]) == sorted(keys) and rows["error"].isna().all()

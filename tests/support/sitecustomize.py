@@ -15,8 +15,9 @@ Faults:
   as a full or read-only disk would.
 - "crash_on_bytes": text. A process asked to open an image whose bytes contain it dies
   of SIGSEGV, as a decoder hitting a bug in a native image library would.
-- "slow_image_open": seconds added to every image open (a slow decoder), so a test can
-  kill a decoder process while it is working.
+- "slow_image_open": seconds added to every image open (a slow decoder); before each it
+  prints "dvl-test: decoder <pid> opening an image", so a test can kill that decoder
+  process while it is working.
 - "log_answers": a file. The main process appends one line (the time) to it for every
   answer it decodes (tokenizer.decode with skip_special_tokens), so a test counts the
   answers a run made even when it was killed (O_APPEND writes survive SIGKILL).
@@ -85,7 +86,10 @@ def _install_decoder_faults() -> None:
             if FAULTS.get("crash_on_bytes") and FAULTS["crash_on_bytes"].encode() in fp.getvalue():
                 _announce(f"decoder {os.getpid()} crashing")
                 os.kill(os.getpid(), signal.SIGSEGV)
-            time.sleep(float(FAULTS.get("slow_image_open", 0)))
+            delay = float(FAULTS.get("slow_image_open", 0))
+            if delay:
+                _announce(f"decoder {os.getpid()} opening an image")
+                time.sleep(delay)
         return real_open(fp, *args, **kwargs)
 
     Image.open = open_image
