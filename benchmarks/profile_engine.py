@@ -274,7 +274,7 @@ class Profiler:
 
     def store_kv(self) -> None:
         """Writing one prefill batch's keys into the cache: indexed assignment vs index_copy_."""
-        from dvl_batch.engine.slots import store_prefix
+        from dvl_batch.engine.attention import store_prefix
 
         batch, heads, dim = 32, 16, 128
         cache = torch.zeros(384, heads, self.length, dim, device=self.device, dtype=torch.bfloat16)

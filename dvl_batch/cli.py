@@ -308,6 +308,9 @@ def bench(
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
     triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
+    kv_dtype: Annotated[list[str] | None, typer.Option(
+        help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.",
+    )] = None,
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
@@ -327,8 +330,12 @@ def bench(
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
-        triton_attention=triton_attention, host_profile=host_profile, out=out,
+        triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]), host_profile=host_profile, out=out,
     )
+    from .config.sections import KV_DTYPES
+
+    if any(k not in KV_DTYPES for k in cfg.kv_dtypes):
+        raise UsageError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
     if profile not in ("caption-varlen", "vqa", "both", "preprocess") or shape not in ("real-1.3b", "tiny"):
         raise UsageError("--profile must be caption-varlen, vqa, both or preprocess; --shape real-1.3b or tiny")
     if profile == "preprocess":

@@ -29,6 +29,7 @@ Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: 
 Dtype = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, float32 on CPU).", rich_help_panel="Model")]
 Attn = Annotated[str | None, typer.Option("--attn-implementation", help="Attention for the vision tower and generate engine: sdpa, eager, flash_attention_2.", rich_help_panel="Model")]
 Quantize = Annotated[str | None, typer.Option(help="none, int4wo, int8wo, int8dq or fp8 (torchao).", rich_help_panel="Model")]
+KvDtype = Annotated[str | None, typer.Option(help="Key/value cache of the slot engine: auto (the model's dtype) or fp8 (half the memory and decode reads; answers can differ from bf16, check quality on your data). CUDA only.", rich_help_panel="Model")]
 DeviceMap = Annotated[str | None, typer.Option(help="'auto' spreads a too-large model over GPUs (uses the generate engine).", rich_help_panel="Model")]
 Prompt = Annotated[str | None, typer.Option("--prompt", "-p", help=f"Caption instruction. {_default(DEFAULT_CAPTION_PROMPT)}", rich_help_panel="Prompt")]
 Question = Annotated[list[str] | None, typer.Option("--question", "-q", help="A question asked about every image (repeatable).", rich_help_panel="Prompt")]
@@ -79,7 +80,7 @@ JOB_OPTIONS: dict[str, Any] = {
     "cuda_graphs": CudaGraphs, "compile": Compile,
     "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
     "key_field": KeyField, "max_image_pixels": MaxPixels, "max_file_bytes": MaxFileBytes, "limit": Limit, "shard_size": ShardSize,
-    "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "device_map": DeviceMap,
+    "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "kv_dtype": KvDtype, "device_map": DeviceMap,
     "revision": Revision, "overwrite": Overwrite, "strict": Strict, "progress": Progress, "verbose": Verbose,
     "checkpoint_seconds": CheckpointSeconds, "read_retries": ReadRetries, "watchdog_seconds": WatchdogSeconds,
     "gpus": Gpus, "rank": Rank, "world_size": WorldSize, "runner": Runner, "ray_address": RayAddress,

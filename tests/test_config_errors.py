@@ -36,6 +36,9 @@ CASES = {
     "zero pixel limit": (lambda t: ["--max-image-pixels", "0"], "max_image_pixels must be >= 1"),
     "model dir without processor": (lambda t: ["--model", model_dir_without_processor(t)], "has no processor"),
     "model path missing": (lambda t: ["--model", str(t / "no-such-model")], "model not found"),
+    "unknown kv dtype": (lambda t: ["--kv-dtype", "int3"], "model.kv_dtype must be one of auto, fp8"),
+    "fp8 kv with generate": (lambda t: ["--kv-dtype", "fp8", "--engine", "generate"], "needs the slot engine"),
+    "fp8 kv on cpu": (lambda t: ["--kv-dtype", "fp8", "--device", "cpu"], "--kv-dtype fp8 needs a CUDA GPU"),
 }
 
 

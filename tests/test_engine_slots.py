@@ -8,10 +8,10 @@ import torch
 
 from dvl_batch.bench.device_time import per_image
 from dvl_batch.config.spec import BatchSpec, GenerationSpec
+from dvl_batch.engine.attention import store_prefix
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.device_clock import DeviceClock
 from dvl_batch.engine.model import VisionLanguageModel
-from dvl_batch.engine.slots import store_prefix
 
 from .test_engine_parity import _items, generate_references
 

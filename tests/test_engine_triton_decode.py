@@ -23,13 +23,20 @@ CHECK = textwrap.dedent(
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
     from dvl_batch.engine.triton_decode import choose_splits, decode_attention
 
+    def fill(kv):
+        for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):
+            t.copy_(torch.randn(t.shape).to(t.dtype))
+
+    FP8 = torch.float8_e4m3fn  # --kv-dtype fp8: the kernels widen what they load; the torch path upcasts
     torch.manual_seed(0)
-    for q_rows, heads, kv_heads, groups, splits in [(1, 2, 2, 3, 1), (3, 4, 2, 2, 2), (5, 2, 1, 2, 4)]:
+    for q_rows, heads, kv_heads, groups, splits, cache in [
+        (1, 2, 2, 3, 1, torch.float32), (3, 4, 2, 2, 2, torch.float32), (5, 2, 1, 2, 4, torch.float32),
+        (3, 4, 2, 3, 2, FP8),
+    ]:
         dim, prefix_cap, suffix_cap, layers = 16, 70, 20, 1
         rows = groups * q_rows
-        kv = SlotKV.allocate(layers, groups, rows, kv_heads, prefix_cap, suffix_cap, dim, torch.float32, "cpu")
-        for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):
-            t.normal_()
+        kv = SlotKV.allocate(layers, groups, rows, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu")
+        fill(kv)
         prefix_len = torch.randint(1, prefix_cap + 1, (groups,))
         prefix_len[0] = prefix_cap
         row_len = torch.randint(0, suffix_cap, (rows,))
@@ -48,6 +55,34 @@ CHECK = textwrap.dedent(
         error = ((got - expected).norm() / expected.norm()).item()
         assert error < 1e-5, (q_rows, heads, kv_heads, splits, error)
     assert choose_splits(436, 16, 132) == 1 and choose_splits(8, 16, 132) >= 4
+
+    # suffix prefill: T question tokens per row of some groups, against their prefix and
+    # their own causal suffix (the torch path is the reference)
+    from dvl_batch.engine.triton_decode import suffix_prefill_attention
+
+    for q_rows, heads, kv_heads, new, cache in [
+        (5, 2, 2, 7, torch.float32), (3, 4, 2, 30, torch.float32), (1, 2, 1, 4, torch.float32), (5, 2, 2, 7, FP8),
+    ]:
+        dim, prefix_cap, suffix_cap, all_groups = 16, 70, 40, 4
+        kv = SlotKV.allocate(1, all_groups, all_groups * q_rows, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu")
+        fill(kv)
+        prefix_all = torch.randint(1, prefix_cap + 1, (all_groups,))
+        groups = torch.tensor([2, 0])
+        rows = (groups[:, None] * q_rows + torch.arange(q_rows)[None]).reshape(-1)
+        batch = len(rows)
+        query = torch.randn(batch, new, heads, dim).transpose(1, 2)  # as the attention layer hands it over
+        prefix_range, suffix_range = torch.arange(prefix_cap), torch.arange(suffix_cap)
+        prefix_bias = torch.zeros(len(groups), prefix_cap).masked_fill(
+            prefix_range[None] >= prefix_all[groups][:, None], float("-inf"))
+        causal = suffix_range[None, :] <= torch.arange(new)[:, None]
+        suffix_bias = torch.zeros(new, suffix_cap).masked_fill(~causal, float("-inf"))[None, None].expand(batch, 1, -1, -1)
+        step = AttentionStep(kv, "rows", groups=groups, rows=rows, rows_per_group=q_rows,
+                             prefix_bias=prefix_bias[:, None, None], suffix_bias=suffix_bias)
+        expected = _rows_attention(step, 0, query.contiguous(), dim ** -0.5)
+        got = suffix_prefill_attention(query, kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                                       prefix_all, groups, rows, q_rows, dim ** -0.5)
+        error = ((got - expected).norm() / expected.norm()).item()
+        assert error < 1e-5, ("suffix", q_rows, heads, kv_heads, new, error)
     print("ok")
     """
 )
@@ -71,21 +106,30 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32)),
+                                 SUFFIX_BLOCK_N=32), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32)),
-        (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2)),
+                                 SUFFIX_BLOCK_N=32), "bf16"),
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+                                 SUFFIX_BLOCK_N=32), "fp8e4nv"),  # --kv-dtype fp8
+        (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
+        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False),
+         "bf16"),
+        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False),
+         "fp8e4nv"),
+        (td._suffix_tokens_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=32, PARTS=2), "fp8e4nv"),
     ]
-    for kernel, consts in cases:
+    for kernel, consts, kv_type in cases:
         signature = {}
         for name in kernel.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
-            elif name in ("Q", "PK", "PV", "SK", "SV", "OUT"):
+            elif name in ("PK", "PV", "SK", "SV"):
+                signature[name] = f"*{kv_type}"
+            elif name in ("Q", "OUT"):
                 signature[name] = "*bf16"
             elif name in ("ACC", "M", "L"):
                 signature[name] = "*fp32"
-            elif name in ("PLEN", "RLEN"):
+            elif name in ("PLEN", "RLEN", "GROUPS", "ROWS"):
                 signature[name] = "*i64"
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"

@@ -78,6 +78,37 @@ def test_triton_decode_matches_torch_path_on_cuda():
             assert error < tolerance, (dtype, q_rows, splits, error)
 
 
+def test_triton_suffix_prefill_matches_torch_path_on_cuda():
+    from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
+    from dvl_batch.engine.triton_decode import suffix_prefill_attention
+
+    torch.manual_seed(0)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for q_rows, new in ((5, 23), (1, 9), (5, 1)):
+            heads, dim, prefix_cap, suffix_cap, all_groups = 16, 128, 630, 160, 40
+            kv = SlotKV.allocate(1, all_groups, all_groups * q_rows, heads, prefix_cap, suffix_cap, dim, dtype, "cuda")
+            for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):
+                t.normal_()
+            prefix_all = torch.full((all_groups,), prefix_cap, device="cuda")
+            prefix_all[::3] = 300
+            groups = torch.arange(all_groups - 1, 0, -2, device="cuda")
+            rows = (groups[:, None] * q_rows + torch.arange(q_rows, device="cuda")[None]).reshape(-1)
+            query = torch.randn(len(rows), new, heads, dim, device="cuda", dtype=dtype).transpose(1, 2)
+            p_range, s_range = torch.arange(prefix_cap, device="cuda"), torch.arange(suffix_cap, device="cuda")
+            prefix_bias = torch.zeros(len(groups), prefix_cap, device="cuda").masked_fill(
+                p_range[None] >= prefix_all[groups][:, None], float("-inf"))
+            causal = s_range[None, :] <= torch.arange(new, device="cuda")[:, None]
+            suffix_bias = torch.zeros(new, suffix_cap, device="cuda").masked_fill(~causal, float("-inf"))
+            step = AttentionStep(kv, "rows", groups=groups, rows=rows, rows_per_group=q_rows,
+                                 prefix_bias=prefix_bias[:, None, None],
+                                 suffix_bias=suffix_bias[None, None].expand(len(rows), 1, -1, -1))
+            expected = _rows_attention(step, 0, query.contiguous(), dim**-0.5)
+            got = suffix_prefill_attention(query, kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                                           prefix_all, groups, rows, q_rows, dim**-0.5)
+            error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+            assert error < tolerance, (dtype, q_rows, new, error)
+
+
 def test_cuda_graph_replays_the_eager_step_in_bfloat16(tiny_model_dir, tiny_processor):
     """bf16 agreement with generate is measured on the real 1.3B shape by `dvl-batch bench`
     (the tiny random model in bf16 is all near-ties); here: graph replay == eager step."""

@@ -68,7 +68,7 @@ def decode_split(engine, prompt_tokens: int, mean_answer: int) -> dict[str, Any]
     store._reset_rows()
     if not total or not attention:
         return None
-    element = torch.finfo(vlm.dtype).bits // 8
+    element = store.kv_dtype.itemsize  # an fp8 cache moves half the bytes
     per_position = 2 * vlm.num_layers * vlm.num_kv_heads * vlm.head_dim * element
     positions = layout.groups * min(prompt_tokens, layout.prefix_cap) + layout.rows * (mean_answer // 2 + 1)
     seconds = attention / 1e6

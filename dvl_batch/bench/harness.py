@@ -29,7 +29,8 @@ import torch
 
 from ..config.spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
 from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, key_index, make_jpeg_shards, stop_after
-from .device_time import attach_clock, decode_split, per_image
+from .device_time import attach_clock, decode_split
+from .entries import compare_answers, compare_with_generate, read_answers, slot_engine_entry, summarise
 from .report import format_table
 from .shapes import FlopModel, build_model, measured_peak
 
@@ -53,6 +54,7 @@ class BenchConfig:
     cuda_graphs: bool = True
     compile: bool = True
     triton_attention: bool = True
+    kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     check_outputs: bool = True
     host_profile: str | None = None  # write a cProfile of the dvl-batch runs' host side here
     out: str = "bench.json"
@@ -64,10 +66,12 @@ class BenchConfig:
 # ------------------------------------------------------------------ runs
 
 
-def _spec(cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path: str, device: str) -> JobSpec:
+def _spec(
+    cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path: str, device: str, kv_dtype: str = "auto"
+) -> JobSpec:
     prompt = PromptSpec(task=task, system_prompt=BENCH_SYSTEM_PROMPT, questions=VQA_QUESTIONS if task == "vqa" else ())
     return JobSpec(
-        model=ModelSpec(name=model_path, device=device),
+        model=ModelSpec(name=model_path, device=device, kv_dtype=kv_dtype),
         prompt=prompt,
         generation=GenerationSpec(max_new_tokens=cfg.max_new_tokens),
         data=DataSpec(inputs=tuple(str(p) for p in inputs), workers=cfg.workers),
@@ -200,16 +204,6 @@ def run_dvl(
     return {"seconds": seconds, "stats": stats, "peak_gib": _peak_gib(), "device": device}
 
 
-def _read_answers(out: Path) -> dict[tuple[str, int], tuple[str, int]]:
-    import pyarrow.parquet as pq
-
-    answers = {}
-    for part in sorted((out / "parts").glob("*.parquet")):
-        for row in pq.read_table(part, columns=["key", "question_index", "answer", "generated_tokens"]).to_pylist():
-            answers[(row["key"], row["question_index"])] = (row["answer"], row["generated_tokens"])
-    return answers
-
-
 @dataclass
 class ProfileResult:
     profile: str
@@ -217,18 +211,6 @@ class ProfileResult:
     answers: int
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def _summarise(name, seconds, images, answers, tokens, flops, peak_gib, peak_tflops) -> dict[str, Any]:
-    return {
-        "engine": name,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(images / seconds, 2),
-        "answers_per_s": round(answers / seconds, 2),
-        "useful_tokens_per_s": round(tokens / seconds, 1),
-        "peak_gpu_gib": round(peak_gib, 2),
-        "mfu": round(flops / seconds / (peak_tflops * 1e12), 4) if peak_tflops == peak_tflops else None,
-    }
 
 
 def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work_dir: Path) -> ProfileResult:
@@ -251,34 +233,31 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
         for s, item in zip(samples, items, strict=True) for p in item.prompts
     )
 
-    dvl = run_dvl(spec, worker, shards, warm_shards, n_q, cfg.host_profile)
     mean_answer = round(sum(stop_after(key_index(s.key) * n_q + q) for s in samples for q in range(n_q)) / result.answers)
-    split = decode_split(worker.engine, prompt_tokens, mean_answer)
-    if hasattr(worker.engine, "close"):
-        worker.engine.close()  # give the KV slots back before the baseline allocates its own
-    dvl_answers = _read_answers(Path(spec.output.path))
-    tokens = sum(n for _, n in dvl_answers.values())
-    entry = _summarise("dvl-batch (end to end)", dvl["seconds"], len(samples), len(dvl_answers), tokens, useful_flops,
-                       dvl["peak_gib"], peak_tflops)
-    engine_stats = dvl["stats"].engine
-    entry.update(
-        idle_seconds=round(engine_stats.get("idle_seconds", 0.0), 3),
-        prefill_seconds=round(engine_stats.get("prefill_seconds", 0.0), 3),
-        vision_seconds=round(engine_stats.get("vision_seconds", 0.0), 3),
-        prefix_seconds=round(engine_stats.get("prefix_seconds", 0.0), 3),
-        decode_seconds=round(engine_stats.get("decode_seconds", 0.0), 3),
-        decode_steps=int(engine_stats.get("decode_steps", 0)),
-        slots=int(engine_stats.get("slots", 0)),
-    )
-    if dvl["device"]:
-        device_ms = per_image(dvl["device"], split, dvl["seconds"], len(samples))
-        entry["device_ms_per_image"] = device_ms
-        entry["decode_attention"] = split
-        prefill_flops = flops.vision_per_image + flops.request_flops(prompt_tokens, 0, 0) - flops.lm_head_per_token
-        prefill_ms = device_ms.get("vision", 0.0) + device_ms.get("prefix", 0.0)
-        if prefill_ms and peak_tflops == peak_tflops:
-            entry["prefill_mfu"] = round(prefill_flops / (prefill_ms / 1000) / (peak_tflops * 1e12), 3)
-    result.engines["dvl"] = entry
+    prefill_flops = flops.vision_per_image + flops.request_flops(prompt_tokens, 0, 0) - flops.lm_head_per_token
+    reference = None
+    for kv_dtype in cfg.kv_dtypes:
+        name, label = ("dvl", "dvl-batch (end to end)") if kv_dtype == "auto" else (
+            f"dvl_kv_{kv_dtype}", f"dvl-batch, {kv_dtype} KV (end to end)")
+        run_spec = _spec(cfg, task, shards, work_dir / f"out-{task}-{name}", worker.resolved.path, str(worker.device),
+                         kv_dtype)
+        if kv_dtype != "auto":
+            from ..runtime.worker import build_engine
+
+            worker.engine = build_engine(run_spec, worker.model, worker.processor, worker.device)
+        dvl = run_dvl(run_spec, worker, shards, warm_shards, n_q, cfg.host_profile)
+        split = decode_split(worker.engine, prompt_tokens, mean_answer)
+        if hasattr(worker.engine, "close"):
+            worker.engine.close()  # give the KV slots back before the next engine allocates its own
+        answers = read_answers(Path(run_spec.output.path))
+        entry = slot_engine_entry(label, dvl, answers, len(samples), split, useful_flops, prefill_flops, peak_tflops)
+        if reference is None:
+            reference = (name, entry, answers)
+        else:
+            entry["ratio_vs_" + reference[0]] = round(reference[1]["seconds"] / entry["seconds"], 3)
+            result.notes.append(compare_answers(label, answers, reference[2], reference[1]["engine"]))
+        result.engines[name] = entry
+    dvl_answers = reference[2]  # the first run's answers are the ones compared with generate
 
     if not cfg.skip_hf and task == "caption":
         views = views_from_image_processor(worker.processor.image_processor)
@@ -286,31 +265,17 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
         for bs in cfg.hf_batch_sizes:
             hf = run_generate(worker.model, worker.processor, views, items, cfg, bs)
             hf_tokens = sum(len(c.tokens) for c in hf["completions"].values())
-            summary = _summarise(f"transformers generate ({cfg.hf_cache} cache, bs {bs})", hf["seconds"], len(samples),
+            summary = summarise(f"transformers generate ({cfg.hf_cache} cache, bs {bs})", hf["seconds"], len(samples),
                                  len(hf["completions"]), hf_tokens, useful_flops, hf["peak_gib"], peak_tflops)
             result.engines[f"hf_bs{bs}"] = summary
             if best is None or hf["seconds"] < best[0]["seconds"]:
                 best = (hf, summary)
         hf, summary = best
-        entry["ratio_vs_best_generate"] = round(summary["seconds"] / dvl["seconds"], 3)
+        for engine_entry in (e for n, e in result.engines.items() if n.startswith("dvl")):
+            engine_entry["ratio_vs_best_generate"] = round(summary["seconds"] / engine_entry["seconds"], 3)
         if cfg.check_outputs:
-            result.notes.append(_compare(hf["completions"], dvl_answers, samples, worker))
+            result.notes.append(compare_with_generate(hf["completions"], dvl_answers, samples, worker.decode))
     return result
-
-
-def _compare(hf_completions, dvl_answers, samples, worker) -> str:
-    """Same requests, same greedy decoding: how many answers are identical."""
-    same = same_len = total = 0
-    for uid, sample in enumerate(samples):
-        for q in range(len(sample.requests)):
-            completion = hf_completions.get((uid, q))
-            theirs = dvl_answers.get((sample.key, q))
-            if completion is None or theirs is None:
-                continue
-            total += 1
-            same += worker.decode(completion.tokens) == theirs[0]
-            same_len += len(completion.tokens) == theirs[1]
-    return f"outputs identical to generate: {same}/{total} answers ({same_len}/{total} with equal length)"
 
 
 def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
@@ -351,6 +316,11 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         cap = results["profiles"]["caption"]["engines"]["dvl"]["images_per_s"]
         vqa = results["profiles"]["vqa"]["engines"]["dvl"]["answers_per_s"]
         results["vqa_answers_per_s_over_caption_images_per_s"] = round(vqa / cap, 3)
+        for name in results["profiles"]["vqa"]["engines"]:
+            if name.startswith("dvl_kv_") and name in results["profiles"]["caption"]["engines"]:
+                cap = results["profiles"]["caption"]["engines"][name]["images_per_s"]
+                vqa = results["profiles"]["vqa"]["engines"][name]["answers_per_s"]
+                results[f"vqa_over_caption_{name}"] = round(vqa / cap, 3)
     Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))
     return results
 

@@ -39,17 +39,24 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_number(entry.get('peak_gpu_gib'), '.2f'):>9} {_number(entry.get('mfu'), '.3f'):>6} "
                 f"{_number(ratio, '.2f') + 'x' if ratio is not None else '':>6}"
             )
-        dvl = profile["engines"]["dvl"]
-        lines.append(
-            f"          dvl: {dvl['slots']} slots, {dvl['decode_steps']} decode steps; host (not device) time in "
-            f"admissions {dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
-            f"engine waiting for input with nothing to run {dvl['idle_seconds']} s"
-        )
-        if "device_ms_per_image" in dvl:
-            lines.append(f"          {device_line(dvl)}")
+        for key, dvl in profile["engines"].items():
+            if not key.startswith("dvl"):
+                continue
+            lines.append(
+                f"          {key}: {dvl['slots']} slots, {dvl['decode_steps']} decode steps; host (not device) time in "
+                f"admissions {dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
+                f"engine waiting for input with nothing to run {dvl['idle_seconds']} s"
+            )
+            if "device_ms_per_image" in dvl:
+                lines.append(f"          {device_line(dvl)}")
+            if "ratio_vs_dvl" in dvl:
+                lines.append(f"          {key}: {dvl['ratio_vs_dvl']:.2f}x the slot engine with a model-dtype KV cache")
         lines += [f"          {note}" for note in profile["notes"]]
     if "vqa_answers_per_s_over_caption_images_per_s" in results:
         lines.append(f"VQA answers/s over caption images/s: {results['vqa_answers_per_s_over_caption_images_per_s']:.2f}x")
+    for key, value in results.items():
+        if key.startswith("vqa_over_caption_"):
+            lines.append(f"VQA answers/s over caption images/s, {key.removeprefix('vqa_over_caption_')}: {value:.2f}x")
     return "\n".join(lines)
 
 

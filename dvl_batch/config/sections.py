@@ -14,6 +14,7 @@ TASKS = ("caption", "vqa")
 ENGINES = ("auto", "continuous", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZE = ("none", "int4wo", "int8wo", "int8dq", "fp8")
+KV_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8_e4m3 keys/values (slot engine, CUDA)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 TURN_ROLES = ("user", "assistant")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
@@ -34,6 +35,7 @@ class ModelSpec:
     device: str = "auto"  # auto: cuda if available, else cpu
     attn_implementation: str = "sdpa"
     quantize: str = "none"
+    kv_dtype: str = "auto"  # the slot engine's key/value cache: auto (model dtype) or fp8
     device_map: str | None = None  # "auto" spreads a too-large model over GPUs (generate engine)
     cache_dir: str | None = None  # where offline tiny models are built and kept
 

@@ -83,7 +83,7 @@ class JobSpec:
             "fast_decode": self.data.fast_decode,
             "max_image_pixels": self.data.max_image_pixels,
             "limit": self.data.limit,
-        }
+        } | ({"kv_dtype": self.model.kv_dtype} if self.model.kv_dtype != "auto" else {})  # old jobs keep their fingerprint
 
     def fingerprint(self, resolved_model: str) -> str:
         blob = json.dumps(self.output_identity(resolved_model), sort_keys=True, default=str)

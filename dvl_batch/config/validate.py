@@ -21,6 +21,7 @@ from .sections import (
     DTYPES,
     ENGINES,
     GPUS_PATTERN,
+    KV_DTYPES,
     QUANTIZE,
     RUNNERS,
     SECTION_TYPES,
@@ -202,6 +203,11 @@ def validate(spec: Any) -> None:
         f"--device (model.device) must be auto, cpu, cuda or cuda:N (or mps), got '{m.device}'",
     )
     _check(m.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}, got '{m.quantize}'")
+    _check(m.kv_dtype in KV_DTYPES, f"model.kv_dtype must be one of {', '.join(KV_DTYPES)}, got '{m.kv_dtype}'")
+    _check(
+        m.kv_dtype == "auto" or b.engine != "generate",
+        "--kv-dtype fp8 needs the slot engine (--engine continuous or auto); generate keeps its own cache",
+    )
     _check(bool(m.name.strip()), "model.name must not be empty")
     _check(
         m.attn_implementation in ATTN_IMPLEMENTATIONS,

@@ -22,6 +22,28 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "dvl_batch_slots"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def to_cache(values: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values in the cache's dtype: an fp8 cache saturates at +-448 (no inf in e4m3fn)
+    rather than trusting the conversion's overflow behaviour."""
+    if values.dtype == cache_dtype:
+        return values
+    if cache_dtype.itemsize == 1:
+        values = values.clamp(-FP8_MAX, FP8_MAX)
+    return values.to(cache_dtype)
+
+
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as bytes, for the indexed copies that torch implements for
+    every byte type but not (on every device) for float8."""
+    return tensor.view(torch.uint8) if tensor.dtype.itemsize == 1 and tensor.dtype.is_floating_point else tensor
+
+
+def _widen(cache_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The torch path computes in the queries' dtype; an fp8 cache is upcast as it is read."""
+    return cache_part if cache_part.dtype == dtype else cache_part.to(dtype)
 
 
 @dataclass
@@ -71,8 +93,8 @@ class AttentionStep:
     suffix_bias: torch.Tensor | None = None  # [B, 1, T, Ls] additive
     groups_limit: int | None = None  # with groups=None: use the first N prefix slots (the rest are scratch)
     out_dtype_scores: bool = False  # bf16 matmul with float32 output (CUDA), instead of upcasting K
-    prefix_lengths: torch.Tensor | None = None  # [G] valid prefix positions (the Triton decode path)
-    triton_splits: int = 0  # > 0: decode (T == 1) through the Triton kernels with this many prefix splits
+    prefix_lengths: torch.Tensor | None = None  # [G] valid prefix positions of every slot (the Triton paths)
+    triton_splits: int = 0  # > 0: through the Triton kernels (decode: with this many prefix splits)
     collect: list | None = None  # prefix mode: append (key, value) per layer here instead of storing them
 
 
@@ -102,12 +124,24 @@ def scores_support_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _write_prefix(step: AttentionStep, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     length = key.shape[2]
-    if step.groups is None:
-        step.kv.prefix_k[layer, :, :, :length] = key
-        step.kv.prefix_v[layer, :, :, :length] = value
+    key, value = to_cache(key, step.kv.prefix_k.dtype), to_cache(value, step.kv.prefix_v.dtype)
+    groups = slice(None) if step.groups is None else step.groups
+    as_bits(step.kv.prefix_k[layer])[groups, :, :length] = as_bits(key)
+    as_bits(step.kv.prefix_v[layer])[groups, :, :length] = as_bits(value)
+
+
+def store_prefix(cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    """Write prefill keys (or values) [B, H, T, D] into cache [G, H, P, D] at group `slots`.
+
+    A full-width write (the compiled pass's fixed shapes) is one `index_copy_` of whole
+    group blocks; a narrower one (eager, batch-wide prefix length) indexes the positions.
+    """
+    length = kv.shape[2]
+    cache, kv = as_bits(cache), as_bits(kv)
+    if length == cache.shape[2]:
+        cache.index_copy_(0, slots, kv)
     else:
-        step.kv.prefix_k[layer, step.groups, :, :length] = key
-        step.kv.prefix_v[layer, step.groups, :, :length] = value
+        cache[slots, :, :length] = kv
 
 
 def _write_rows(step: AttentionStep, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -115,14 +149,17 @@ def _write_rows(step: AttentionStep, layer: int, key: torch.Tensor, value: torch
     rows = step.rows if step.rows is not None else torch.arange(batch, device=key.device)
     positions = step.write_pos[:, None] + torch.arange(new, device=key.device)[None, :]
     positions = positions.clamp_(max=step.kv.suffix_capacity - 1)
-    step.kv.suffix_k[layer][rows[:, None], :, positions] = key.transpose(1, 2)
-    step.kv.suffix_v[layer][rows[:, None], :, positions] = value.transpose(1, 2)
+    key, value = to_cache(key, step.kv.suffix_k.dtype), to_cache(value, step.kv.suffix_v.dtype)
+    as_bits(step.kv.suffix_k[layer])[rows[:, None], :, positions] = as_bits(key.transpose(1, 2))
+    as_bits(step.kv.suffix_v[layer])[rows[:, None], :, positions] = as_bits(value.transpose(1, 2))
 
 
 def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of new row tokens over [group prefix | own suffix], merged in one softmax."""
     if step.triton_splits and query.shape[2] == 1 and step.groups is None and step.rows is None:
         return _triton_rows_attention(step, layer, query, scaling)
+    if step.triton_splits and step.groups is not None and step.rows is not None:
+        return _triton_suffix_attention(step, layer, query, scaling)
     kv = step.kv
     batch, heads, new, dim = query.shape
     kv_heads = kv.prefix_k.shape[2]
@@ -138,6 +175,8 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
         suffix_k, suffix_v = kv.suffix_k[layer], kv.suffix_v[layer]
     else:
         suffix_k, suffix_v = kv.suffix_k[layer, step.rows], kv.suffix_v[layer, step.rows]
+    prefix_k, prefix_v = _widen(prefix_k, query.dtype), _widen(prefix_v, query.dtype)
+    suffix_k, suffix_v = _widen(suffix_k, query.dtype), _widen(suffix_v, query.dtype)
     # group-major queries: [G, Q, Hkv, rep, T, D] -> [G, Hkv, Q*rep*T, D] against the shared prefix
     q6 = query.view(n_groups, q_per_group, kv_heads, rep, new, dim)
     q_prefix = q6.permute(0, 2, 1, 3, 4, 5).reshape(n_groups, kv_heads, q_per_group * rep * new, dim)
@@ -172,6 +211,16 @@ def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor,
         step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits,
     )
     return out[:, :, None]
+
+
+def _triton_suffix_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    from .triton_decode import suffix_prefill_attention
+
+    kv = step.kv
+    return suffix_prefill_attention(
+        query, kv.prefix_k[layer], kv.prefix_v[layer], kv.suffix_k[layer], kv.suffix_v[layer],
+        step.prefix_lengths, step.groups, step.rows, step.rows_per_group, scaling,
+    )
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):

@@ -43,6 +43,7 @@ class SlotEngine:
         eos_token_ids: list[int],
         pad_token_id: int,
         kv_memory_fraction: float = 0.90,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.vlm = vlm
         self.views = {v.name: v for v in views}
@@ -51,6 +52,7 @@ class SlotEngine:
         self.eos_ids = list(eos_token_ids)
         self.pad_id = pad_token_id
         self.kv_memory_fraction = kv_memory_fraction
+        self.kv_dtype = kv_dtype or vlm.dtype  # the KV slots' element type (fp8 halves them)
         self.device = vlm.device
         self.stats = EngineStats()
         self.store: SlotStore | None = None
@@ -108,7 +110,7 @@ class SlotEngine:
         reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, prefix_cap, q, suffix_cap,
-            torch.finfo(self.vlm.dtype).bits // 8,
+            self.kv_dtype.itemsize,
         )
         budget = max(0, (free - reserve)) * self.kv_memory_fraction
         return int(max(1, min(rows // q, budget // per_group - 1)))
@@ -163,7 +165,7 @@ class SlotEngine:
         self.store = SlotStore(
             self.vlm, self.views, layout, self.gen, self.eos_ids[0], self.pad_id, self._prefill_batch(),
             compile_steps=self.batch.compile, cuda_graphs=self.batch.cuda_graphs,
-            use_triton=self.batch.triton_attention, stop_schedule=self.stop_schedule,
+            use_triton=self.batch.triton_attention, stop_schedule=self.stop_schedule, kv_dtype=self.kv_dtype,
         )
         self.layout = layout
         self.stats.slots = layout.rows

@@ -56,6 +56,23 @@ def check_attention(name: str, device: torch.device) -> None:
         raise UsageError("--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa")
 
 
+def kv_cache_dtype(name: str) -> torch.dtype | None:
+    """The slot engine's key/value element type for `model.kv_dtype` (None: the model's)."""
+    return torch.float8_e4m3fn if name == "fp8" else None
+
+
+def check_kv_dtype(name: str, device: torch.device) -> None:
+    """An fp8 cache is for Hopper-class GPUs (the decode kernels widen fp8 as they load it);
+    on CPU it would only be slower, so say so up front instead of running it."""
+    if name == "auto":
+        return
+    if device.type != "cuda":
+        raise UsageError("--kv-dtype fp8 needs a CUDA GPU (compute capability 8.9 or newer); on CPU use --kv-dtype auto")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise UsageError(f"--kv-dtype fp8 needs compute capability 8.9 or newer (Ada, Hopper); {device} has {major}.{minor}")
+
+
 def load_model(resolved: ResolvedModel, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """from_pretrained in eval mode on `device` (or spread with device_map="auto")."""
     from transformers import AutoModelForImageTextToText

@@ -29,7 +29,7 @@ import torch
 
 from ..config.spec import GenerationSpec
 from ..preprocess.images import ImageView, normalize_pixels, view_constants
-from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype
+from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype, store_prefix, to_cache
 from .model import VisionLanguageModel
 from .planning import Layout
 from .sampling import sample_top_p
@@ -73,6 +73,7 @@ class SlotStore:
         cuda_graphs: bool,
         use_triton: bool = True,
         stop_schedule: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ):
         route_attention(vlm.language_model)
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
@@ -82,9 +83,10 @@ class SlotStore:
         self.stop_schedule = stop_schedule  # the bench's forced-EOS schedule; jobs never carry it in the graph
         self.generator = torch.Generator(device=self.device).manual_seed(generation.seed)
         self.scratch = layout.groups  # one spare group absorbs the padding rows of fixed-size prefills
+        self.kv_dtype = kv_dtype or self.dtype  # fp8: keys/values stored in one byte, widened as they are read
         self.kv = SlotKV.allocate(
             vlm.num_layers, layout.groups + 1, layout.rows, vlm.num_kv_heads, layout.prefix_cap, layout.suffix_cap,
-            vlm.head_dim, self.dtype, self.device,
+            vlm.head_dim, self.kv_dtype, self.device,
         )
         dev, rows = self.device, layout.rows
         self.next_tok = torch.full((rows,), pad_id, dtype=torch.long, device=dev)
@@ -185,8 +187,8 @@ class SlotStore:
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         # contiguous [B, H, T, D]: the compiled graph writes them in the cache's layout, so
         # storing them is a copy of whole group blocks (strided views copied at ~1 TB/s)
-        keys = [k.contiguous() for k, _ in step.collect]
-        values = [v.contiguous() for _, v in step.collect]
+        keys = [to_cache(k, self.kv_dtype).contiguous() for k, _ in step.collect]
+        values = [to_cache(v, self.kv_dtype).contiguous() for _, v in step.collect]
         return self.vlm.lm_head(picked).float(), keys, values
 
     def _store_prefix_kv(self, slots: torch.Tensor, logits, keys, values) -> torch.Tensor:
@@ -245,14 +247,16 @@ class SlotStore:
         prefix_len = self.group_prefix[group_t]
         offsets = torch.arange(width, device=dev)
         positions = prefix_len.repeat_interleave(q)[:, None] + offsets[None]
-        causal = self.suffix_range[None, :] <= offsets[:, None]
-        suffix_bias = torch.zeros(width, self.layout.suffix_cap, dtype=torch.float32, device=dev)
-        suffix_bias = suffix_bias.masked_fill(~causal, NEG_INF)[None, None].expand(len(padded), 1, -1, -1)
         step = AttentionStep(
             self.kv, "rows", groups=group_t, rows=rows_t, rows_per_group=q,
-            write_pos=torch.zeros(len(padded), dtype=torch.long, device=dev),
-            prefix_bias=self._prefix_bias(prefix_len), suffix_bias=suffix_bias, out_dtype_scores=self.out_dtype_scores,
+            write_pos=torch.zeros(len(padded), dtype=torch.long, device=dev), out_dtype_scores=self.out_dtype_scores,
+            prefix_lengths=self.group_prefix, triton_splits=self.triton_splits,
         )
+        if not self.triton_splits:  # the torch path's masks
+            causal = self.suffix_range[None, :] <= offsets[:, None]
+            suffix_bias = torch.zeros(width, self.layout.suffix_cap, dtype=torch.float32, device=dev)
+            step.suffix_bias = suffix_bias.masked_fill(~causal, NEG_INF)[None, None].expand(len(padded), 1, -1, -1)
+            step.prefix_bias = self._prefix_bias(prefix_len)
         hidden = self.vlm.language_forward(self.vlm.embed_tokens(ids_t), positions, dvl_step=step)
         last = hidden[torch.arange(len(padded), device=dev), lengths_t - 1]
         self.row_len[rows_t] = lengths_t
@@ -373,19 +377,6 @@ class SlotStore:
         self.row_len.add_(self.row_live).clamp_(max=self.layout.suffix_cap - 1)  # freed rows stay at 0
         self.n_gen.add_(1)
         return self._send_home(tokens, {row_id: (row, row_id) for row_id, row in rows.items()})
-
-
-def store_prefix(cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
-    """Write prefill keys (or values) [B, H, T, D] into cache [G, H, P, D] at group `slots`.
-
-    A full-width write (the compiled pass's fixed shapes) is one `index_copy_` of whole
-    group blocks; a narrower one (eager, batch-wide prefix length) indexes the positions.
-    """
-    length = kv.shape[2]
-    if length == cache.shape[2]:
-        cache.index_copy_(0, slots, kv)
-    else:
-        cache[slots, :, :length] = kv
 
 
 def _triton_splits(layout: Layout, vlm: VisionLanguageModel, device: torch.device) -> int:

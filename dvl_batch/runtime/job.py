@@ -73,6 +73,7 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
         },
         "dtype": spec.model.dtype,
         "quantize": spec.model.quantize,
+        "kv_dtype": spec.model.kv_dtype,
         "fingerprint": spec.fingerprint(model.label),
         "dvl_batch_version": __version__,
     }

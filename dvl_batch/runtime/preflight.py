@@ -23,10 +23,10 @@ PEEK_SAMPLES = 64  # samples of the first shard read to check the job against th
 
 
 def check_devices(spec: JobSpec) -> None:
-    """The device(s) the local runners will use exist, and can run the quantization mode."""
+    """The device(s) the local runners will use exist, and can run the quantization mode and KV format."""
     if spec.run.runner != "local":
         return  # Ray places engines on the cluster's machines, not this one
-    from ..engine.model import check_attention, pick_device, pick_dtype
+    from ..engine.model import check_attention, check_kv_dtype, pick_device, pick_dtype
 
     names = parse_device_list(spec.run.gpus) if spec.run.gpus else [spec.model.device]
     for name in names:
@@ -34,6 +34,7 @@ def check_devices(spec: JobSpec) -> None:
         if spec.model.device_map:
             continue
         check_attention(spec.model.attn_implementation, device)
+        check_kv_dtype(spec.model.kv_dtype, device)
         if spec.model.quantize != "none":
             from ..engine.quantize import check_quantize
 

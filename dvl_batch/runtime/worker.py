@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config.spec import JobSpec
-from ..engine.model import ResolvedModel, VisionLanguageModel, load_model, pick_device, pick_dtype
+from ..engine.model import ResolvedModel, VisionLanguageModel, kv_cache_dtype, load_model, pick_device, pick_dtype
 from ..errors import UsageError
 from ..preprocess.images import views_from_image_processor
 from ..preprocess.preparer import load_processor
@@ -52,7 +52,10 @@ def build_engine(spec: JobSpec, model, processor, device: torch.device):
             raise UsageError("--device-map needs --engine generate (the slot engine runs on one device)")
         from ..engine.continuous import SlotEngine
 
-        return SlotEngine(VisionLanguageModel(model), views, spec.generation, spec.batch, eos, pad)
+        return SlotEngine(
+            VisionLanguageModel(model), views, spec.generation, spec.batch, eos, pad,
+            kv_dtype=kv_cache_dtype(spec.model.kv_dtype),
+        )
     from ..engine.generate import GenerateEngine
 
     return GenerateEngine(model, views, spec.generation, spec.batch, eos, pad)
