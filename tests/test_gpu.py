@@ -78,6 +78,45 @@ def test_triton_decode_matches_torch_path_on_cuda():
             assert error < tolerance, (dtype, q_rows, splits, error)
 
 
+def test_triton_kernels_read_an_fp8_cache_on_cuda():
+    """--kv-dtype fp8: the kernels widen fp8 keys/values as they load them; the torch path
+    upcasts the same cache, so both compute the same attention."""
+    from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
+    from dvl_batch.engine.triton_decode import decode_attention, suffix_prefill_attention
+
+    torch.manual_seed(0)
+    heads, dim, prefix_cap, suffix_cap, q_rows, groups = 16, 128, 616, 136, 5, 24
+    rows = groups * q_rows
+    kv = SlotKV.allocate(1, groups, rows, heads, prefix_cap, suffix_cap, dim, torch.float8_e4m3fn, "cuda")
+    for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):
+        t.copy_(torch.randn(t.shape, device="cuda").to(t.dtype))
+    prefix_len = torch.full((groups,), prefix_cap, device="cuda")
+    row_len = torch.randint(0, suffix_cap, (rows,), device="cuda")
+    p_range, s_range = torch.arange(prefix_cap, device="cuda"), torch.arange(suffix_cap, device="cuda")
+    prefix_bias = torch.zeros(groups, prefix_cap, device="cuda").masked_fill(p_range[None] >= prefix_len[:, None], float("-inf"))
+    suffix_bias = torch.zeros(rows, suffix_cap, device="cuda").masked_fill(s_range[None] > row_len[:, None], float("-inf"))
+    query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    step = AttentionStep(kv, "rows", rows_per_group=q_rows, write_pos=row_len, prefix_bias=prefix_bias[:, None, None],
+                         suffix_bias=suffix_bias[:, None, None])
+    expected = _rows_attention(step, 0, query, dim**-0.5)[:, :, 0].float()
+    got = decode_attention(query[:, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                           prefix_len, row_len, q_rows, dim**-0.5, 2).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+    groups_t = torch.arange(0, groups, 2, device="cuda")
+    rows_t = (groups_t[:, None] * q_rows + torch.arange(q_rows, device="cuda")[None]).reshape(-1)
+    new = 17
+    query = torch.randn(len(rows_t), new, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    causal = s_range[None, :] <= torch.arange(new, device="cuda")[:, None]
+    step = AttentionStep(kv, "rows", groups=groups_t, rows=rows_t, rows_per_group=q_rows,
+                         prefix_bias=prefix_bias[groups_t][:, None, None],
+                         suffix_bias=torch.zeros(new, suffix_cap, device="cuda").masked_fill(~causal, float("-inf"))[
+                             None, None].expand(len(rows_t), 1, -1, -1))
+    expected = _rows_attention(step, 0, query.contiguous(), dim**-0.5).float()
+    got = suffix_prefill_attention(query, kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                                   prefix_len, groups_t, rows_t, q_rows, dim**-0.5).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+
+
 def test_triton_suffix_prefill_matches_torch_path_on_cuda():
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
     from dvl_batch.engine.triton_decode import suffix_prefill_attention
