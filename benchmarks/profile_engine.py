@@ -241,13 +241,13 @@ class Profiler:
                 store.group_prefix.fill_(self.length)
                 store.row_prefix.fill_(self.length)
                 store.row_len.fill_(36)
-                t = timed(store.graph.replay)
+                t = timed(store.decoder.graphs[store.decoder.rows].replay)
                 kv = 2 * 2 * self.vlm.num_layers * slots * self.vlm.num_kv_heads * self.vlm.head_dim * (self.length + 37)
                 self.row("decode step graph", slots, t, t / slots * 1000 * 72,
                          f"{(weights + kv) / t / 1e12:.2f} TB/s; ms/img at 72 steps; setup {setup:.1f} s")
                 if slots == 384:
                     store.row_len.fill_(36)
-                    self.results["tables"]["decode_eager"] = top_kernels(store._decode_body, limit=25)
+                    self.results["tables"]["decode_eager"] = top_kernels(store.decoder.body_all, limit=25)
             del store
             gc.collect()
             torch.cuda.empty_cache()
@@ -267,10 +267,10 @@ class Profiler:
             store.group_prefix.fill_(self.length)
             store.row_prefix.fill_(self.length)
             store.row_len.fill_(36)
-            t = timed(store.graph.replay)
+            t = timed(store.decoder.graphs[store.decoder.rows].replay)
             self.row("decode step graph, norms+MLP compiled", 384, t, t / 384 * 1000 * 72, f"setup {setup:.1f} s")
             store.row_len.fill_(36)
-            self.results["tables"]["decode_compiled_modules"] = top_kernels(store._decode_body, limit=25)
+            self.results["tables"]["decode_compiled_modules"] = top_kernels(store.decoder.body_all, limit=25)
 
     def store_kv(self) -> None:
         """Writing one prefill batch's keys into the cache: indexed assignment vs index_copy_."""

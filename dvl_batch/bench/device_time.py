@@ -54,10 +54,10 @@ def decode_split(engine, prompt_tokens: int, mean_answer: int) -> dict[str, Any]
     store.group_prefix.fill_(min(prompt_tokens, layout.prefix_cap))
     store.row_prefix.fill_(prompt_tokens)
     store.row_len.fill_(mean_answer // 2)
-    store._decode_body()
+    store.decoder.body_all()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        store._decode_body()
+        store.decoder.body_all()
         torch.cuda.synchronize()
     total = attention = 0.0
     for event in prof.key_averages():
@@ -65,7 +65,7 @@ def decode_split(engine, prompt_tokens: int, mean_answer: int) -> dict[str, Any]
         total += spent
         if any(name in event.key for name in ATTENTION_KERNELS):
             attention += spent
-    store._reset_rows()
+    store.reset_rows()
     if not total or not attention:
         return None
     element = store.kv_dtype.itemsize  # an fp8 cache moves half the bytes

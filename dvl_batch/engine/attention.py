@@ -96,6 +96,7 @@ class AttentionStep:
     prefix_lengths: torch.Tensor | None = None  # [G] valid prefix positions of every slot (the Triton paths)
     triton_splits: int = 0  # > 0: through the Triton kernels (decode: with this many prefix splits)
     collect: list | None = None  # prefix mode: append (key, value) per layer here instead of storing them
+    live: torch.Tensor | None = None  # compacted decode: batch row i is row live[i] of the whole layout
 
 
 def _scores(query: torch.Tensor, keys: torch.Tensor, out_dtype_scores: bool) -> torch.Tensor:
@@ -146,16 +147,39 @@ def store_prefix(cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> 
 
 def _write_rows(step: AttentionStep, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     batch, _, new, _ = key.shape
-    rows = step.rows if step.rows is not None else torch.arange(batch, device=key.device)
-    positions = step.write_pos[:, None] + torch.arange(new, device=key.device)[None, :]
+    if step.live is not None:
+        rows, start = step.live, step.write_pos[step.live]
+    else:
+        rows = step.rows if step.rows is not None else torch.arange(batch, device=key.device)
+        start = step.write_pos
+    positions = start[:, None] + torch.arange(new, device=key.device)[None, :]
     positions = positions.clamp_(max=step.kv.suffix_capacity - 1)
     key, value = to_cache(key, step.kv.suffix_k.dtype), to_cache(value, step.kv.suffix_v.dtype)
     as_bits(step.kv.suffix_k[layer])[rows[:, None], :, positions] = as_bits(key.transpose(1, 2))
     as_bits(step.kv.suffix_v[layer])[rows[:, None], :, positions] = as_bits(value.transpose(1, 2))
 
 
+def _compacted_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Decode over live rows only: their queries are placed in a whole-layout batch (finished
+    rows read no keys), attention runs as for every row, and the live rows' outputs come
+    back in batch order; padding entries point at the spare row past the layout."""
+    layout_rows = step.kv.suffix_k.shape[1] - 1
+    whole = query.new_zeros(layout_rows + 1, *query.shape[1:])
+    whole.index_copy_(0, step.live, query)
+    inner = AttentionStep(
+        step.kv, "rows", rows_per_group=step.rows_per_group, write_pos=step.write_pos[:layout_rows],
+        prefix_bias=step.prefix_bias, suffix_bias=step.suffix_bias, groups_limit=step.groups_limit,
+        out_dtype_scores=step.out_dtype_scores, prefix_lengths=step.prefix_lengths, triton_splits=step.triton_splits,
+    )
+    out = whole.new_zeros(whole.shape)
+    out[:layout_rows] = _rows_attention(inner, layer, whole[:layout_rows], scaling)
+    return out[step.live]
+
+
 def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of new row tokens over [group prefix | own suffix], merged in one softmax."""
+    if step.live is not None:
+        return _compacted_attention(step, layer, query, scaling)
     if step.triton_splits and query.shape[2] == 1 and step.groups is None and step.rows is None:
         return _triton_rows_attention(step, layer, query, scaling)
     if step.triton_splits and step.groups is not None and step.rows is not None:
@@ -171,8 +195,8 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
         prefix_k, prefix_v = kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit]
     else:
         prefix_k, prefix_v = kv.prefix_k[layer, step.groups], kv.prefix_v[layer, step.groups]
-    if step.rows is None:
-        suffix_k, suffix_v = kv.suffix_k[layer], kv.suffix_v[layer]
+    if step.rows is None:  # every row of the layout (not the spare past it)
+        suffix_k, suffix_v = kv.suffix_k[layer, :batch], kv.suffix_v[layer, :batch]
     else:
         suffix_k, suffix_v = kv.suffix_k[layer, step.rows], kv.suffix_v[layer, step.rows]
     prefix_k, prefix_v = _widen(prefix_k, query.dtype), _widen(prefix_v, query.dtype)

@@ -31,6 +31,12 @@ from .slots import NO_FORCE, Launched, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
 
 
+# Most rows one decode step carries. Past ~1000 rows the step's matmuls are compute-bound
+# and its fixed costs (weights read, launches) are spread thin; the cap matters where memory
+# allows more: VQA groups (one image prefix for 5 rows) and fp8 KV caches.
+MAX_DECODE_ROWS = 2048
+
+
 class SlotEngine:
     """Continuous-batching generation for DeepSeek-VL with transformers' own modules."""
 
@@ -105,7 +111,7 @@ class SlotEngine:
         room for them; a batch that takes more than 40% of free memory is halved first.
         """
         free, _ = torch.cuda.mem_get_info(self.device)
-        rows = 1024
+        rows = MAX_DECODE_ROWS
         logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * 3  # decode logits, argmax and graph pool
         reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
         per_group = SlotKV.bytes_per_group(

@@ -6,14 +6,14 @@ rows, prefix and suffix capacity) and runs the three kinds of forward passes:
 - image encoding (vision tower + aligner), in fixed-size chunks;
 - prefix prefill: whole prompts (one row per group) or the shared image prefix of a
   group, right-padded to the prefix capacity, in fixed-size batches;
-- decode: one token for every row, captured once as a CUDA graph.
+- decode: one token for every live row (`decode_step.DecodeStep`), as CUDA graphs.
 
 On CUDA the image encoder and the prefix pass are compiled with torch.compile
 (fusing transformers' RMSNorm, rotary and MLP element-wise work) with shapes pinned,
 so each compiles once. The compiled prefix pass returns its keys/values instead of
 writing them into the multi-GB cache (an in-place write inside a compiled graph makes
 the compiler copy the whole buffer); they are stored right after. The decode step
-stays eager and is captured as a CUDA graph.
+stays eager and is captured as CUDA graphs, one per bucket of live rows.
 
 Nothing here waits for the device: inputs go up from pinned memory without blocking,
 and tokens come back through pinned buffers with an event (`Launched`), which the
@@ -30,6 +30,7 @@ import torch
 from ..config.spec import GenerationSpec
 from ..preprocess.images import ImageView, normalize_pixels, view_constants
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype, store_prefix, to_cache
+from .decode_step import DecodeStep
 from .model import VisionLanguageModel
 from .planning import Layout
 from .sampling import sample_top_p
@@ -84,11 +85,11 @@ class SlotStore:
         self.generator = torch.Generator(device=self.device).manual_seed(generation.seed)
         self.scratch = layout.groups  # one spare group absorbs the padding rows of fixed-size prefills
         self.kv_dtype = kv_dtype or self.dtype  # fp8: keys/values stored in one byte, widened as they are read
-        self.kv = SlotKV.allocate(
-            vlm.num_layers, layout.groups + 1, layout.rows, vlm.num_kv_heads, layout.prefix_cap, layout.suffix_cap,
+        self.kv = SlotKV.allocate(  # one spare row past the layout: the decode step's padding
+            vlm.num_layers, layout.groups + 1, layout.rows + 1, vlm.num_kv_heads, layout.prefix_cap, layout.suffix_cap,
             vlm.head_dim, self.kv_dtype, self.device,
         )
-        dev, rows = self.device, layout.rows
+        dev, rows = self.device, layout.rows + 1
         self.next_tok = torch.full((rows,), pad_id, dtype=torch.long, device=dev)
         self.row_len = torch.zeros(rows, dtype=torch.long, device=dev)
         self.row_prefix = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -101,14 +102,12 @@ class SlotStore:
         self.out_dtype_scores = self.on_cuda and scores_support_out_dtype(self.device, self.dtype)
         self.triton_splits = _triton_splits(layout, vlm, self.device) if use_triton else 0
         self.constants = {name: view_constants(view, dev) for name, view in views.items()}
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.fixed_shapes = compile_steps and self.on_cuda
         self.prefix_fn = self._prefix_pass
         self.vision_fn = vlm.image_features
         if self.fixed_shapes:
             self._compile()
-        if cuda_graphs and self.on_cuda:
-            self._capture_decode_graph()
+        self.decoder = DecodeStep(self, cuda_graphs)
 
     # ------------------------------------------------------------ compilation
 
@@ -122,7 +121,7 @@ class SlotStore:
             log.warning("torch.compile failed (%s); running the slot engine eagerly", str(exc).splitlines()[0])
             self.prefix_fn, self.vision_fn = self._prefix_pass, self.vlm.image_features
             self.fixed_shapes = False
-        self._reset_rows()
+        self.reset_rows()
 
     def _warm_compiled(self) -> None:
         width, batch = self.layout.prefix_cap, self.prefill_batch
@@ -135,7 +134,7 @@ class SlotStore:
 
     # ------------------------------------------------------------ uploads
 
-    def _upload(self, values, dtype=torch.long) -> torch.Tensor:
+    def upload(self, values, dtype=torch.long) -> torch.Tensor:
         """A host list as a device tensor, without waiting for the device (pinned, async)."""
         tensor = torch.tensor(values, dtype=dtype)
         return self._to_device(tensor)
@@ -202,7 +201,7 @@ class SlotStore:
         the prefixes are whole prompts). Batches of `prefill_batch`, padded to fixed shapes
         when compiled (padding rows write into the scratch group)."""
         lengths = [len(p) for p in prefixes]
-        self.group_prefix[self._upload(slots)] = self._upload(lengths)
+        self.group_prefix[self.upload(slots)] = self.upload(lengths)
         logits = []
         chunk = self.prefill_batch if self.fixed_shapes else len(prefixes)
         for start in range(0, len(prefixes), chunk):
@@ -216,19 +215,19 @@ class SlotStore:
         width = self.layout.prefix_cap if self.fixed_shapes else max(len(p) for p in prefixes)
         rows = prefixes + [[] for _ in range(batch - len(prefixes))] if self.fixed_shapes else prefixes
         padded = [p + [self.pad_id] * (width - len(p)) for p in rows]
-        embeds = self.vlm.embed_tokens(self._upload(padded))
+        embeds = self.vlm.embed_tokens(self.upload(padded))
         if features:
             image_id = self.vlm.image_token_id
             positions = [r * width + i for r, p in enumerate(padded) for i, t in enumerate(p) if t == image_id]
             flat = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
-            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, self._upload(positions), flat).view(embeds.shape)
-        slot_t = self._upload(slots + [self.scratch] * (len(rows) - len(slots)))
-        last = self._upload([max(len(p), 1) - 1 for p in rows])
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, self.upload(positions), flat).view(embeds.shape)
+        slot_t = self.upload(slots + [self.scratch] * (len(rows) - len(slots)))
+        last = self.upload([max(len(p), 1) - 1 for p in rows])
         return self._store_prefix_kv(slot_t, *self.prefix_fn(embeds, last))
 
     def start_whole_prompt_rows(self, slots: list[int]) -> torch.Tensor:
         """Rows whose whole prompt is the prefix: nothing stored per row yet."""
-        rows_t = self._upload(slots) * self.layout.rows_per_group
+        rows_t = self.upload(slots) * self.layout.rows_per_group
         self.row_len.index_fill_(0, rows_t, 0)  # (tensor[idx] = 0 would copy a scalar up and wait)
         self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group]
         return rows_t
@@ -240,9 +239,9 @@ class SlotStore:
         lengths = [max(len(s), 1) for s in suffixes]
         width = max(lengths)
         padded = [(s or [self.pad_id]) + [self.pad_id] * (width - max(len(s), 1)) for s in suffixes]
-        ids_t = self._upload(padded)
-        lengths_t = self._upload(lengths)
-        group_t = self._upload(slots)
+        ids_t = self.upload(padded)
+        lengths_t = self.upload(lengths)
+        group_t = self.upload(slots)
         rows_t = (group_t[:, None] * q + torch.arange(q, device=dev)[None]).reshape(-1)
         prefix_len = self.group_prefix[group_t]
         offsets = torch.arange(width, device=dev)
@@ -256,7 +255,7 @@ class SlotStore:
             causal = self.suffix_range[None, :] <= offsets[:, None]
             suffix_bias = torch.zeros(width, self.layout.suffix_cap, dtype=torch.float32, device=dev)
             step.suffix_bias = suffix_bias.masked_fill(~causal, NEG_INF)[None, None].expand(len(padded), 1, -1, -1)
-            step.prefix_bias = self._prefix_bias(prefix_len)
+            step.prefix_bias = self.prefix_bias(prefix_len)
         hidden = self.vlm.language_forward(self.vlm.embed_tokens(ids_t), positions, dvl_step=step)
         last = hidden[torch.arange(len(padded), device=dev), lengths_t - 1]
         self.row_len[rows_t] = lengths_t
@@ -265,16 +264,16 @@ class SlotStore:
 
     def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int], rows: dict) -> Launched:
         """Pick every new row's first token and arm its state; the tokens come back later."""
-        force_t = self._upload(force) if self.stop_schedule else None
+        force_t = self.upload(force) if self.stop_schedule else None
         first = self.pick(logits, force_t)
         self.next_tok[rows_t] = first
         self.n_gen.index_fill_(0, rows_t, 1)
         self.row_live.index_fill_(0, rows_t, 1)
         if force_t is not None:
             self.force_at[rows_t] = force_t
-        return self._send_home(first, rows)
+        return self.send_home(first, rows)
 
-    def _send_home(self, tokens: torch.Tensor, rows: dict) -> Launched:
+    def send_home(self, tokens: torch.Tensor, rows: dict) -> Launched:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.on_cuda)
         host.copy_(tokens, non_blocking=self.on_cuda)
         done = None
@@ -283,7 +282,7 @@ class SlotStore:
             done.record()
         return Launched(host, done, rows)
 
-    def _prefix_bias(self, prefix_len: torch.Tensor) -> torch.Tensor:
+    def prefix_bias(self, prefix_len: torch.Tensor) -> torch.Tensor:
         valid = self.prefix_range[None, :] < prefix_len[:, None]
         bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device).masked_fill(~valid, NEG_INF)
         return bias[:, None, None, :]
@@ -302,45 +301,6 @@ class SlotStore:
         forced = (generated + 1) == force_at
         return torch.where(forced, torch.full_like(chosen, self.eos_id), chosen)
 
-    def _decode_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for every row: (float32 logits, greedy-or-forced tokens)."""
-        positions = (self.row_prefix + self.row_len)[:, None]
-        groups = self.layout.groups
-        step = AttentionStep(
-            self.kv, "rows", rows_per_group=self.layout.rows_per_group, write_pos=self.row_len,
-            groups_limit=groups, out_dtype_scores=self.out_dtype_scores,
-            prefix_lengths=self.group_prefix[:groups], triton_splits=self.triton_splits,
-        )
-        if not self.triton_splits:
-            valid = self.suffix_range[None, :] <= self.row_len[:, None]
-            suffix_bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device).masked_fill(~valid, NEG_INF)
-            step.prefix_bias = self._prefix_bias(self.group_prefix[:groups])
-            step.suffix_bias = suffix_bias[:, None, None, :]
-        hidden = self.vlm.language_forward(self.vlm.embed_tokens(self.next_tok[:, None]), positions, dvl_step=step)
-        logits = self.vlm.lm_head(hidden[:, -1]).float()
-        greedy = logits.argmax(dim=-1)
-        if not self.stop_schedule:
-            return logits, greedy
-        forced = (self.n_gen + 1) == self.force_at
-        return logits, torch.where(forced, torch.full_like(greedy, self.eos_id), greedy)
-
-    def _decode_body(self) -> None:
-        self.step_logits, self.step_tokens = self._decode_outputs()
-
-    def _capture_decode_graph(self) -> None:
-        """Warm up on a side stream, then capture the decode step; row state is reset after."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._decode_body()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            self._decode_body()
-        self.graph = graph
-        self._reset_rows()
-
     def release(self, groups: list[int], rows: list[int]) -> None:
         """Mark finished rows and freed groups empty on the device, so decode attention reads
         none of their keys.
@@ -352,13 +312,13 @@ class SlotStore:
         so a later admission into the same slot wins.
         """
         if rows:
-            rows_t = self._upload(rows)
+            rows_t = self.upload(rows)
             self.row_len.index_fill_(0, rows_t, 0)
             self.row_live.index_fill_(0, rows_t, 0)
         if groups:
-            self.group_prefix.index_fill_(0, self._upload(groups), 0)
+            self.group_prefix.index_fill_(0, self.upload(groups), 0)
 
-    def _reset_rows(self) -> None:
+    def reset_rows(self) -> None:
         self.row_len.zero_()
         self.n_gen.zero_()
         self.group_prefix.zero_()
@@ -366,17 +326,7 @@ class SlotStore:
 
     def launch_decode(self, rows: dict) -> Launched:
         """Enqueue one decode step; its tokens can be read later without stalling the device."""
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._decode_body()
-        tokens = self.step_tokens
-        if self.gen.temperature > 0:
-            tokens = self.pick(self.step_logits, self.force_at if self.stop_schedule else None, self.n_gen)
-        self.next_tok.copy_(tokens)
-        self.row_len.add_(self.row_live).clamp_(max=self.layout.suffix_cap - 1)  # freed rows stay at 0
-        self.n_gen.add_(1)
-        return self._send_home(tokens, {row_id: (row, row_id) for row_id, row in rows.items()})
+        return self.decoder.launch(rows)
 
 
 def _triton_splits(layout: Layout, vlm: VisionLanguageModel, device: torch.device) -> int:
