@@ -163,22 +163,38 @@ class Profiler:
             gc.collect()
             torch.cuda.empty_cache()
 
-    def _attn_rows(self, rows: int, copy: float, decode_attention, KernelConfig, base: int) -> None:
+    def attn_fp8(self) -> None:
+        """The decode kernel over an fp8 cache (--kv-dtype fp8) at the caption layout that fits
+        in memory with it (1651 rows on the H200), launch configurations swept like `attn`."""
+        from dvl_batch.bench.device_time import copy_bandwidth
+        from dvl_batch.engine.triton_decode import KernelConfig, choose_splits, decode_attention
+
+        copy = copy_bandwidth(gib=2.0)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        rows = 1651
+        self._attn_rows(rows, copy, decode_attention, KernelConfig, choose_splits(rows, 16, sms),
+                        cache_dtype=torch.float8_e4m3fn)
+
+    def _attn_rows(self, rows: int, copy: float, decode_attention, KernelConfig, base: int,
+                   cache_dtype: torch.dtype = torch.bfloat16) -> None:
         heads, dim, plen, scap, mean_suffix = 16, 128, self.length, 136, 36
-        pk = torch.randn(rows, heads, plen, dim, device=self.device, dtype=torch.bfloat16)
-        pv = torch.randn_like(pk)
-        sk = torch.randn(rows, heads, scap, dim, device=self.device, dtype=torch.bfloat16)
-        sv = torch.randn_like(sk)
+        fp8 = cache_dtype != torch.bfloat16
+        pk = torch.randn(rows, heads, plen, dim, device=self.device, dtype=torch.bfloat16).to(cache_dtype)
+        pv = torch.randn(rows, heads, plen, dim, device=self.device, dtype=torch.bfloat16).to(cache_dtype)
+        sk = torch.randn(rows, heads, scap, dim, device=self.device, dtype=torch.bfloat16).to(cache_dtype)
+        sv = torch.randn(rows, heads, scap, dim, device=self.device, dtype=torch.bfloat16).to(cache_dtype)
         q = torch.randn(rows, heads, dim, device=self.device, dtype=torch.bfloat16)
         plen_t = torch.full((rows,), plen, dtype=torch.long, device=self.device)
         rlen_t = torch.randint(0, 2 * mean_suffix, (rows,), device=self.device)
-        moved = 2 * rows * heads * dim * 2 * (plen + mean_suffix)  # K and V actually read
+        moved = 2 * rows * heads * dim * cache_dtype.itemsize * (plen + mean_suffix)  # K and V actually read
+        tag = " fp8" if fp8 else ""
 
         def run(splits, cfg=None):
             return decode_attention(q, pk, pv, sk, sv, plen_t, rlen_t, 1, dim**-0.5, splits, cfg)
 
+        blocks, stages = ((64, 128, 256), (2, 3, 4)) if fp8 else ((64, 128), (2, 3))
         configs = [(s, KernelConfig(block_n=b, num_warps=w, num_stages=st))
-                   for s in sorted({1, base, 2}) for b in (64, 128) for w in (4, 8) for st in (2, 3)]
+                   for s in sorted({1, base, 2}) for b in blocks for w in (4, 8) for st in stages]
         best = None
         for splits, cfg in configs:
             try:
@@ -189,12 +205,15 @@ class Profiler:
             if best is None or t < best[0]:
                 best = (t, splits, cfg)
             self.results.setdefault("attn_sweep", []).append(
-                {"rows": rows, "splits": splits, "config": cfg.__dict__, "ms": t * 1000, "TBps": moved / t / 1e12})
+                {"rows": rows, "splits": splits, "config": cfg.__dict__, "ms": t * 1000, "TBps": moved / t / 1e12,
+                 "cache": str(cache_dtype)})
         t, splits, cfg = best
-        self.row("decode attn triton best", rows, t, t / rows * 1000,
+        self.row(f"decode attn triton{tag} best", rows, t, t / rows * 1000,
                  f"{moved / t / 1e12:.2f} TB/s ({moved / t / copy:.0%} of copy) splits {splits} {cfg}")
         t = timed(lambda: run(base))
-        self.row("decode attn triton default", rows, t, t / rows * 1000, f"{moved / t / 1e12:.2f} TB/s")
+        self.row(f"decode attn triton{tag} default", rows, t, t / rows * 1000, f"{moved / t / 1e12:.2f} TB/s")
+        if fp8:
+            return
         for name, fn in self._sdpa_variants(q[:, :, None], pk, pv).items():
             try:
                 t = timed(fn)
