@@ -106,16 +106,16 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32), "fp8e4nv"),  # --kv-dtype fp8
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16), "fp8e4nv"),  # --kv-dtype fp8
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
-        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False),
-         "bf16"),
-        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False),
-         "fp8e4nv"),
+        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+                                        MMA=triton.language.bfloat16), "bf16"),
+        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+                                        MMA=triton.language.float16), "fp8e4nv"),
         (td._suffix_tokens_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=32, PARTS=2), "fp8e4nv"),
     ]
     for kernel, consts, kv_type in cases:

@@ -30,7 +30,6 @@ from .planning import Group, Layout, PhaseClock, Row, plan_groups
 from .slots import NO_FORCE, Launched, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
 
-
 # Most rows one decode step carries. Past ~1000 rows the step's matmuls are compute-bound
 # and its fixed costs (weights read, launches) are spread thin; the cap matters where memory
 # allows more: VQA groups (one image prefix for 5 rows) and fp8 KV caches.

@@ -24,12 +24,13 @@ def _prefix_part(
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
 ):
     """Partial attention of query rows row0..row0+n_rows-1 over one split of group g's prefix.
 
-    Keys and values may be stored in a narrower type than the queries (an fp8 cache):
-    they are widened to the query type as they are loaded."""
+    The dots run in MMA (the query dtype, or float16 for an fp8 cache: Hopper widens e4m3
+    to float16 in one instruction, to bfloat16 only through float32; measured: the bf16
+    widening held the fp8 kernel at ~2.1 TB/s); accumulation is float32 either way."""
     kvh = h // REP
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -37,6 +38,7 @@ def _prefix_part(
     rows = row0 + qi
     row_ok = qi < n_rows
     q = tl.load(Q + rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(MMA)
     # loop bounds are compile-time tile counts; masked loads past the valid length move no data
     plen = tl.load(PLEN + g).to(tl.int32)
     start = split * (TILES * BLOCK_N)
@@ -48,7 +50,7 @@ def _prefix_part(
     for tile in range(TILES):
         pos = start + tile * BLOCK_N + offs_n
         ok = pos < plen
-        k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
+        k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0).to(MMA)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -59,11 +61,11 @@ def _prefix_part(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0).to(MMA)
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v)
         m_i = m_new
     out = (rows * HEADS + h) * PARTS + split
     tl.store(M + out, m_i, mask=row_ok)
@@ -118,7 +120,7 @@ def _decode_kernel(
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
-    SUFFIX_BLOCK_N: tl.constexpr,
+    SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr,
 ):
     """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
     Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
@@ -133,7 +135,7 @@ def _decode_kernel(
         _prefix_part(
             Q, PK, PV, PLEN, ACC, M, L, g, g * Q_ROWS, Q_ROWS, h, split,
             stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-            HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE,
+            HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
         )
     else:
         row = g * Q_ROWS + split - SPLITS
@@ -170,7 +172,7 @@ def _shared_prefix_kernel(
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     scale, group_rows, tiles_m,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
 ):
     """Suffix prefill, prefix level: all query tokens of a group (its Q questions x T tokens,
     `group_rows`, in tiles of QPAD) against one split of the group's prefix, read once per
@@ -186,7 +188,7 @@ def _shared_prefix_kernel(
     _prefix_part(
         Q, PK, PV, PLEN, ACC, M, L, g, row0, n_rows, h, split,
         stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-        HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE,
+        HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
     )
 
 
@@ -257,7 +259,7 @@ def decode_attention(
         scale,
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
-        IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n,
+        IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
@@ -266,6 +268,14 @@ def decode_attention(
         HEADS=heads, D=dim, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts),
     )
     return out
+
+
+def _mma_type(query: torch.Tensor, keys: torch.Tensor):
+    """The dtype the prefix dots run in: float16 over an fp8 cache (float32 queries stay
+    float32, the exact reference path), else the queries'."""
+    if keys.dtype.itemsize == 1 and query.dtype != torch.float32:
+        return tl.float16
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[query.dtype]
 
 
 def choose_splits(groups: int, heads: int, sm_count: int) -> int:
@@ -319,7 +329,8 @@ def suffix_prefill_attention(
         scale, group_rows, tiles_m,
         HEADS=heads, REP=rep, QPAD=qpad, D=dim, BLOCK_N=cfg.block_n,
         SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
-        IEEE=query.dtype == torch.float32, num_warps=8 if qpad >= 64 else cfg.num_warps, num_stages=cfg.num_stages,
+        IEEE=query.dtype == torch.float32, MMA=_mma_type(query, prefix_k),
+        num_warps=8 if qpad >= 64 else cfg.num_warps, num_stages=cfg.num_stages,
     )
     _suffix_tokens_kernel[(batch * new, heads)](
         flat, suffix_k, suffix_v, rows, acc, m, l_sum,
