@@ -55,3 +55,18 @@ def test_bench_preprocess_profile_measures_decode_rate_per_core(tmp_path, cache_
     rows = {r["path"]: r for r in json.loads(report.read_text())["preprocess"]}
     assert set(rows) == {"fast (draft decode)", "exact (processor)"}
     assert all(r["images"] == 8 and r["errors"] == 0 and r["images_per_s_per_core"] > 0 for r in rows.values())
+
+
+def test_start_time_benchmark_measures_cold_warm_and_a_run_with_nothing_to_do(tmp_path, cache_dir):
+    report = tmp_path / "start.json"
+    args = [sys.executable, str(REPO / "benchmarks" / "start_time.py"), "--shape", "tiny", "--device", "cpu",
+            "--images", "2", "--per-shard", "1", "--workers", "1", "--work", str(tmp_path / "work"), "--json", str(report)]
+    result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "first part s" in result.stdout
+    runs = {r["run"]: r for r in json.loads(report.read_text())["runs"]}
+    assert all(r["returncode"] == 0 for r in runs.values())
+    assert runs["cold"]["first_part_s"] > 0 and runs["warm"]["first_part_s"] > 0
+    assert runs["noop"]["first_part_s"] is None and "nothing to do" in runs["noop"]["tail"][-1]
+    assert runs["noop"]["total_s"] < runs["warm"]["total_s"], "a run with nothing to do must not load the model"
+    assert (tmp_path / "work" / "cache").is_dir()

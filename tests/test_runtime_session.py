@@ -174,3 +174,19 @@ def test_generate_engine_samples_from_its_own_generator(tiny_model, tiny_process
     first = sample(7)
     assert torch.equal(torch.random.get_rng_state(), state), "the global RNG was reseeded or consumed"
     assert sample(7) == first
+
+
+def test_compiled_kernels_are_kept_under_the_cache_folder_unless_the_user_chose_a_place(tmp_path, monkeypatch):
+    """A warm start reuses torch.compile's and Triton's artifacts; /tmp (inductor's default) is
+    wiped between cluster jobs, so the run points both at its cache folder."""
+    from dvl_batch.config.launch import use_compile_cache
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "placeholder")  # so the test's changes are undone afterwards
+        monkeypatch.delenv(name)
+    use_compile_cache(tmp_path / "cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch-compile")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    use_compile_cache(tmp_path / "other")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"

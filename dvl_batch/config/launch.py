@@ -70,6 +70,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "dvl-batch"
 
 
+def use_compile_cache(cache: Path) -> None:
+    """Keep torch.compile's and Triton's compiled artifacts under the tool's cache folder.
+
+    Inductor's default is a folder in /tmp, which cluster jobs and reboots wipe; here the
+    next run (a cron job, the next batch of shards) finds the kernels of the last one and
+    starts without recompiling. A location the user set wins. Set before any engine
+    process starts, so they inherit it.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torch-compile"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config.launch import default_cache_dir, hub_offline, parse_gpus, with_launch_defaults
+from ..config.launch import default_cache_dir, hub_offline, parse_gpus, use_compile_cache, with_launch_defaults
 from ..config.spec import JobSpec
 from ..errors import EXIT_ERROR_ROWS, EXIT_FAILED, DvlError, UsageError
 from ..sink.parts import error_rows
@@ -147,6 +147,7 @@ def run_job(
         say(f"rank {spec.run.rank} of {spec.run.world_size}: this run does the shards that belong to rank {spec.run.rank}")
     cache = Path(spec.model.cache_dir) if spec.model.cache_dir else (cache_dir or default_cache_dir())
     job = prepare_job(spec, cache, hub_offline() if offline is None else offline)
+    use_compile_cache(cache)
     result = _run_prepared(job, reporter or make_reporter(spec.run.progress), say, started)
     unreadable = result.stats.unreadable
     if unreadable and not result.interrupted:
