@@ -12,7 +12,7 @@ import pytest
 
 from dvl_batch.errors import EXIT_FAILED, EXIT_USAGE
 
-from .conftest import cli_env, many_shards, read_rows
+from .conftest import cli_env, example_images, many_shards, read_rows, write_parquet
 
 
 def caption(inputs: list[str], out: Path, *extra: str) -> list[str]:
@@ -130,3 +130,49 @@ def test_api_raises_for_a_shard_that_cannot_be_read_like_the_cli_exits_1(tmp_pat
     assert caught.value.exit_code == EXIT_FAILED
     assert caught.value.result.stats.shards_written == 1
     assert len(caught.value.result.stats.unreadable) == 1 and "exit 6" in caught.value.result.stats.unreadable[0]
+
+
+def _parquet_shard(tmp_path: Path) -> Path:
+    images = list(example_images().values())[:3]
+    return write_parquet(tmp_path / "data" / "remote.parquet", {"key": ["a", "b", "c"], "image": images})
+
+
+def test_remote_parquet_shard_is_copied_locally_and_a_failing_copy_is_retried(tmp_path):
+    """A parquet file is read from its footer, so a remote one (here a pipe: command) is copied
+    to a temporary file first; a copy cut short is retried, and the temporary file is removed."""
+    import tempfile
+
+    from dvl_batch.records import RawSample, Shard, ShardEnd
+    from dvl_batch.sources.parquet import read_parquet
+
+    path = _parquet_shard(tmp_path)
+    counter = tmp_path / "attempts"
+    counter.write_text("0")
+    script = tmp_path / "fetch.sh"  # a dropped connection on the first try
+    script.write_text(f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
+                      "if [ $n -ge 1 ]; then cat $1; else head -c 100 $1; exit 56; fi\n")
+    before = set(Path(tempfile.gettempdir()).glob("dvl-batch-*.parquet"))
+    shard = Shard("remote", f"pipe:sh {script} {path}", "parquet")
+    items = list(read_parquet(shard, None, None, retries=2, backoff=0))
+    samples = [i for i in items if isinstance(i, RawSample)]
+    assert [s.key for s in samples] == ["a", "b", "c"] and all(s.images and not s.error for s in samples)
+    assert isinstance(items[-1], ShardEnd) and not items[-1].unreadable and counter.read_text().strip() == "2"
+    assert set(Path(tempfile.gettempdir()).glob("dvl-batch-*.parquet")) == before
+
+    always = Shard("down", "pipe:echo 'Could not resolve host' >&2; exit 6 # x.parquet", "parquet")
+    (end,) = list(read_parquet(always, None, None, retries=1, backoff=0))
+    assert end.unreadable and "could not be read (2 attempts)" in end.message and "Could not resolve host" in end.message
+
+
+@pytest.mark.slow
+def test_remote_parquet_shard_failing_once_is_answered_in_full(tmp_path, cache_dir, tiny_model_dir):
+    path = _parquet_shard(tmp_path)
+    counter = tmp_path / "attempts"
+    counter.write_text("0")
+    script = tmp_path / "fetch.sh"
+    script.write_text(f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
+                      "if [ $n -ge 1 ]; then cat $1; else head -c 100 $1; echo 'connection reset' >&2; exit 56; fi\n")
+    done = run(caption([f"pipe:sh {script} {path}"], tmp_path / "out"), cache_dir)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(tmp_path / "out")
+    assert sorted(rows["key"].to_pylist()) == ["a", "b", "c"] and all(rows["error"].is_null().to_pylist())

@@ -41,7 +41,7 @@ def read_shard(
     if shard.format == "webdataset":
         return read_webdataset(shard, image_field, max_bytes, retries)
     if shard.format == "parquet":
-        return read_parquet(shard, image_field, key_field, max_bytes)
+        return read_parquet(shard, image_field, key_field, max_bytes, retries)
     if shard.format == "folder":
         return read_folder(shard, max_bytes)
     raise ValueError(f"unknown shard format {shard.format}")

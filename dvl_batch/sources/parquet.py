@@ -1,7 +1,17 @@
-"""Parquet shards: one file, images as bytes, HF-datasets {bytes, path} structs, paths or lists."""
+"""Parquet shards: one file, images as bytes, HF-datasets {bytes, path} structs, paths or lists.
+
+A parquet file is read from its footer backwards, so a remote one (http(s)://, pipe:, s3://
+...) is first copied to a local temporary file, a stream at a time; a transient failure
+of that copy is retried with backoff like a tar shard's read, and a shard that still
+fails ends unreadable (no part; the next run tries it again).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +22,8 @@ from ..records import RawSample, Shard, ShardEnd
 from .formats import (
     DEFAULT_MAX_FILE_BYTES,
     KeyRegistry,
+    is_remote,
+    is_transient,
     open_stream,
     read_regular_file,
     shard_error_sample,
@@ -117,13 +129,54 @@ def _row_key(row: dict[str, Any], column: str | None, count: int) -> str:
 
 def read_parquet(
     shard: Shard, image_field: str | None, key_field: str | None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    retries: int = 3, backoff: float = 1.0,
+) -> Iterator[RawSample | ShardEnd]:
+    """Every row of a parquet shard as a sample, then one ShardEnd."""
+    if not is_remote(shard.url):
+        yield from _read_file(shard, shard.url, image_field, key_field, max_bytes)
+        return
+    local, problem = None, ""
+    for attempt in range(retries + 1):
+        try:
+            local = _copy_to_temporary(shard.url)
+            break
+        except Exception as exc:  # noqa: BLE001 - a failed copy is retried, then reported
+            problem = str(exc)
+            if not is_transient(exc):
+                break
+            if attempt < retries:
+                time.sleep(backoff * 2**attempt)
+    if local is None:
+        tries = f"{retries + 1} attempts" if retries else "1 attempt"
+        yield ShardEnd(shard, 0, partial=True, unreadable=True, message=f"could not be read ({tries}): {problem}")
+        return
+    try:
+        yield from _read_file(shard, local, image_field, key_field, max_bytes)
+    finally:
+        os.unlink(local)
+
+
+def _copy_to_temporary(url: str) -> str:
+    """The remote file's bytes in a local temporary file (removed by the caller, or here on failure)."""
+    fd, name = tempfile.mkstemp(prefix="dvl-batch-", suffix=".parquet")
+    try:
+        with os.fdopen(fd, "wb") as local, open_stream(url) as stream:
+            shutil.copyfileobj(stream, local, 1 << 20)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return name
+
+
+def _read_file(
+    shard: Shard, path: str, image_field: str | None, key_field: str | None, max_bytes: int,
 ) -> Iterator[RawSample | ShardEnd]:
     import pyarrow.parquet as pq
 
     count = 0
     keys = KeyRegistry()
     try:
-        source = pq.ParquetFile(open_stream(shard.url) if "://" in shard.url else shard.url)
+        source = pq.ParquetFile(path)
         layout = parquet_layout(source.schema_arrow, image_field, key_field)
     except UsageError:
         raise
