@@ -91,9 +91,9 @@ class ImageAnswerer:
         from .config.launch import default_cache_dir, hub_offline
         from .config.spec import spec_from_recipe
         from .runtime.models import resolve_model
-        from .runtime.worker import DeviceWorker, quiet_transformers
+        from .runtime.quiet import quiet_libraries
+        from .runtime.worker import DeviceWorker
 
-        quiet_transformers()
         asked = {
             "model": model,
             "prompt": prompt,
@@ -105,6 +105,7 @@ class ImageAnswerer:
         if questions or question_column:
             asked["task"] = "vqa"
         self.spec = spec_from_recipe(recipe, **asked, **(options or {}))
+        quiet_libraries(self.spec.run.verbose)
         cache = Path(self.spec.model.cache_dir or cache_dir or default_cache_dir())
         resolved = resolve_model(self.spec.model, cache, hub_offline())
         self.worker = DeviceWorker(self.spec, resolved)

@@ -269,6 +269,7 @@ def test_cpu_engine_processes_share_shards_survive_stops_and_crashes(tmp_path, c
 
     finished = run_cli(args, cache_dir)
     assert finished.returncode == 0, finished.stderr
+    assert "Loading weights" not in finished.stderr  # library bars hushed in engine processes too
     # the crashed run may have left nothing to do: then the rerun says so instead of a summary
     assert (finished.stderr.count("dvl-batch summary") == 1 and "12/12 done" in finished.stderr) or (
         "nothing to do: all 12 shards" in finished.stderr
@@ -348,3 +349,14 @@ def test_ray_runner_reads_gpus_as_one_actor_per_entry(tmp_path, cache_dir):
         ray_engine_devices("two", cluster_gpus=2)
     assert [len(c.shards) for c in make_chunks(list(range(100)), 2)] == [8] * 12 + [4]
     assert [len(c.shards) for c in make_chunks(list(range(5)), 2)] == [1] * 5
+
+
+@pytest.mark.slow
+def test_verbose_keeps_library_output_in_engine_processes(tmp_path, cache_dir):
+    """--verbose reaches the engine processes: their weight-loading bars stay in the log
+    (hushed by default, in the parent and in every engine)."""
+    many_shards(tmp_path / "data", 2, 1)
+    loud = run_cli(["caption", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--gpus", "cpu,cpu", "--workers", "1",
+                    "--verbose", *FAST], cache_dir)
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading weights" in loud.stderr  # (the default, hushed, is checked in the runner test above)

@@ -66,9 +66,7 @@ def engine_main(task: EngineTask, feed: ShardFeed, events: Any, stop_event: Any,
         import torch
 
         from ...sink.output import OutputDir
-        from ..worker import DeviceWorker, quiet_transformers
-
-        quiet_transformers()
+        from ..worker import DeviceWorker  # which hushes library logs unless run.verbose
         if task.torch_threads:
             torch.set_num_threads(task.torch_threads)
         worker = DeviceWorker(task.spec, task.model, device=task.device)

@@ -60,9 +60,7 @@ class EngineActor:
         self.error: dict[str, Any] | None = None
         try:
             from ...sink.output import OutputDir
-            from ..worker import DeviceWorker, quiet_transformers
-
-            quiet_transformers()
+            from ..worker import DeviceWorker  # which hushes library logs unless run.verbose
             spec = task.spec
             if spec.data.workers is None:
                 spec = replace(spec, data=replace(spec.data, workers=self._decoders(task.device)))
