@@ -20,12 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dvl_batch.inspect import collect_status
+from dvl_batch.records import Shard
 from dvl_batch.runtime.feed import ShardFeed
 from dvl_batch.runtime.job import shard_owner
-from dvl_batch.sink.files import atomic_write_json
+from dvl_batch.runtime.resume import trusted_parts
+from dvl_batch.sink.files import atomic_write_bytes, atomic_write_json
 from dvl_batch.sink.output import OutputDir
 from dvl_batch.sink.parts import METADATA_KEY, PART_SCHEMA
 from dvl_batch.sources import FolderManifest, discover_shards
+
+FINGERPRINT = "0123456789abcdef"
 
 
 def timed(results: dict, name: str, fn, *args, **kwargs):
@@ -50,7 +54,7 @@ def make_parts(out: Path, n: int, rows_per_part: int) -> None:
                    question_index=[0] * rows_per_part, finish_reason=["stop"] * rows_per_part)
     table = pa.table(columns, schema=PART_SCHEMA)
     for i in range(n):
-        meta = {"job": {"model": "x"}, "shard": {"id": f"p{i}", "rows": rows_per_part, "errors": 0, "partial": False}}
+        meta = {"job": {"model": "x", "fingerprint": FINGERPRINT}, "shard": {"id": f"p{i}", "rows": rows_per_part, "errors": 0, "partial": False}}
         pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}),
                        parts / f"p{i:06d}.parquet")
     atomic_write_json(out / "job.json", {"model": "x", "spec": {"prompt": {"task": "caption"}}})
@@ -64,7 +68,7 @@ def manifest_cost(root: Path, images: int, shard_size: int, results: dict) -> No
     manifest = FolderManifest(root / "folder_shards.json")
     manifest.data = {"/data/photos": chunks}
     manifest.changed = True
-    timed(results, f"manifest_save_{images}_images_s", manifest.save)
+    timed(results, f"manifest_save_{images}_images_s", manifest.save, atomic_write_bytes)
     results[f"manifest_bytes_{images}_images"] = (root / "folder_shards.json").stat().st_size
     timed(results, f"manifest_load_{images}_images_s", FolderManifest, root / "folder_shards.json")
 
@@ -117,6 +121,11 @@ def main() -> None:
         timed(results, "done_shards_listing_s", output.done_shards)
         status = timed(results, "status_s", collect_status, out)
         assert status["shards_done"] == args.parts
+        mine = [Shard(f"p{i:06d}", f"/in/p{i:06d}.tar", "webdataset") for i in range(args.parts)]
+        done, _ = timed(results, "verify_parts_first_start_s", trusted_parts, output, mine, FINGERPRINT)
+        assert len(done) == args.parts
+        done, _ = timed(results, "verify_parts_next_start_s", trusted_parts, output, mine, FINGERPRINT)
+        assert len(done) == args.parts
         manifest_cost(root, args.manifest_images, 1000, results)
     if args.decode_repeats:
         decode_cost(results, args.decode_repeats)

@@ -65,6 +65,35 @@ def test_parts_that_do_not_read_back_or_belong_to_another_job_are_redone(two_sha
     assert status["shards_done"] == 1 and len(status["unreadable_parts"]) == 1
 
 
+def test_a_start_reads_only_footers_of_new_or_changed_parts(two_shards, cache_dir, monkeypatch):
+    """Footers verified by one start are not read again by the next while a part's size and
+    modification time stay the same; a part changed since is read, and redone if it fails."""
+    from dvl_batch.sink import verify
+
+    data, out = two_shards
+    finish(prepared(cache_dir, [data], out))
+    reads = []
+    real = verify.part_record
+    monkeypatch.setattr(verify, "part_record", lambda path: reads.append(path.name) or real(path))
+    first = prepared(cache_dir, [data], out)
+    first.release()
+    assert not first.todo and len(reads) == 2  # verified once, remembered
+    reads.clear()
+    second = prepared(cache_dir, [data], out)
+    second.release()
+    assert not second.todo and reads == []
+    a = sorted((out / "parts").glob("*.parquet"))[0]
+    a.write_bytes(a.read_bytes()[:-8])  # cut by hand after it was remembered
+    third = prepared(cache_dir, [data], out)
+    third.release()
+    assert reads == [a.name] and {s.id for s in third.todo} == {a.stem}
+    (out / ".verified_parts.json").write_text("{garbled")  # the cache only saves reading
+    reads.clear()
+    fourth = prepared(cache_dir, [data], out)
+    fourth.release()
+    assert len(reads) == 2 and {s.id for s in fourth.todo} == {a.stem}
+
+
 def test_without_job_json_the_parts_name_the_job(two_shards, cache_dir):
     data, out = two_shards
     finish(prepared(cache_dir, [data], out, prompt="Describe this image."))

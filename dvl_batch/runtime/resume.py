@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import UsageError
 from ..records import Shard
 from ..sink.output import OutputDir, describe_differences
-from ..sink.verify import part_record, untrusted_reason
+from ..sink.verify import VerifiedParts, part_record
 from ..sources import FolderManifest, name_of_key
 
 FOLDER_CHUNK_ID = re.compile(r"-[0-9a-f]{8}-\d{6}$")  # discovery's `{folder}-{digest}-{NNNNNN}`
@@ -29,15 +29,17 @@ def trusted_parts(out: OutputDir, shards: list[Shard], fingerprint: str) -> tupl
     """Ids of `shards` whose part is a finished shard of this job, and one notice per part that is not."""
     done: set[str] = set()
     notices: list[str] = []
+    verified = VerifiedParts(out.verified_file)
     for shard in shards:
         path = out.part_path(shard.id)
         if not path.exists():
             continue
-        reason = untrusted_reason(path, fingerprint)
+        reason = verified.untrusted_reason(path, fingerprint)
         if reason is None:
             done.add(shard.id)
         else:
             notices.append(f"part {path.name} {reason}: its shard is done again")
+    verified.save()
     return done, notices
 
 

@@ -31,6 +31,7 @@ class OutputDir:
         self.lock = RunLock(self.root / f".lock{suffix}")
         self.world_lock = WorldLock(self.root / ".world.lock", world_size)
         self.progress_file = self.root / f"progress{suffix}.json"
+        self.verified_file = self.root / f".verified_parts{suffix}.json"  # sink/verify.py: VerifiedParts
 
     def prepare(self, owns: Callable[[str], bool] | None = None) -> None:
         """Create OUT, take the locks, and clear temp files a killed run left behind.
@@ -122,7 +123,8 @@ class OutputDir:
             raise UsageError("--overwrite cannot be combined with --world-size; clear OUT with one run first")
         for part in [*self.parts.glob("*.parquet"), *(self.root / CHECKPOINT_DIR).glob("*.jsonl")]:
             part.unlink()
-        for path in [self.job_file, self.manifest_file, *self.root.glob("progress*.json")]:
+        for path in [self.job_file, self.manifest_file, *self.root.glob("progress*.json"),
+                     *self.root.glob(".verified_parts*.json")]:
             path.unlink(missing_ok=True)
 
     def write_progress(self, record: dict[str, Any]) -> None:

@@ -3,16 +3,20 @@
 A part is only "done" when its footer reads back, its schema is the part schema, its
 row count is the one its record states, and its job record carries the job's
 fingerprint. Anything else (truncated by hand, half-copied, another job's) is redone.
-Only footers are read, never row data, so checking thousands of parts stays cheap.
+Only footers are read, never row data, and a part verified by an earlier start is not
+read again while its size and modification time are unchanged (`VerifiedParts`): at
+100k parts, reading every footer took 16-25 s of every start of a cron job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
+from .files import atomic_write_bytes
 
 METADATA_KEY = b"dvl_batch"
 
@@ -61,3 +65,46 @@ def read_state_file(path: Path, fix: str) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path} is corrupt ({str(exc).splitlines()[0]}); {fix}") from None
+
+
+class VerifiedParts:
+    """Parts an earlier start verified, keyed by name with their (size, mtime) and job.
+
+    A part whose size or modification time changed since (cut, copied over, rewritten)
+    is read again, as is every part of another job; an unreadable or garbled cache is
+    simply ignored: it only saves reading, it never decides on its own."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.changed = False
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        self.entries: dict[str, Any] = entries if isinstance(entries, dict) else {}
+
+    def untrusted_reason(self, part: Path, fingerprint: str) -> str | None:
+        """As `untrusted_reason`, reading the footer only when the part is new or changed."""
+        try:
+            info = part.stat()
+        except OSError as exc:
+            return str(exc)
+        stamp = [info.st_size, info.st_mtime_ns]
+        entry = self.entries.get(part.name)
+        if isinstance(entry, dict) and entry.get("stat") == stamp and entry.get("job") == fingerprint:
+            return None
+        reason = untrusted_reason(part, fingerprint)
+        if reason is None:
+            self.entries[part.name] = {"stat": stamp, "job": fingerprint}
+            self.changed = True
+        elif self.entries.pop(part.name, None) is not None:
+            self.changed = True
+        return reason
+
+    def save(self) -> None:
+        """Keep what was verified for the next start (best effort: a full disk costs only time)."""
+        if not self.changed:
+            return
+        with contextlib.suppress(OutputError):  # compact: 100k parts make a ~6 MB file
+            atomic_write_bytes(self.path, json.dumps(self.entries, separators=(",", ":")).encode())
+        self.changed = False
