@@ -195,6 +195,9 @@ class Profiler:
         blocks, stages = ((64, 128, 256), (2, 3, 4)) if fp8 else ((64, 128), (2, 3))
         configs = [(s, KernelConfig(block_n=b, num_warps=w, num_stages=st))
                    for s in sorted({1, base, 2}) for b in blocks for w in (4, 8) for st in stages]
+        if fp8:  # the CUDA-core prefix loop for one-row groups (no 16-row dot for one query)
+            configs += [(s, KernelConfig(block_n=b, num_warps=w, num_stages=2, fma_prefix=True))
+                        for s in sorted({1, base, 2}) for b in (32, 64, 128) for w in (2, 4, 8)]
         best = None
         for splits, cfg in configs:
             try:

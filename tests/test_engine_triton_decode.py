@@ -21,7 +21,7 @@ CHECK = textwrap.dedent(
     """
     import torch
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
-    from dvl_batch.engine.triton_decode import choose_splits, decode_attention
+    from dvl_batch.engine.triton_decode import KernelConfig, choose_splits, decode_attention
 
     def fill(kv):
         for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):
@@ -31,7 +31,7 @@ CHECK = textwrap.dedent(
     torch.manual_seed(0)
     for q_rows, heads, kv_heads, groups, splits, cache in [
         (1, 2, 2, 3, 1, torch.float32), (3, 4, 2, 2, 2, torch.float32), (5, 2, 1, 2, 4, torch.float32),
-        (3, 4, 2, 3, 2, FP8),
+        (3, 4, 2, 3, 2, FP8), (1, 4, 2, 3, 2, FP8),
     ]:
         dim, prefix_cap, suffix_cap, layers = 16, 70, 20, 1
         rows = groups * q_rows
@@ -50,10 +50,11 @@ CHECK = textwrap.dedent(
         step = AttentionStep(kv, "rows", rows_per_group=q_rows, write_pos=row_len,
                              prefix_bias=prefix_bias[:, None, None], suffix_bias=suffix_bias[:, None, None])
         expected = _rows_attention(step, 0, query, dim ** -0.5)[:, :, 0]
-        got = decode_attention(query[:, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
-                               prefix_len, row_len, q_rows, dim ** -0.5, splits)
-        error = ((got - expected).norm() / expected.norm()).item()
-        assert error < 1e-5, (q_rows, heads, kv_heads, splits, error)
+        for config in (None, KernelConfig(fma_prefix=True)):  # the CUDA-core prefix applies to one-row groups
+            got = decode_attention(query[:, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                                   prefix_len, row_len, q_rows, dim ** -0.5, splits, config)
+            error = ((got - expected).norm() / expected.norm()).item()
+            assert error < 1e-5, (q_rows, heads, kv_heads, splits, config, error)
     assert choose_splits(436, 16, 132) == 1 and choose_splits(8, 16, 132) >= 4
 
     # suffix prefill: T question tokens per row of some groups, against their prefix and
@@ -106,11 +107,13 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16), "fp8e4nv"),  # --kv-dtype fp8
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False), "fp8e4nv"),  # --kv-dtype fp8
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True), "fp8e4nv"),
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
         (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                         MMA=triton.language.bfloat16), "bf16"),

@@ -74,15 +74,17 @@ def _prefix_part(
 
 
 @triton.jit
-def _suffix_part(
-    Q, SK, SV, ACC, M, L, row, key_row, rlen, h,
+def _row_part(
+    Q, SK, SV, ACC, M, L, row, key_row, start, stop, part, h,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_vr, stride_vh, stride_vp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """Partial attention of query row `row` over the first `rlen` suffix positions of
-    `key_row` (question + answer so far + new token), a dynamic loop bound: no tiles past
-    the row's end."""
+    """Partial attention of one query row over positions start..stop-1 of `key_row`'s keys,
+    on CUDA cores in float32 (no tensor-core tile to fill), stored as partial `part`.
+
+    Used for a row's own suffix (question + answer so far + new token: a dynamic bound, no
+    tiles past the row's end) and, with `fma_prefix`, for a caption row's prefix split."""
     kvh = h // REP
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,9 +94,9 @@ def _suffix_part(
     acc = tl.zeros([D], tl.float32)
     k_base = SK + key_row * stride_kr + kvh * stride_kh
     v_base = SV + key_row * stride_vr + kvh * stride_vh
-    for begin in range(0, rlen, BLOCK_N):
+    for begin in range(start, stop, BLOCK_N):
         pos = begin + offs_n
-        ok = pos < rlen
+        ok = pos < stop
         k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
         s = tl.where(ok, s, float("-inf"))
@@ -106,7 +108,7 @@ def _suffix_part(
         v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
-    out = (row * HEADS + h) * PARTS + PARTS - 1
+    out = (row * HEADS + h) * PARTS + part
     tl.store(M + out, m_i)
     tl.store(L + out, l_i)
     tl.store(ACC + out * D + offs_d, acc)
@@ -120,7 +122,7 @@ def _decode_kernel(
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
-    SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr,
+    SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr,
 ):
     """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
     Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
@@ -132,16 +134,25 @@ def _decode_kernel(
     h = tl.program_id(1)
     g = tl.program_id(2)
     if split < SPLITS:
-        _prefix_part(
-            Q, PK, PV, PLEN, ACC, M, L, g, g * Q_ROWS, Q_ROWS, h, split,
-            stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-            HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
-        )
+        if FMA_PREFIX:  # one row per group (captions): no 16-row tensor-core tile for one query
+            start = split * (TILES * BLOCK_N)
+            stop = tl.minimum(tl.load(PLEN + g).to(tl.int32), start + TILES * BLOCK_N)
+            _row_part(
+                Q, PK, PV, ACC, M, L, g, g, start, stop, split, h,
+                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
+                HEADS, REP, D, BLOCK_N, SPLITS + 1,
+            )
+        else:
+            _prefix_part(
+                Q, PK, PV, PLEN, ACC, M, L, g, g * Q_ROWS, Q_ROWS, h, split,
+                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
+                HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
+            )
     else:
         row = g * Q_ROWS + split - SPLITS
         rlen = tl.load(RLEN + row).to(tl.int32) + 1
-        _suffix_part(
-            Q, SK, SV, ACC, M, L, row, row, rlen, h,
+        _row_part(
+            Q, SK, SV, ACC, M, L, row, row, 0, rlen, SPLITS, h,
             stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
             HEADS, REP, D, SUFFIX_BLOCK_N, SPLITS + 1,
         )
@@ -204,8 +215,8 @@ def _suffix_tokens_kernel(
     vrow = tl.program_id(0)
     h = tl.program_id(1)
     key_row = tl.load(ROWS + vrow // tokens)
-    _suffix_part(
-        Q, SK, SV, ACC, M, L, vrow, key_row, vrow % tokens + 1, h,
+    _row_part(
+        Q, SK, SV, ACC, M, L, vrow, key_row, 0, vrow % tokens + 1, PARTS - 1, h,
         stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
         HEADS, REP, D, BLOCK_N, PARTS,
     )
@@ -219,6 +230,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     suffix_block_n: int = 32
+    fma_prefix: bool = False  # one-row groups: prefix on CUDA cores instead of a 16-row dot (to measure on fp8)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -260,6 +272,7 @@ def decode_attention(
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
+        FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
