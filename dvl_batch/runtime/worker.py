@@ -71,8 +71,16 @@ def prepare_cuda_process(device: torch.device) -> None:
     if device.index is not None:
         torch.cuda.set_device(device)
     with contextlib.suppress(AttributeError, RuntimeError):
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        _allocator_setter()("expandable_segments:True")
     torch.set_num_threads(min(4, torch.get_num_threads()))
+
+
+def _allocator_setter():
+    """torch's run-time allocator setting (CUDA is initialised by now, so PYTORCH_CUDA_ALLOC_CONF
+    would be read too late): the accelerator-wide setter where this torch has it, else the
+    older CUDA one that newer versions deprecate in its favour."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    return setter if setter is not None else torch.cuda.memory._set_allocator_settings
 
 
 class DeviceWorker:
