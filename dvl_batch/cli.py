@@ -336,6 +336,11 @@ def bench(
 
     if any(k not in KV_DTYPES for k in cfg.kv_dtypes):
         raise UsageError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
+    if profile != "preprocess":
+        from .engine.model import check_kv_dtype, pick_device
+
+        for kv_dtype in cfg.kv_dtypes:  # before any shard is written or model built
+            check_kv_dtype(kv_dtype, pick_device(cfg.device))
     if profile not in ("caption-varlen", "vqa", "both", "preprocess") or shape not in ("real-1.3b", "tiny"):
         raise UsageError("--profile must be caption-varlen, vqa, both or preprocess; --shape real-1.3b or tiny")
     if profile == "preprocess":

@@ -86,3 +86,24 @@ def test_a_stop_schedule_is_only_in_engines_built_for_it(tiny_model, tiny_proces
                        [eos], eos)
     with pytest.raises(ValueError, match="stop_schedule"):
         list(fresh.run(iter(scheduled)))
+
+
+def test_only_rows_holding_a_request_are_live_at_each_decode_step(tiny_model, tiny_processor, monkeypatch):
+    """A VQA group with fewer questions than Q has padding rows: they must never count as
+    live (a live row's suffix is read by decode attention at every step)."""
+    from dvl_batch.engine.decode_step import DecodeStep
+
+    items, views = _items(tiny_processor, lambda uid: 1 + uid % 3)  # 1-3 questions: Q = 3, padded groups
+    eos = tiny_processor.tokenizer.eos_token_id
+    checked = []
+    real_launch = DecodeStep.launch
+
+    def launch(self, rows):
+        checked.append((int(self.store.row_live.sum()), len(rows)))
+        return real_launch(self, rows)
+
+    monkeypatch.setattr(DecodeStep, "launch", launch)
+    engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=6), BatchSpec(batch_size=6),
+                        [eos], eos)
+    assert len(list(engine.run(iter(items)))) == sum(len(i.prompts) for i in items)
+    assert checked and all(live == holding for live, holding in checked), checked

@@ -111,7 +111,8 @@ class SlotEngine:
         """
         free, _ = torch.cuda.mem_get_info(self.device)
         rows = MAX_DECODE_ROWS
-        logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * 3  # decode logits, argmax and graph pool
+        copies = 3 if self.gen.temperature <= 0 else 6  # logits, argmax, graph pool; sampling: + its buffer, sort, cumsum
+        logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * copies
         reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, prefix_cap, q, suffix_cap,
@@ -232,8 +233,11 @@ class SlotEngine:
                 row = Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
                 self.rows[slot * q + j] = row
                 new_rows[slot * q + j] = (row, gi * q + j)
+        padding = [slot * q + j for group, slot in zip(groups, slots, strict=True) for j in range(len(group.prompts), q)]
         with phase(self.device_clock, "suffix"):
             self.launched.append(store.start_rows(rows_t, logits, force, new_rows))
+            if padding:  # rows of groups with fewer than Q questions: never live, so they read no keys
+                store.release([], padding)
 
     def _append(self, row_id: int, row: Row, token: int) -> Completion | None:
         row.tokens.append(token)

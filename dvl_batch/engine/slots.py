@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.spec import GenerationSpec
+from ..errors import UsageError
 from ..preprocess.images import ImageView, normalize_pixels, view_constants
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype, store_prefix, to_cache
 from .decode_step import DecodeStep
@@ -101,6 +102,9 @@ class SlotStore:
         self.suffix_range = torch.arange(layout.suffix_cap, device=dev)
         self.out_dtype_scores = self.on_cuda and scores_support_out_dtype(self.device, self.dtype)
         self.triton_splits = _triton_splits(layout, vlm, self.device) if use_triton else 0
+        if self.kv_dtype.itemsize == 1 and self.on_cuda and not self.triton_splits:
+            # the torch path would widen a whole layer's cache at every layer of every step
+            raise UsageError("--kv-dtype fp8 needs the Triton decode kernels (triton installed, no --no-triton-attention)")
         self.constants = {name: view_constants(view, dev) for name, view in views.items()}
         self.fixed_shapes = compile_steps and self.on_cuda
         self.prefix_fn = self._prefix_pass

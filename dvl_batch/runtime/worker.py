@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from ..config.spec import JobSpec
-from ..engine.model import ResolvedModel, VisionLanguageModel, kv_cache_dtype, load_model, pick_device, pick_dtype
+from ..engine.model import (
+    ResolvedModel,
+    VisionLanguageModel,
+    check_kv_dtype,
+    kv_cache_dtype,
+    load_model,
+    pick_device,
+    pick_dtype,
+)
 from ..errors import UsageError
 from ..preprocess.images import views_from_image_processor
 from ..preprocess.preparer import load_processor
@@ -51,6 +59,8 @@ def build_engine(spec: JobSpec, model, processor, device: torch.device):
         if spec.model.device_map:
             raise UsageError("--device-map needs --engine generate (the slot engine runs on one device)")
         from ..engine.continuous import SlotEngine
+
+        check_kv_dtype(spec.model.kv_dtype, device)  # Ray actors skip the local preflight
 
         return SlotEngine(
             VisionLanguageModel(model), views, spec.generation, spec.batch, eos, pad,
