@@ -15,7 +15,7 @@ modules run unchanged; it falls back to SDPA when called without a `dvl_step`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -166,11 +166,7 @@ def _compacted_attention(step: AttentionStep, layer: int, query: torch.Tensor, s
     layout_rows = step.kv.suffix_k.shape[1] - 1
     whole = query.new_zeros(layout_rows + 1, *query.shape[1:])
     whole.index_copy_(0, step.live, query)
-    inner = AttentionStep(
-        step.kv, "rows", rows_per_group=step.rows_per_group, write_pos=step.write_pos[:layout_rows],
-        prefix_bias=step.prefix_bias, suffix_bias=step.suffix_bias, groups_limit=step.groups_limit,
-        out_dtype_scores=step.out_dtype_scores, prefix_lengths=step.prefix_lengths, triton_splits=step.triton_splits,
-    )
+    inner = replace(step, live=None, write_pos=step.write_pos[:layout_rows])
     out = whole.new_zeros(whole.shape)
     out[:layout_rows] = _rows_attention(inner, layer, whole[:layout_rows], scaling)
     return out[step.live]

@@ -63,17 +63,22 @@ class DecodeStep:
         positions = (s.row_prefix + s.row_len)[live][:, None]
         hidden = s.vlm.language_forward(s.vlm.embed_tokens(s.next_tok[live][:, None]), positions, dvl_step=step)
         logits = s.vlm.lm_head(hidden[:, -1]).float()
-        chosen = logits.argmax(dim=-1)
-        if s.stop_schedule:
-            forced = (s.n_gen[live] + 1) == s.force_at[live]
-            chosen = torch.where(forced, torch.full_like(chosen, s.eos_id), chosen)
-        self.tokens[:bucket].copy_(chosen)
-        if self.logits is not None:
+        if self.logits is None:  # greedy: the token (and the stop schedule) is picked in the graph
+            self.tokens[:bucket].copy_(s.pick(logits, *self._schedule(live)))
+        else:  # sampling draws from the generator outside the graph, in `launch`
             self.logits[:bucket].copy_(logits)
+
+    def _schedule(self, live: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`pick`'s forced-EOS arguments for the live rows (none without the bench's schedule)."""
+        s = self.store
+        return (s.force_at[live] if s.stop_schedule else None), s.n_gen[live]
+
+    def _every_row_live(self) -> None:
+        self.live[: self.rows].copy_(torch.arange(self.rows, device=self.live.device))
 
     def body_all(self) -> None:
         """Every row of the layout live (the bench's attention-share measurement)."""
-        self.live[: self.rows].copy_(torch.arange(self.rows, device=self.live.device))
+        self._every_row_live()
         self.body(self.rows)
 
     def _capture(self) -> None:
@@ -84,7 +89,7 @@ class DecodeStep:
         current = torch.cuda.current_stream(s.device)
         stream = torch.cuda.Stream(s.device)
         pool = torch.cuda.graph_pool_handle()
-        self.live[: self.rows].copy_(torch.arange(self.rows, device=self.live.device))
+        self._every_row_live()
         for index, bucket in enumerate(reversed(self.buckets)):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
@@ -112,8 +117,7 @@ class DecodeStep:
         live = self.live[:bucket]
         tokens = self.tokens[:bucket]
         if self.logits is not None:
-            force = s.force_at[live] if s.stop_schedule else None
-            tokens = s.pick(self.logits[:bucket], force, s.n_gen[live])
+            tokens = s.pick(self.logits[:bucket], *self._schedule(live))
         s.next_tok.index_copy_(0, live, tokens)
         s.row_len.add_(s.row_live).clamp_(max=s.layout.suffix_cap - 1)  # freed rows stay at 0
         s.n_gen.add_(1)

@@ -259,10 +259,7 @@ def decode_attention(
     for tensor in (prefix_k, prefix_v, suffix_k, suffix_v):
         assert tensor.stride(-1) == 1, "keys/values must be contiguous in head_dim"
     assert query.stride(-1) == 1
-    parts = splits + 1
-    acc = torch.empty(rows, heads, parts, dim, dtype=torch.float32, device=query.device)
-    m = torch.empty(rows, heads, parts, dtype=torch.float32, device=query.device)
-    l_sum = torch.empty_like(m)
+    acc, m, l_sum = _partials(rows, heads, splits + 1, dim, query.device)
     _decode_kernel[(splits + rows_per_group, heads, groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, acc, m, l_sum,
         query.stride(0), query.stride(1),
@@ -277,8 +274,21 @@ def decode_attention(
         FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    out = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
-    _combine_kernel[(rows, heads)](
+    return _combine(acc, m, l_sum, query.dtype)
+
+
+def _partials(count: int, heads: int, parts: int, dim: int, device: torch.device):
+    """Per (row, head, part): the float32 accumulator and softmax max and sum the kernels fill."""
+    acc = torch.empty(count, heads, parts, dim, dtype=torch.float32, device=device)
+    m = torch.empty(count, heads, parts, dtype=torch.float32, device=device)
+    return acc, m, torch.empty_like(m)
+
+
+def _combine(acc: torch.Tensor, m: torch.Tensor, l_sum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[count, heads, dim] in `dtype`: the parts of every (row, head) merged in one softmax."""
+    count, heads, parts, dim = acc.shape
+    out = torch.empty(count, heads, dim, dtype=dtype, device=acc.device)
+    _combine_kernel[(count, heads)](
         acc, m, l_sum, out, out.stride(0), out.stride(1),
         HEADS=heads, D=dim, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts),
     )
@@ -332,10 +342,7 @@ def suffix_prefill_attention(
     tiles_m = triton.cdiv(group_rows, qpad)
     sm_count = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
     splits = choose_splits(n_groups * tiles_m, heads, sm_count)
-    parts = splits + 1
-    acc = torch.empty(batch * new, heads, parts, dim, dtype=torch.float32, device=query.device)
-    m = torch.empty(batch * new, heads, parts, dtype=torch.float32, device=query.device)
-    l_sum = torch.empty_like(m)
+    acc, m, l_sum = _partials(batch * new, heads, splits + 1, dim, query.device)
     _shared_prefix_kernel[(splits, heads, n_groups * tiles_m)](
         flat, prefix_k, prefix_v, prefix_len, groups, acc, m, l_sum,
         flat.stride(0), flat.stride(1),
@@ -353,12 +360,7 @@ def suffix_prefill_attention(
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
         scale, new,
-        HEADS=heads, REP=rep, D=dim, BLOCK_N=min(64, max(16, triton.next_power_of_2(new))), PARTS=parts,
+        HEADS=heads, REP=rep, D=dim, BLOCK_N=min(64, max(16, triton.next_power_of_2(new))), PARTS=splits + 1,
         num_warps=cfg.num_warps,
     )
-    out = torch.empty(batch * new, heads, dim, dtype=query.dtype, device=query.device)
-    _combine_kernel[(batch * new, heads)](
-        acc, m, l_sum, out, out.stride(0), out.stride(1),
-        HEADS=heads, D=dim, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts),
-    )
-    return out.view(batch, new, heads, dim).transpose(1, 2)
+    return _combine(acc, m, l_sum, query.dtype).view(batch, new, heads, dim).transpose(1, 2)
