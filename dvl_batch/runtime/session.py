@@ -46,25 +46,25 @@ class JobResult:
         return self.shards_done_before + self.stats.shards_written
 
 
-class ErrorRowsError(DvlError):
+class FinishedWithProblemsError(DvlError):
+    """The run finished, but its outcome is an error; the run's result is attached."""
+
+    def __init__(self, message: str, result: JobResult):
+        super().__init__(message)
+        self.result = result
+
+
+class ErrorRowsError(FinishedWithProblemsError):
     """`output.strict` and OUT holds error rows (earlier runs' rows count too); the run itself finished."""
 
     exit_code = EXIT_ERROR_ROWS
 
-    def __init__(self, message: str, result: JobResult):
-        super().__init__(message)
-        self.result = result
 
-
-class UnreadableShardsError(DvlError):
+class UnreadableShardsError(FinishedWithProblemsError):
     """Shards that still could not be read after their retries have no part (the next run
     retries them); the rest of the run finished and its result is attached."""
 
     exit_code = EXIT_FAILED
-
-    def __init__(self, message: str, result: JobResult):
-        super().__init__(message)
-        self.result = result
 
 
 class _Signals:

@@ -10,7 +10,7 @@ import re
 import stat
 import subprocess
 
-from ..records import RawSample
+from ..records import RawSample, Shard, ShardEnd
 
 IMAGE_EXTENSIONS = (
     "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jp2", "img", "image",
@@ -97,6 +97,12 @@ def open_stream(url: str):
 
         return gopen(url, "rb")
     return open(url, "rb")
+
+
+def unreadable_end(shard: Shard, delivered: int, retries: int, problem: str) -> ShardEnd:
+    """The end of a shard that failed every try: no part is written, the next run tries again."""
+    tries = f"{retries + 1} attempts" if retries else "1 attempt"
+    return ShardEnd(shard, delivered, partial=True, unreadable=True, message=f"could not be read ({tries}): {problem}")
 
 
 def shard_error_sample(message: str) -> RawSample:

@@ -28,6 +28,7 @@ from .formats import (
     read_regular_file,
     shard_error_sample,
     too_large,
+    unreadable_end,
 )
 
 KEY_COLUMNS = ("key", "__key__", "id", "image_id", "uid")
@@ -147,8 +148,7 @@ def read_parquet(
             if attempt < retries:
                 time.sleep(backoff * 2**attempt)
     if local is None:
-        tries = f"{retries + 1} attempts" if retries else "1 attempt"
-        yield ShardEnd(shard, 0, partial=True, unreadable=True, message=f"could not be read ({tries}): {problem}")
+        yield unreadable_end(shard, 0, retries, problem)
         return
     try:
         yield from _read_file(shard, local, image_field, key_field, max_bytes)

@@ -22,6 +22,7 @@ from .formats import (
     safe_text,
     shard_error_sample,
     too_large,
+    unreadable_end,
 )
 
 HARD_LINK_BUDGET = 16 * 2**20  # bytes of recent members kept for hard links to point back at
@@ -175,8 +176,7 @@ def read_webdataset(shard: Shard, image_field: str | None, max_bytes: int = DEFA
             problem = str(exc)
             if attempt < retries:
                 time.sleep(backoff * 2**attempt)
-    tries = f"{retries + 1} attempts" if retries else "1 attempt"
-    yield ShardEnd(shard, delivered, partial=True, unreadable=True, message=f"could not be read ({tries}): {problem}")
+    yield unreadable_end(shard, delivered, retries, problem)
 
 
 def _read_once(shard: Shard, image_field: str | None, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[RawSample | ShardEnd]:
