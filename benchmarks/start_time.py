@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -68,9 +69,18 @@ def run_once(label: str, args: list[str], env: dict[str, str], out: Path, timeou
     total = time.perf_counter() - started
     if first_part is None and not done_before and parts.is_dir() and any(parts.glob("*.parquet")):
         first_part = total  # written in the last polling interval
-    tail = [line for line in stderr.splitlines() if line.strip()][-3:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
     return {"run": label, "returncode": proc.returncode, "first_part_s": first_part, "total_s": round(total, 2),
-            "tail": tail}
+            "start_phases_s": start_phases(lines), "tail": lines[-3:]}
+
+
+def start_phases(lines: list[str]) -> dict[str, float]:
+    """The summary's 'start: load, compile, graphs, probe' row (seconds), as numbers."""
+    row = next((line for line in lines if "start: load, compile" in line), None)
+    if row is None:
+        return {}
+    seconds = re.findall(r"[0-9]+\.[0-9]+", row.split("probe", 1)[-1])
+    return dict(zip(("load", "compile", "graphs", "probe"), map(float, seconds), strict=False))
 
 
 def main() -> None:
@@ -109,10 +119,11 @@ def main() -> None:
     report = {"shape": args.shape, "device": device, "images": args.images, "per_shard": args.per_shard, "runs": runs,
               "host": platform.node()}
     print(f"start time, {args.shape} on {device}, {args.images} images in shards of {args.per_shard}")
-    print(f"{'run':<6} {'rc':>3} {'first part s':>13} {'total s':>9}")
+    print(f"{'run':<6} {'rc':>3} {'first part s':>13} {'total s':>9}  start phases (s)")
     for r in runs:
         first = f"{r['first_part_s']:.1f}" if r["first_part_s"] is not None else "-"
-        print(f"{r['run']:<6} {r['returncode']:>3} {first:>13} {r['total_s']:>9.1f}")
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r["start_phases_s"].items())
+        print(f"{r['run']:<6} {r['returncode']:>3} {first:>13} {r['total_s']:>9.1f}  {phases}")
     name = args.json or str(REPO / "benchmarks" / "results" / f"start-time-{args.shape}-{device.replace(' ', '-').lower()}.json")
     Path(name).write_text(json.dumps(report, indent=2))
     print(f"results written to {name}")

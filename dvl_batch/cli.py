@@ -311,6 +311,9 @@ def bench(
     kv_dtype: Annotated[list[str] | None, typer.Option(
         help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.",
     )] = None,
+    quantize: Annotated[list[str] | None, typer.Option(
+        help="Weights of the slot-engine runs: none (bf16) and/or fp8; repeat to run both (times each --kv-dtype).",
+    )] = None,
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
@@ -330,17 +333,25 @@ def bench(
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
-        triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]), host_profile=host_profile, out=out,
+        triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]),
+        quantize=tuple(quantize or ["none"]), host_profile=host_profile, out=out,
     )
-    from .config.sections import KV_DTYPES
+    from .config.sections import KV_DTYPES, QUANTIZE
 
     if any(k not in KV_DTYPES for k in cfg.kv_dtypes):
         raise UsageError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
+    if any(q not in QUANTIZE for q in cfg.quantize):
+        raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}")
     if profile != "preprocess":
-        from .engine.model import check_kv_dtype, pick_device
+        from .engine.model import check_kv_dtype, pick_device, pick_dtype
+        from .engine.quantize import check_engine_quantize, check_quantize
 
+        device = pick_device(cfg.device)
         for kv_dtype in cfg.kv_dtypes:  # before any shard is written or model built
-            check_kv_dtype(kv_dtype, pick_device(cfg.device))
+            check_kv_dtype(kv_dtype, device)
+        for mode in cfg.quantize:
+            check_quantize(mode, device, pick_dtype("auto", device))
+            check_engine_quantize(mode, "continuous", device)
     if profile not in ("caption-varlen", "vqa", "both", "preprocess") or shape not in ("real-1.3b", "tiny"):
         raise UsageError("--profile must be caption-varlen, vqa, both or preprocess; --shape real-1.3b or tiny")
     if profile == "preprocess":

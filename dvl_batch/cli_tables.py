@@ -37,6 +37,9 @@ def print_summary(err: Console, result) -> None:
         table.add_row("shards not read (retried next run)", str(len(stats.unreadable)))
     if stats.decoder_restarts:
         table.add_row("decoder processes restarted", str(stats.decoder_restarts))
+    start = [(name, engine.get(f"{name}_seconds", 0.0)) for name in ("load", "compile", "graph", "probe")]
+    if any(seconds for _, seconds in start):
+        table.add_row("start: load, compile, graphs, probe", " / ".join(f"{seconds:.1f}" for _, seconds in start) + " s")
     if engine.get("idle_seconds"):
         table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s")
     err.print(table)

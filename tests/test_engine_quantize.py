@@ -19,7 +19,7 @@ from dvl_batch.config.spec import BatchSpec, GenerationSpec, JobSpec, ModelSpec
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.generate import GenerateEngine
 from dvl_batch.engine.model import VisionLanguageModel, load_model
-from dvl_batch.engine.quantize import check_quantize, int4_group_size
+from dvl_batch.engine.quantize import check_engine_quantize, check_quantize, int4_group_size
 from dvl_batch.errors import EXIT_USAGE, UsageError
 from dvl_batch.preprocess.preparer import load_processor
 from dvl_batch.runtime.models import resolve_model
@@ -149,16 +149,34 @@ def test_device_map_auto_uses_the_generate_engine(tmp_path, cache_dir):
     assert len(read_rows(result.out)) == 6 and result.stats.engine["slots"] == 4, "the generate engine's CPU batch"
 
 
-@needs_torchao
+def test_torchao_formats_on_a_gpu_belong_to_the_generate_engine():
+    """The refusal needs no GPU to check: it looks at the device's type only."""
+    cuda = torch.device("cuda")
+    for mode in ("int8wo", "int8dq", "int4wo"):
+        with pytest.raises(UsageError, match=f"--quantize {mode} on a GPU runs with --engine generate only"):
+            check_engine_quantize(mode, "continuous", cuda)
+        check_engine_quantize(mode, "generate", cuda)
+        check_engine_quantize(mode, "continuous", torch.device("cpu"))  # uncompiled on CPU: allowed
+    check_engine_quantize("fp8", "continuous", cuda)  # this package's own float8 layers
+
+
 @pytest.mark.parametrize("mode", ["int8wo", "int4wo", "fp8"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_quantized_slot_engine_runs(tmp_path, cache_dir, mode):
+def test_cuda_quantized_engines_run(tmp_path, cache_dir, mode):
+    """fp8 runs in the slot engine (no torchao needed); torchao's int formats are refused
+    there with one line and run with --engine generate."""
     device = torch.device("cuda")
     if mode == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
         pytest.skip("fp8 needs compute capability >= 8.9")
+    if mode != "fp8" and importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao not installed")
     out = tmp_path / "out"
     args = ["caption", str(EXAMPLES / "shards"), "-o", str(out), "--quantize", mode, "--dtype", "bfloat16", *FAST]
+    if mode != "fp8":
+        refused = run_cli(args, cache_dir)
+        assert refused.returncode == EXIT_USAGE and "runs with --engine generate only" in refused.stderr
+        args += ["--engine", "generate"]
     result = run_cli(args, cache_dir)
     assert result.returncode == 0, result.stderr
     rows = read_rows(out).to_pandas()

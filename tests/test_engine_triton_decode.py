@@ -104,6 +104,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     from triton.compiler import ASTSource
 
     from dvl_batch.engine import triton_decode as td
+    from dvl_batch.engine import triton_quantize as tq
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
@@ -120,6 +121,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
         (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                         MMA=triton.language.float16), "fp8e4nv"),
         (td._suffix_tokens_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=32, PARTS=2), "fp8e4nv"),
+        (tq._quantize_rows_kernel, dict(BLOCK=8192), "bf16"),  # --quantize fp8: activations per row
     ]
     for kernel, consts, kv_type in cases:
         signature = {}
@@ -128,9 +130,9 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                 signature[name] = "constexpr"
             elif name in ("PK", "PV", "SK", "SV"):
                 signature[name] = f"*{kv_type}"
-            elif name in ("Q", "OUT"):
-                signature[name] = "*bf16"
-            elif name in ("ACC", "M", "L"):
+            elif name in ("Q", "OUT", "X"):
+                signature[name] = "*fp8e4nv" if (kernel is tq._quantize_rows_kernel and name == "OUT") else "*bf16"
+            elif name in ("ACC", "M", "L", "SCALE"):
                 signature[name] = "*fp32"
             elif name in ("PLEN", "RLEN", "GROUPS", "ROWS"):
                 signature[name] = "*i64"

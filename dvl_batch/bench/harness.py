@@ -55,6 +55,7 @@ class BenchConfig:
     compile: bool = True
     triton_attention: bool = True
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
+    quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
     check_outputs: bool = True
     host_profile: str | None = None  # write a cProfile of the dvl-batch runs' host side here
     out: str = "bench.json"
@@ -67,11 +68,12 @@ class BenchConfig:
 
 
 def _spec(
-    cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path: str, device: str, kv_dtype: str = "auto"
+    cfg: BenchConfig, task: str, inputs: list[Path], out: Path, model_path: str, device: str, kv_dtype: str = "auto",
+    quantize: str = "none",
 ) -> JobSpec:
     prompt = PromptSpec(task=task, system_prompt=BENCH_SYSTEM_PROMPT, questions=VQA_QUESTIONS if task == "vqa" else ())
     return JobSpec(
-        model=ModelSpec(name=model_path, device=device, kv_dtype=kv_dtype),
+        model=ModelSpec(name=model_path, device=device, kv_dtype=kv_dtype, quantize=quantize),
         prompt=prompt,
         generation=GenerationSpec(max_new_tokens=cfg.max_new_tokens),
         data=DataSpec(inputs=tuple(str(p) for p in inputs), workers=cfg.workers),
@@ -236,14 +238,18 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
     mean_answer = round(sum(stop_after(key_index(s.key) * n_q + q) for s in samples for q in range(n_q)) / result.answers)
     prefill_flops = flops.vision_per_image + flops.request_flops(prompt_tokens, 0, 0) - flops.lm_head_per_token
     reference = None
-    for kv_dtype in cfg.kv_dtypes:
-        name, label = ("dvl", "dvl-batch (end to end)") if kv_dtype == "auto" else (
-            f"dvl_kv_{kv_dtype}", f"dvl-batch, {kv_dtype} KV (end to end)")
-        run_spec = _spec(cfg, task, shards, work_dir / f"out-{task}-{name}", worker.resolved.path, str(worker.device),
-                         kv_dtype)
-        if kv_dtype != "auto":
-            from ..runtime.worker import build_engine
+    from .variants import variant_name, variants
 
+    bf16_model = worker.model
+    for quantize, kv_dtype in variants(cfg.quantize, cfg.kv_dtypes):
+        name, label = variant_name(quantize, kv_dtype)
+        run_spec = _spec(cfg, task, shards, work_dir / f"out-{task}-{name}", worker.resolved.path, str(worker.device),
+                         kv_dtype, quantize)
+        if (quantize, kv_dtype) != ("none", "auto"):
+            from ..runtime.worker import build_engine
+            from .variants import weights_for
+
+            worker.model = weights_for(bf16_model, worker.model, quantize)
             worker.engine = build_engine(run_spec, worker.model, worker.processor, worker.device)
         dvl = run_dvl(run_spec, worker, shards, warm_shards, n_q, cfg.host_profile)
         split = decode_split(worker.engine, prompt_tokens, mean_answer)
@@ -257,6 +263,7 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
             entry["ratio_vs_" + reference[0]] = round(reference[1]["seconds"] / entry["seconds"], 3)
             result.notes.append(compare_answers(label, answers, reference[2], reference[1]["engine"]))
         result.engines[name] = entry
+    worker.model = bf16_model  # generate runs on the bfloat16 weights
     dvl_answers = reference[2]  # the first run's answers are the ones compared with generate
 
     if not cfg.skip_hf and task == "caption":
@@ -313,14 +320,11 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))  # a cut-short run keeps its profiles
         print(f"profile {task} done:\n{format_table(results)}", file=sys.stderr, flush=True)
     if "caption" in results["profiles"] and "vqa" in results["profiles"]:
-        cap = results["profiles"]["caption"]["engines"]["dvl"]["images_per_s"]
-        vqa = results["profiles"]["vqa"]["engines"]["dvl"]["answers_per_s"]
-        results["vqa_answers_per_s_over_caption_images_per_s"] = round(vqa / cap, 3)
-        for name in results["profiles"]["vqa"]["engines"]:
-            if name.startswith("dvl_kv_") and name in results["profiles"]["caption"]["engines"]:
-                cap = results["profiles"]["caption"]["engines"][name]["images_per_s"]
-                vqa = results["profiles"]["vqa"]["engines"][name]["answers_per_s"]
-                results[f"vqa_over_caption_{name}"] = round(vqa / cap, 3)
+        caption, vqa = (results["profiles"][task]["engines"] for task in ("caption", "vqa"))
+        for name in (n for n in vqa if n.startswith("dvl") and n in caption):
+            ratio = round(vqa[name]["answers_per_s"] / caption[name]["images_per_s"], 3)
+            key = "vqa_answers_per_s_over_caption_images_per_s" if name == "dvl" else f"vqa_over_caption_{name}"
+            results[key] = ratio
     Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))
     return results
 

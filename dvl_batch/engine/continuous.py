@@ -113,7 +113,9 @@ class SlotEngine:
         rows = MAX_DECODE_ROWS
         copies = 3 if self.gen.temperature <= 0 else 6  # logits, argmax, graph pool; sampling: + its buffer, sort, cumsum
         logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * copies
+        started = time.perf_counter()
         reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
+        self.stats.probe_seconds += time.perf_counter() - started
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, prefix_cap, q, suffix_cap,
             self.kv_dtype.itemsize,
@@ -175,6 +177,8 @@ class SlotEngine:
         )
         self.layout = layout
         self.stats.slots = layout.rows
+        self.stats.compile_seconds += self.store.compile_seconds
+        self.stats.graph_seconds += self.store.graph_seconds
         self.free_groups = list(range(layout.groups - 1, -1, -1))
         self.freed = []
         self.finished_rows = []

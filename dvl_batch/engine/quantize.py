@@ -1,4 +1,4 @@
-"""Weight quantization of the language model with torchao (`--quantize`).
+"""Weight quantization of the language model (`--quantize`): fp8 natively, the rest with torchao.
 
 Decode is bound by reading the language model's weights once per step, so smaller
 weights mean more tokens per second and room for more slots. Only the language
@@ -6,6 +6,14 @@ model's linear layers and the LM head are quantized: the vision towers (SigLIP, 
 SAM on the 7B) run once per image and are where small errors would hurt captions
 most. Embeddings stay in full precision too, so the slot engine's scatter of image
 features into the token embeddings is untouched.
+
+`fp8` is this package's own `Fp8Linear` (float8 e4m3 through `torch._scaled_mm`, no
+torchao needed) and runs in both engines. The int8 and int4 formats are torchao's and
+run with `--engine generate` only: they save memory and weight reads, which pays for
+small batches, but the slot engine multiplies hundreds of rows per step, where they
+measured slower than bfloat16 (`benchmarks/weight_formats.py` on an H200: int8
+weight-only 0.42x at 1024 rows, 0.72x at 19712; int4 weight-only needs torchao's
+separate `mslk` kernels), and their compiled forms made inductor autotune for minutes.
 
 torchao's API moved from functions (`int8_weight_only()`) to config classes
 (`Int8WeightOnlyConfig()`); both are detected by name, never by version number.
@@ -33,6 +41,7 @@ class QuantMode:
     min_capability: tuple[int, int] | None = None
     needs_bfloat16: bool = False
     summary: str = ""
+    native: bool = False  # this package's own layers (no torchao), fast in the slot engine
 
 
 MODES: dict[str, QuantMode] = {
@@ -48,6 +57,7 @@ MODES: dict[str, QuantMode] = {
     "fp8": QuantMode(
         "Float8DynamicActivationFloat8WeightConfig", "float8_dynamic_activation_float8_weight", needs_cuda=True,
         min_capability=(8, 9), needs_bfloat16=True, summary="float8 e4m3 weights and dynamic activations, per row",
+        native=True,
     ),
 }
 INT4_GROUP_SIZES = (128, 64, 32)  # torchao's int4 choices, coarsest (fastest) first
@@ -90,7 +100,19 @@ def check_quantize(mode: str, device: torch.device, dtype: torch.dtype) -> None:
             )
     if need.needs_bfloat16 and dtype != torch.bfloat16:
         raise UsageError(f"--quantize {mode} needs --dtype bfloat16 (got {str(dtype).replace('torch.', '')})")
-    import_torchao()
+    if not need.native:
+        import_torchao()
+
+
+def check_engine_quantize(mode: str, engine: str, device: torch.device) -> None:
+    """On a GPU, torchao's int formats belong to `--engine generate` (the module docstring says
+    why); on a CPU the slot engine runs uncompiled, and int8 is its only quantized format."""
+    if mode in MODES and not MODES[mode].native and engine == "continuous" and device.type == "cuda":
+        raise UsageError(
+            f"--quantize {mode} on a GPU runs with --engine generate only: the slot engine multiplies hundreds of "
+            f"rows per step, where torchao's int8/int4 layers measured slower than bfloat16; use --quantize fp8 "
+            f"(Ada, Hopper) or add --engine generate"
+        )
 
 
 def int4_group_size(modules: list[torch.nn.Module]) -> int:
@@ -157,6 +179,11 @@ def quantized_modules(model) -> dict[str, torch.nn.Module]:
 def quantize_model(model, mode: str, device: torch.device) -> int:
     """Quantize in place; returns how many linear layers were converted."""
     check_quantize(mode, device, model.dtype)
+    if MODES[mode].native:
+        from .fp8_linear import to_fp8_linears
+
+        targets = {id(m) for m in quantized_modules(model).values()}
+        return to_fp8_linears(model, lambda _name, module: id(module) in targets)
     quantization = import_torchao()
     modules = list(quantized_modules(model).values())
     config = make_config(mode, quantization, int4_group_size(modules))

@@ -23,6 +23,7 @@ scheduler reads one launch later, so the device always has the next step queued.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +110,19 @@ class SlotStore:
         self.fixed_shapes = compile_steps and self.on_cuda
         self.prefix_fn = self._prefix_pass
         self.vision_fn = vlm.image_features
+        started = time.perf_counter()
         if self.fixed_shapes:
             self._compile()
+        self.compile_seconds = self._synced_since(started)
+        started = time.perf_counter()
         self.decoder = DecodeStep(self, cuda_graphs)
+        self.graph_seconds = self._synced_since(started)
+
+    def _synced_since(self, started: float) -> float:
+        """Wall seconds since `started`, once the device has finished what was queued."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     # ------------------------------------------------------------ compilation
 

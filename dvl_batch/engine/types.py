@@ -54,6 +54,12 @@ class EngineStats:
     oom_splits: int = 0
     generated_tokens: int = 0
     slots: int = 0
+    # start, wall seconds (what a cron run over a few shards pays): the worker's model load,
+    # the slot engine's compile + warm-up, decode-graph capture and prefill memory probe
+    load_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    graph_seconds: float = 0.0
+    probe_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)

@@ -36,9 +36,11 @@ def check_devices(spec: JobSpec) -> None:
         check_attention(spec.model.attn_implementation, device)
         check_kv_dtype(spec.model.kv_dtype, device)
         if spec.model.quantize != "none":
-            from ..engine.quantize import check_quantize
+            from ..engine.quantize import check_engine_quantize, check_quantize
+            from .worker import engine_kind
 
             check_quantize(spec.model.quantize, device, pick_dtype(spec.model.dtype, device))
+            check_engine_quantize(spec.model.quantize, engine_kind(spec), device)
 
 
 def peek(shard: Shard, spec: JobSpec, limit: int = PEEK_SAMPLES) -> list[RawSample]:

@@ -7,6 +7,7 @@ each Ray actor: runners differ only in how they create feeds and collect stats.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..engine.model import (
     pick_device,
     pick_dtype,
 )
+from ..engine.quantize import check_engine_quantize
 from ..errors import UsageError
 from ..preprocess.images import views_from_image_processor
 from ..preprocess.preparer import load_processor
@@ -47,14 +49,19 @@ def eos_ids(processor, model) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+def engine_kind(spec: JobSpec) -> str:
+    """`continuous` (the slot engine) or `generate`: auto picks generate only for --device-map."""
+    if spec.batch.engine == "auto":
+        return "generate" if spec.model.device_map else "continuous"
+    return spec.batch.engine
+
+
 def build_engine(spec: JobSpec, model, processor, device: torch.device):
     """The slot engine unless the job needs transformers' generate."""
     views = views_from_image_processor(processor.image_processor)
     eos = eos_ids(processor, model)
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos[0]
-    engine = spec.batch.engine
-    if engine == "auto":
-        engine = "generate" if spec.model.device_map else "continuous"
+    engine = engine_kind(spec)
     if engine == "continuous":
         if spec.model.device_map:
             raise UsageError("--device-map needs --engine generate (the slot engine runs on one device)")
@@ -106,9 +113,12 @@ class DeviceWorker:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             prepare_cuda_process(self.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
+        check_engine_quantize(spec.model.quantize, engine_kind(spec), self.device)  # before minutes of loading
+        started = time.perf_counter()
         self.processor = load_processor(model.path, spec.model.revision, model.label)
         self.model = load_model(model, spec.model, self.device, self.dtype)
         self._finish_setup()
+        self.engine.stats.load_seconds = time.perf_counter() - started
 
     @classmethod
     def from_loaded(cls, spec: JobSpec, resolved: ResolvedModel, model, processor) -> DeviceWorker:
