@@ -92,6 +92,15 @@ def test_a_start_reads_only_footers_of_new_or_changed_parts(two_shards, cache_di
     fourth = prepared(cache_dir, [data], out)
     fourth.release()
     assert len(reads) == 2 and {s.id for s in fourth.todo} == {a.stem}
+    import json
+
+    b = sorted((out / "parts").glob("*.parquet"))[1]
+    assert b.name in json.loads((out / ".verified_parts.json").read_text())
+    b.unlink()  # deleted by hand: its entry goes too, the cache does not grow with every part ever written
+    fifth = prepared(cache_dir, [data], out)
+    fifth.release()
+    assert b.name not in json.loads((out / ".verified_parts.json").read_text())
+    assert {s.id for s in fifth.todo} == {a.stem, b.stem}
 
 
 def test_without_job_json_the_parts_name_the_job(two_shards, cache_dir):

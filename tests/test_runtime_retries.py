@@ -176,3 +176,37 @@ def test_remote_parquet_shard_failing_once_is_answered_in_full(tmp_path, cache_d
     assert done.returncode == 0, done.stderr
     rows = read_rows(tmp_path / "out")
     assert sorted(rows["key"].to_pylist()) == ["a", "b", "c"] and all(rows["error"].is_null().to_pylist())
+
+
+def test_remote_parquet_copies_of_killed_runs_are_removed_and_a_full_disk_is_refused(tmp_path, monkeypatch):
+    """A SIGKILL leaves its copy behind: the next copy removes those of dead processes (never a
+    live one's). A copy that would leave less than the reserve free ends the shard unreadable
+    with the reason instead of filling the disk."""
+    import os
+    import tempfile
+
+    from dvl_batch.records import RawSample, Shard, ShardEnd
+    from dvl_batch.sources import parquet
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now
+    stale = folder / f"dvl-batch-{dead.pid}-abc.parquet"
+    live = folder / f"dvl-batch-{os.getpid()}-def.parquet"
+    other = folder / "dvl-batch-notes.parquet"  # not a copy's name: left alone
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    path = _parquet_shard(tmp_path)
+    shard = Shard("remote", f"pipe:cat {path}", "parquet")
+    items = list(parquet.read_parquet(shard, None, None, retries=0, backoff=0))
+    assert len([i for i in items if isinstance(i, RawSample)]) == 3
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, other.name]), "its own copy is removed too"
+
+    monkeypatch.setattr(parquet, "TEMP_RESERVE_BYTES", 1 << 62)  # no disk has this much free
+    (end,) = list(parquet.read_parquet(shard, None, None, retries=2, backoff=0))
+    assert isinstance(end, ShardEnd) and end.unreadable and "no room to copy the remote parquet shard" in end.message
+    assert "(1 attempt)" in end.message, "a lasting failure is not retried, and the message says so"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, other.name])

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ def trusted_parts(out: OutputDir, shards: list[Shard], fingerprint: str) -> tupl
             done.add(shard.id)
         else:
             notices.append(f"part {path.name} {reason}: its shard is done again")
+    with contextlib.suppress(OSError):
+        verified.prune(set(os.listdir(out.parts)))
     verified.save()
     return done, notices
 

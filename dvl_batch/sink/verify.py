@@ -101,6 +101,14 @@ class VerifiedParts:
             self.changed = True
         return reason
 
+    def prune(self, present: set[str]) -> None:
+        """Forget parts that no longer exist (deleted by hand, or by --overwrite), so the cache
+        does not grow with every part a job ever wrote."""
+        gone = [name for name in self.entries if name not in present]
+        for name in gone:
+            del self.entries[name]
+        self.changed = self.changed or bool(gone)
+
     def save(self) -> None:
         """Keep what was verified for the next start (best effort: a full disk costs only time)."""
         if not self.changed:

@@ -4,6 +4,12 @@ A parquet file is read from its footer backwards, so a remote one (http(s)://, p
 ...) is first copied to a local temporary file, a stream at a time; a transient failure
 of that copy is retried with backoff like a tar shard's read, and a shard that still
 fails ends unreadable (no part; the next run tries it again).
+
+The copies are named after the process that makes them (`dvl-batch-PID-*.parquet` in the
+temporary folder, `TMPDIR`): a killed run cannot remove its copy, so each new copy first
+removes those of processes that no longer exist. A copy stops, and the shard ends
+unreadable with the reason, when it would leave less than `TEMP_RESERVE_BYTES` free on
+the temporary folder's disk: a huge remote shard must not fill the disk the run writes to.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ KEY_COLUMNS = ("key", "__key__", "id", "image_id", "uid")
 PATH_COLUMNS = ("image_path", "path", "file_name", "filename", "filepath", "file")
 BATCH_BYTES = 256 * 2**20  # rows decoded at once are sized to about this many bytes
 NULL_KEY = "__null_key__"  # prefix of the key of a row whose key column is null (never a real key's form)
+COPY_PREFIX = "dvl-batch-"
+TEMP_RESERVE_BYTES = 2 * 2**30  # free space a remote shard's copy must leave on the temporary folder's disk
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,7 @@ def read_parquet(
     if not is_remote(shard.url):
         yield from _read_file(shard, shard.url, image_field, key_field, max_bytes)
         return
-    local, problem = None, ""
+    local, problem, attempt = None, "", 0
     for attempt in range(retries + 1):
         try:
             local = _copy_to_temporary(shard.url)
@@ -148,7 +157,7 @@ def read_parquet(
             if attempt < retries:
                 time.sleep(backoff * 2**attempt)
     if local is None:
-        yield unreadable_end(shard, 0, retries, problem)
+        yield unreadable_end(shard, 0, attempt, problem)  # a lasting failure is not retried
         return
     try:
         yield from _read_file(shard, local, image_field, key_field, max_bytes)
@@ -158,14 +167,53 @@ def read_parquet(
 
 def _copy_to_temporary(url: str) -> str:
     """The remote file's bytes in a local temporary file (removed by the caller, or here on failure)."""
-    fd, name = tempfile.mkstemp(prefix="dvl-batch-", suffix=".parquet")
+    folder = tempfile.gettempdir()
+    remove_stale_copies(Path(folder))
+    _check_room(folder, 0)
+    fd, name = tempfile.mkstemp(prefix=f"{COPY_PREFIX}{os.getpid()}-", suffix=".parquet", dir=folder)
     try:
         with os.fdopen(fd, "wb") as local, open_stream(url) as stream:
-            shutil.copyfileobj(stream, local, 1 << 20)
+            copied = 0
+            while chunk := stream.read(CHUNK):
+                local.write(chunk)
+                copied += len(chunk)
+                if copied % (64 * CHUNK) < len(chunk):  # every 64 MiB
+                    _check_room(folder, copied)
     except BaseException:
         os.unlink(name)
         raise
     return name
+
+
+def _check_room(folder: str, copied: int) -> None:
+    reserve = TEMP_RESERVE_BYTES
+    if shutil.disk_usage(folder).free < reserve:
+        raise OSError(f"no room to copy the remote parquet shard: {copied / 2**20:.0f} MiB copied and less than "
+                      f"{reserve / 2**30:.0f} GiB free in {folder} (set TMPDIR to a larger disk)")
+
+
+def remove_stale_copies(folder: Path) -> int:
+    """Delete remote-shard copies whose process has died (a SIGKILL leaves them); returns how many."""
+    removed = 0
+    for path in folder.glob(f"{COPY_PREFIX}*-*.parquet"):
+        pid = path.name[len(COPY_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:  # another run removed it first, or it is not ours to remove
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _read_file(
