@@ -1,4 +1,4 @@
-"""Child processes that die with the process that started them (Linux)."""
+"""Child processes that die with the process that started them (Linux), and whether a process lives."""
 
 from __future__ import annotations
 
@@ -23,3 +23,20 @@ def die_with_parent(parent_pid: int, exit_code: int) -> bool:
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(exit_code)
     return True
+
+
+def process_alive(pid: int) -> bool:
+    """True for a running process; false for a gone or zombie (dead, not yet reaped) one."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True

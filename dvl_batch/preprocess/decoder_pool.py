@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DvlError
+from ..processes import process_alive
 from ..records import Shard, ShardEnd
 
 WORKER_DEATH = "DataLoader worker (pid"  # how torch words "a worker process died"
@@ -100,23 +101,6 @@ class WorkerSlots:
     def entries(self) -> list[tuple[int, int, int]]:
         """(pid, feed index or -1, sample index or -1) per worker."""
         return [tuple(self.values[3 * w : 3 * w + 3]) for w in range(self.workers)]  # type: ignore[misc]
-
-
-def process_alive(pid: int) -> bool:
-    """True for a running process; false for a gone or zombie (dead, not yet reaped) one."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class _Delivered:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .decoder_pool import process_alive
+from ..processes import process_alive
 
 SPILL_PREFIX = "dvl-batch-spill-"
 SPILL_ABOVE_BYTES = 2048  # smaller messages go through the pipe as they are (atomic below PIPE_BUF)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..processes import process_alive
 from ..records import RawSample, Shard, ShardEnd
 from .formats import (
     DEFAULT_MAX_FILE_BYTES,
@@ -197,23 +198,13 @@ def remove_stale_copies(folder: Path) -> int:
     removed = 0
     for path in folder.glob(f"{COPY_PREFIX}*-*.parquet"):
         pid = path.name[len(COPY_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             try:
                 path.unlink()
                 removed += 1
             except OSError:  # another run removed it first, or it is not ours to remove
                 pass
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _read_file(
