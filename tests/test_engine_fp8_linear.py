@@ -40,7 +40,8 @@ def test_small_products_keep_the_bfloat16_weight():
     layer = Fp8Linear.from_linear(linear, min_rows=16)
     x = torch.randn(15, 64)
     assert torch.equal(layer(x), linear(x))
-    assert not torch.equal(layer(torch.randn(16, 64)), linear(torch.randn(16, 64)))
+    y = torch.randn(16, 64)
+    assert not torch.equal(layer(y), linear(y)), "16 rows take the float8 path"
 
 
 def test_only_chosen_linear_layers_with_widths_of_16_are_swapped():
@@ -49,3 +50,13 @@ def test_only_chosen_linear_layers_with_widths_of_16_are_swapped():
     replaced = to_fp8_linears(model, lambda name, _module: name != "0")
     assert replaced == 1  # "2" is 10 wide (not a multiple of 16), "0" is not chosen
     assert [type(m).__name__ for m in (model[0], model[2], model[3][0])] == ["Linear", "Linear", "Fp8Linear"]
+
+
+def test_fp8_jobs_have_a_new_identity_and_other_formats_keep_theirs():
+    """fp8 changed from torchao's layers to these: a folder started with the old is not resumed
+    with the new; int8wo jobs keep their fingerprint."""
+    from dvl_batch.config.spec import JobSpec
+
+    fp8 = JobSpec.from_recipe(None, model="tiny", quantize="fp8").output_identity("m")
+    int8 = JobSpec.from_recipe(None, model="tiny", quantize="int8wo").output_identity("m")
+    assert fp8["quantize"] == "fp8/e4m3-prefill-bf16-decode" and int8["quantize"] == "int8wo"

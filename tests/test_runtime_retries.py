@@ -193,8 +193,9 @@ def test_remote_parquet_copies_of_killed_runs_are_removed_and_a_full_disk_is_ref
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid is free now
-    stale = folder / f"dvl-batch-{dead.pid}-abc.parquet"
-    live = folder / f"dvl-batch-{os.getpid()}-def.parquet"
+    host = parquet._copy_prefix()  # dvl-batch-HOST-
+    stale = folder / f"{host}{dead.pid}-abc.parquet"
+    live = folder / f"{host}{os.getpid()}-def.parquet"
     other = folder / "dvl-batch-notes.parquet"  # not a copy's name: left alone
     for path in (stale, live, other):
         path.write_bytes(b"x")
@@ -205,8 +206,28 @@ def test_remote_parquet_copies_of_killed_runs_are_removed_and_a_full_disk_is_ref
     assert not stale.exists() and live.exists() and other.exists()
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, other.name]), "its own copy is removed too"
 
-    monkeypatch.setattr(parquet, "TEMP_RESERVE_BYTES", 1 << 62)  # no disk has this much free
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(100 * 2**30, 100 * 2**30 - 2**20, 2**20))  # 1 MiB free
     (end,) = list(parquet.read_parquet(shard, None, None, retries=2, backoff=0))
     assert isinstance(end, ShardEnd) and end.unreadable and "no room to copy the remote parquet shard" in end.message
     assert "(1 attempt)" in end.message, "a lasting failure is not retried, and the message says so"
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, other.name])
+
+
+def test_copies_of_another_machine_sharing_the_folder_are_kept(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    from dvl_batch.sources import parquet
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    mine = tmp_path / "dvl-batch-node_a-999999999-x.parquet"  # a pid no Linux hands out
+    theirs = tmp_path / "dvl-batch-node_b-999999999-x.parquet"
+    for path in (mine, theirs):
+        path.write_bytes(b"x")
+    assert parquet.remove_stale_copies(tmp_path) == 1
+    assert not mine.exists() and theirs.exists()

@@ -15,6 +15,7 @@ useful tokens/s, peak GPU memory, MFU and the ratio; results go to a JSON file.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -263,7 +264,11 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
             entry["ratio_vs_" + reference[0]] = round(reference[1]["seconds"] / entry["seconds"], 3)
             result.notes.append(compare_answers(label, answers, reference[2], reference[1]["engine"]))
         result.engines[name] = entry
-    worker.model = bf16_model  # generate runs on the bfloat16 weights
+    if worker.model is not bf16_model:  # generate runs on the bf16 weights, without the copy beside them
+        worker.engine, worker.model = None, bf16_model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     dvl_answers = reference[2]  # the first run's answers are the ones compared with generate
 
     if not cfg.skip_hf and task == "caption":

@@ -14,6 +14,9 @@ TASKS = ("caption", "vqa")
 ENGINES = ("auto", "continuous", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZE = ("none", "int4wo", "int8wo", "int8dq", "fp8")
+# A format whose arithmetic changed gets a new name in the job identity, so an output folder
+# started with the old one is not resumed with the new (fp8 was torchao's layers everywhere).
+QUANTIZE_IDENTITY = {"fp8": "fp8/e4m3-prefill-bf16-decode"}
 KV_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8_e4m3 keys/values (slot engine, CUDA)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 TURN_ROLES = ("user", "assistant")

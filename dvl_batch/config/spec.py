@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import UsageError
 from .recipes import read_recipe
 from .sections import (
+    QUANTIZE_IDENTITY,
     SECTION_TYPES,
     BatchSpec,
     DataSpec,
@@ -77,7 +78,7 @@ class JobSpec:
             "model": resolved_model,
             "revision": self.model.revision,
             "dtype": self.model.dtype,
-            "quantize": self.model.quantize,
+            "quantize": QUANTIZE_IDENTITY.get(self.model.quantize, self.model.quantize),
             "prompt": dataclasses.asdict(self.prompt),
             "generation": dataclasses.asdict(self.generation),
             "fast_decode": self.data.fast_decode,

@@ -1,8 +1,9 @@
 """Weight quantization of the language model (`--quantize`): fp8 natively, the rest with torchao.
 
-Decode is bound by reading the language model's weights once per step, so smaller
-weights mean more tokens per second and room for more slots. Only the language
-model's linear layers and the LM head are quantized: the vision towers (SigLIP, and
+torchao's int formats shrink the weights (less to read per step, more room for slots);
+`fp8` instead multiplies large products faster and keeps the bf16 weights beside the
+float8 ones (1.5x their memory). Only the language model's linear layers (and, for
+torchao, the LM head) are quantized: the vision towers (SigLIP, and
 SAM on the 7B) run once per image and are where small errors would hurt captions
 most. Embeddings stay in full precision too, so the slot engine's scatter of image
 features into the token embeddings is untouched.
@@ -89,14 +90,14 @@ def check_quantize(mode: str, device: torch.device, dtype: torch.dtype) -> None:
         raise UsageError(f"unknown quantization '{mode}'; choose from none, {', '.join(MODES)}")
     need = MODES[mode]
     if need.needs_cuda and device.type != "cuda":
-        raise UsageError(f"--quantize {mode} needs a CUDA GPU (torchao has no {mode} kernels for {device.type}); use int8wo here")
+        raise UsageError(f"--quantize {mode} needs a CUDA GPU (no {mode} kernels for {device.type}); use int8wo here (torchao)")
     if need.min_capability and device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < need.min_capability:
             wanted = ".".join(map(str, need.min_capability))
             raise UsageError(
                 f"--quantize {mode} needs compute capability >= {wanted} (Ada, Hopper or newer); "
-                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use int8wo or int4wo"
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use int8wo or int4wo with --engine generate"
             )
     if need.needs_bfloat16 and dtype != torch.bfloat16:
         raise UsageError(f"--quantize {mode} needs --dtype bfloat16 (got {str(dtype).replace('torch.', '')})")
@@ -182,7 +183,10 @@ def quantize_model(model, mode: str, device: torch.device) -> int:
     if MODES[mode].native:
         from .fp8_linear import to_fp8_linears
 
-        targets = {id(m) for m in quantized_modules(model).values()}
+        # the LM head is left out: it only ever sees a few rows (last tokens, decode steps),
+        # which stay in bf16, so its float8 copy would only take memory from the KV slots
+        head = model.get_output_embeddings()
+        targets = {id(m) for m in quantized_modules(model).values() if m is not head}
         return to_fp8_linears(model, lambda _name, module: id(module) in targets)
     quantization = import_torchao()
     modules = list(quantized_modules(model).values())

@@ -39,5 +39,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(cols)
-    _quantize_rows_kernel[(rows,)](x, values, scale, cols, x.stride(0), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    with torch.cuda.device(x.device):  # Triton launches on the current device; --device-map spreads layers
+        _quantize_rows_kernel[(rows,)](x, values, scale, cols, x.stride(0), BLOCK=block,
+                                       num_warps=8 if block >= 4096 else 4)
     return values, scale

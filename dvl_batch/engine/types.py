@@ -40,6 +40,9 @@ class Completion:
     error: str | None = None
 
 
+START_SECONDS = ("load_seconds", "compile_seconds", "graph_seconds", "probe_seconds")  # per engine, never summed
+
+
 @dataclass
 class EngineStats:
     """Counters an engine keeps for the summary and the benchmark."""

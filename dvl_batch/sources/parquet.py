@@ -5,17 +5,20 @@ A parquet file is read from its footer backwards, so a remote one (http(s)://, p
 of that copy is retried with backoff like a tar shard's read, and a shard that still
 fails ends unreadable (no part; the next run tries it again).
 
-The copies are named after the process that makes them (`dvl-batch-PID-*.parquet` in the
-temporary folder, `TMPDIR`): a killed run cannot remove its copy, so each new copy first
-removes those of processes that no longer exist. A copy stops, and the shard ends
-unreadable with the reason, when it would leave less than `TEMP_RESERVE_BYTES` free on
-the temporary folder's disk: a huge remote shard must not fill the disk the run writes to.
+The copies are named after the machine and process that make them
+(`dvl-batch-HOST-PID-*.parquet` in the temporary folder, `TMPDIR`): a killed run cannot
+remove its copy, so each new copy first removes this machine's copies of processes that
+no longer exist (a folder shared between machines keeps the others' copies). A copy
+stops, and the shard ends unreadable with the reason, when it would leave less than
+`TEMP_RESERVE_BYTES` (at most a tenth of that disk) free: a huge remote shard must not fill
+the disk the run writes to.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -171,7 +174,7 @@ def _copy_to_temporary(url: str) -> str:
     folder = tempfile.gettempdir()
     remove_stale_copies(Path(folder))
     _check_room(folder, 0)
-    fd, name = tempfile.mkstemp(prefix=f"{COPY_PREFIX}{os.getpid()}-", suffix=".parquet", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=f"{_copy_prefix()}{os.getpid()}-", suffix=".parquet", dir=folder)
     try:
         with os.fdopen(fd, "wb") as local, open_stream(url) as stream:
             copied = 0
@@ -186,18 +189,26 @@ def _copy_to_temporary(url: str) -> str:
     return name
 
 
+def _copy_prefix() -> str:
+    """`dvl-batch-HOST-`: copies of other machines are never judged by this machine's processes."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f"{COPY_PREFIX}{host}-"
+
+
 def _check_room(folder: str, copied: int) -> None:
-    reserve = TEMP_RESERVE_BYTES
-    if shutil.disk_usage(folder).free < reserve:
+    usage = shutil.disk_usage(folder)
+    reserve = min(TEMP_RESERVE_BYTES, usage.total // 10)
+    if usage.free < reserve:
         raise OSError(f"no room to copy the remote parquet shard: {copied / 2**20:.0f} MiB copied and less than "
                       f"{reserve / 2**30:.0f} GiB free in {folder} (set TMPDIR to a larger disk)")
 
 
 def remove_stale_copies(folder: Path) -> int:
-    """Delete remote-shard copies whose process has died (a SIGKILL leaves them); returns how many."""
-    removed = 0
-    for path in folder.glob(f"{COPY_PREFIX}*-*.parquet"):
-        pid = path.name[len(COPY_PREFIX):].split("-", 1)[0]
+    """Delete this machine's remote-shard copies whose process has died (a SIGKILL leaves them);
+    returns how many."""
+    removed, prefix = 0, _copy_prefix()
+    for path in folder.glob(f"{prefix}*-*.parquet"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not process_alive(int(pid)):
             try:
                 path.unlink()

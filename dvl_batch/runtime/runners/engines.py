@@ -13,6 +13,7 @@ from typing import Any
 from ...config.launch import decoders_per_engine, usable_cpus
 from ...config.spec import JobSpec
 from ...engine.model import ResolvedModel
+from ...engine.types import START_SECONDS
 from ..pipeline import RunStats
 
 
@@ -84,7 +85,8 @@ class StatsTally:
             total.add(RunStats(**{**asdict(stats), "engine": {}}))
         for engine in self.engine.values():
             total.add(RunStats(engine=engine))
-        peaks = [e["peak_memory_gib"] for e in self.engine.values() if "peak_memory_gib" in e]
-        if peaks:
-            total.engine["peak_memory_gib"] = max(peaks)
+        for key in ("peak_memory_gib", *START_SECONDS):  # per engine, not summed: the largest one
+            values = [e[key] for e in self.engine.values() if key in e]
+            if values:
+                total.engine[key] = max(values)
         return total
