@@ -12,9 +12,10 @@ features into the token embeddings is untouched.
 torchao needed) and runs in both engines. The int8 and int4 formats are torchao's and
 run with `--engine generate` only: they save memory and weight reads, which pays for
 small batches, but the slot engine multiplies hundreds of rows per step, where they
-measured slower than bfloat16 (`benchmarks/weight_formats.py` on an H200: int8
-weight-only 0.42x at 1024 rows, 0.72x at 19712; int4 weight-only needs torchao's
-separate `mslk` kernels), and their compiled forms made inductor autotune for minutes.
+measured slower than bfloat16 (`benchmarks/weight_formats.py` on an H200, one decoder
+layer, eager: int8 weight-only 0.34x at 1024 rows and 0.70x at 19712, int8 dynamic
+0.02-0.08x, int4 weight-only 0.04-0.06x; compiled, int8 weight-only took 116-2192 ms for
+what bf16 does in 0.2-2.7 ms, inductor autotuning it in vain).
 
 torchao's API moved from functions (`int8_weight_only()`) to config classes
 (`Int8WeightOnlyConfig()`); both are detected by name, never by version number.
