@@ -207,9 +207,12 @@ class Profiler:
                 continue
             if best is None or t < best[0]:
                 best = (t, splits, cfg)
-            self.results.setdefault("attn_sweep", []).append(
-                {"rows": rows, "splits": splits, "config": cfg.__dict__, "ms": t * 1000, "TBps": moved / t / 1e12,
-                 "cache": str(cache_dtype)})
+            sweep = self.results.setdefault("attn_sweep", [])
+            sweep.append({"rows": rows, "splits": splits, "config": cfg.__dict__, "ms": t * 1000,
+                          "TBps": moved / t / 1e12, "cache": str(cache_dtype)})
+            print(f"  {moved / t / 1e12:.2f} TB/s splits {splits} {cfg}", flush=True)
+            if len(sweep) % 8 == 0:  # a sweep cut short by a time limit keeps what it measured
+                self.save(self.args.out)
         t, splits, cfg = best
         self.row(f"decode attn triton{tag} best", rows, t, t / rows * 1000,
                  f"{moved / t / 1e12:.2f} TB/s ({moved / t / copy:.0%} of copy) splits {splits} {cfg}")
@@ -308,9 +311,12 @@ class Profiler:
             t = timed(fn)
             self.row(f"store prefix KV: {name}", batch, t, t / batch * 1000, f"{moved / t / 1e12:.2f} TB/s")
 
-    def write(self, path: str) -> None:
+    def save(self, path: str) -> None:
         self.results["rows"] = [dict(zip(("phase", "batch", "ms", "ms_per_item", "note"), r, strict=True)) for r in self.rows]
         Path(path).write_text(json.dumps(self.results, indent=2))
+
+    def write(self, path: str) -> None:
+        self.save(path)
         for name, table in self.results["tables"].items():
             print(f"\n=== top kernels: {name}\n{table}")
         print(f"\n{'phase':<34} {'batch':>6} {'ms':>9} {'ms/item':>9}  note")
