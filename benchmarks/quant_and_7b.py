@@ -243,6 +243,10 @@ def measure(name: str, shape, processor, mode: str, args, device: torch.device, 
             if time.monotonic() > deadline:
                 report.runs.append(Measurement(name, mode, kind, note="skipped: time budget"))
                 continue
+            refused = _refused(mode, kind, device)
+            if refused:  # what the product refuses is reported, not timed
+                report.runs.append(Measurement(name, mode, kind, note=f"refused: {refused}"))
+                continue
             report.runs.append(run_engine(kind, name, mode, model, views, eos, processor, args, device, model_gib))
             print(_row(report.runs[-1]), flush=True)
     except Exception as exc:  # noqa: BLE001 - one failed configuration must not lose the others
@@ -251,6 +255,20 @@ def measure(name: str, shape, processor, mode: str, args, device: torch.device, 
     finally:
         del model
         _free(device)
+
+
+def _refused(mode: str, kind: str, device: torch.device) -> str | None:
+    """The one-line reason the CLI gives for this format with this engine, or None."""
+    from dvl_batch.engine.quantize import check_engine_quantize
+    from dvl_batch.errors import UsageError
+
+    if mode == "bf16":
+        return None
+    try:
+        check_engine_quantize(mode, "continuous" if kind == "slot" else "generate", device)
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def run_engine(kind, name, mode, model, views, eos, processor, args, device, model_gib) -> Measurement:
