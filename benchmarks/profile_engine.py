@@ -29,19 +29,11 @@ import torch
 PEAK_TFLOPS = 790.0  # measured 8192^3 bf16 matmul on the lent H200
 
 
-def timed(fn, repeats: int = 5) -> float:
-    """Median device seconds of fn() after one warm-up (CUDA events around each call)."""
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1000)
-    return sorted(samples)[len(samples) // 2]
+def timed(fn) -> float:
+    """Median device seconds of fn() over 5 calls after one warm-up."""
+    from dvl_batch.bench.device_time import median_device_seconds
+
+    return median_device_seconds(fn, repeats=5, warmups=1)
 
 
 def top_kernels(fn, limit: int = 15) -> str:

@@ -34,20 +34,11 @@ LAYER = {"q": (2048, 2048), "k": (2048, 2048), "v": (2048, 2048), "o": (2048, 20
 HEAD = {"lm_head": (2048, 102400)}
 
 
-def timed(fn, repeats: int = 7) -> float:
-    """Median device seconds of fn() after two warm-ups."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1000)
-    return sorted(samples)[len(samples) // 2]
+def timed(fn) -> float:
+    """Median device seconds of fn() over 7 calls after two warm-ups (compiled layers settle)."""
+    from dvl_batch.bench.device_time import median_device_seconds
+
+    return median_device_seconds(fn, repeats=7, warmups=2)
 
 
 def linears(shapes: dict[str, tuple[int, int]]) -> torch.nn.ModuleDict:

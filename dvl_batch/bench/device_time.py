@@ -28,6 +28,23 @@ def attach_clock(engine):
     return engine.device_clock
 
 
+def median_device_seconds(fn, repeats: int = 5, warmups: int = 1) -> float:
+    """Median device seconds of fn() after `warmups` calls (CUDA events around each call):
+    what the benchmark scripts time their pieces with."""
+    for _ in range(warmups):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1000)
+    return sorted(samples)[len(samples) // 2]
+
+
 def copy_bandwidth(gib: float = 1.0) -> float:
     """Device-to-device copy rate, bytes read + written per second (the practical ceiling)."""
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")

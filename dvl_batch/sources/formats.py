@@ -99,9 +99,10 @@ def open_stream(url: str):
     return open(url, "rb")
 
 
-def unreadable_end(shard: Shard, delivered: int, retries: int, problem: str) -> ShardEnd:
-    """The end of a shard that failed every try: no part is written, the next run tries again."""
-    tries = f"{retries + 1} attempts" if retries else "1 attempt"
+def unreadable_end(shard: Shard, delivered: int, retried: int, problem: str) -> ShardEnd:
+    """The end of a shard that failed every try (`retried` retries after the first): no part is
+    written, the next run tries again."""
+    tries = f"{retried + 1} attempts" if retried else "1 attempt"
     return ShardEnd(shard, delivered, partial=True, unreadable=True, message=f"could not be read ({tries}): {problem}")
 
 
