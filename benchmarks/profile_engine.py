@@ -75,14 +75,15 @@ class Profiler:
         self.rows.append((phase, batch, seconds * 1000, per_item_ms, note))
         print(f"{phase:<34} {batch:>6} {seconds * 1000:>9.2f} {per_item_ms:>9.3f}  {note}", flush=True)
 
-    def store(self, slots: int, compiled: bool, prefill_batch: int = 32, suffix_cap: int = 136):
+    def store(self, slots: int, compiled: bool, prefill_batch: int = 32, suffix_cap: int = 136, compile_decode: bool = False):
         from dvl_batch.config.spec import GenerationSpec
         from dvl_batch.engine.planning import Layout
         from dvl_batch.engine.slots import SlotStore
 
         eos = self.processor.tokenizer.eos_token_id
         return SlotStore(self.vlm, self.views, Layout(slots, 1, self.length, suffix_cap), GenerationSpec(max_new_tokens=128),
-                         eos, eos, prefill_batch=prefill_batch, compile_steps=compiled, cuda_graphs=True)
+                         eos, eos, prefill_batch=prefill_batch, compile_steps=compiled, cuda_graphs=True,
+                         compile_decode=compile_decode)
 
     # ------------------------------------------------------------ vision
 
@@ -104,7 +105,7 @@ class Profiler:
     def prefill(self) -> None:
         per_image = self.length * self.flops.llm_per_token + self.flops.attn_per_token_per_ctx * self.length**2 / 2
         for compiled in (False, True):
-            for batch in (16, 32, 64):
+            for batch in self.args.prefill_batches:
                 with torch.inference_mode():
                     store = self.store(batch, compiled, prefill_batch=batch)
                     prefixes = [list(self.prompt.input_ids)] * batch
@@ -190,6 +191,9 @@ class Profiler:
         if fp8:  # the CUDA-core prefix loop for one-row groups (no 16-row dot for one query)
             configs += [(s, KernelConfig(block_n=b, num_warps=w, num_stages=2, fma_prefix=True))
                         for s in sorted({1, base, 2}) for b in (32, 64, 128) for w in (2, 4, 8)]
+        else:  # the fp8 winner's loop, on a bf16 cache
+            configs += [(1, KernelConfig(block_n=b, num_warps=w, num_stages=2, fma_prefix=True))
+                        for b in (64, 128) for w in (2, 4)]
         best = None
         for splits, cfg in configs:
             try:
@@ -224,16 +228,23 @@ class Profiler:
     def _sdpa_variants(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def with_backend(backend):
+        def with_backend(backend, bias=None):
             def run():
                 with sdpa_kernel(backend):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             return run
+
+        def padding_bias(q, k):
+            """What variable prefix lengths would need: -inf past each group's prefix (8 here)."""
+            bias = torch.zeros(k.shape[0], 1, 1, k.shape[2], device=k.device, dtype=q.dtype)
+            bias[..., -8:] = float("-inf")
+            return bias
 
         variants = {
             "sdpa flash": with_backend(SDPBackend.FLASH_ATTENTION),
             "sdpa efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION),
             "sdpa cudnn": with_backend(SDPBackend.CUDNN_ATTENTION),
+            "sdpa cudnn, padding bias": with_backend(SDPBackend.CUDNN_ATTENTION, padding_bias(q, k)),
             "flash op +lse": lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v),
         }
         try:
@@ -248,46 +259,32 @@ class Profiler:
     # ------------------------------------------------------------ decode step
 
     def decode(self) -> None:
+        """One whole decode step as a CUDA graph, eager forward and compiled forward (the
+        slot engine's `compile_decode`), at several slot counts, with the top kernels."""
         weights = sum(p.numel() * p.element_size() for p in self.model.model.language_model.parameters())
         weights += self.model.lm_head.weight.numel() * self.model.lm_head.weight.element_size()
-        for slots in (384, 640):
-            with torch.inference_mode():
-                started = time.perf_counter()
-                store = self.store(slots, compiled=False)
-                setup = time.perf_counter() - started
-                store.group_prefix.fill_(self.length)
-                store.row_prefix.fill_(self.length)
-                store.row_len.fill_(36)
-                t = timed(store.decoder.graphs[store.decoder.rows].replay)
-                kv = 2 * 2 * self.vlm.num_layers * slots * self.vlm.num_kv_heads * self.vlm.head_dim * (self.length + 37)
-                self.row("decode step graph", slots, t, t / slots * 1000 * 72,
-                         f"{(weights + kv) / t / 1e12:.2f} TB/s; ms/img at 72 steps; setup {setup:.1f} s")
-                if slots == 384:
+        for compiled in (False, True):
+            for slots in (384, 640):  # (1024 slots of a 752-token layout do not fit in 141 GB)
+                with torch.inference_mode():
+                    started = time.perf_counter()
+                    store = self.store(slots, compiled=False, compile_decode=compiled)
+                    setup = time.perf_counter() - started
+                    store.group_prefix.fill_(self.length)
+                    store.row_prefix.fill_(self.length)
                     store.row_len.fill_(36)
-                    self.results["tables"]["decode_eager"] = top_kernels(store.decoder.body_all, limit=25)
-            del store
-            gc.collect()
-            torch.cuda.empty_cache()
-
-    def decode_compiled(self) -> None:
-        """The decode step with the layers' norms and MLPs compiled (an experiment: fused
-        element-wise work between the matmuls), timed like `decode`."""
-        model = self.vlm.language_model
-        for layer in model.layers:
-            for module in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
-                module.forward = torch.compile(module.forward, dynamic=False)
-        model.norm.forward = torch.compile(model.norm.forward, dynamic=False)
-        with torch.inference_mode():
-            started = time.perf_counter()
-            store = self.store(384, compiled=False)
-            setup = time.perf_counter() - started
-            store.group_prefix.fill_(self.length)
-            store.row_prefix.fill_(self.length)
-            store.row_len.fill_(36)
-            t = timed(store.decoder.graphs[store.decoder.rows].replay)
-            self.row("decode step graph, norms+MLP compiled", 384, t, t / 384 * 1000 * 72, f"setup {setup:.1f} s")
-            store.row_len.fill_(36)
-            self.results["tables"]["decode_compiled_modules"] = top_kernels(store.decoder.body_all, limit=25)
+                    t = timed(store.decoder.graphs[store.decoder.rows].replay)
+                    kv = 2 * 2 * self.vlm.num_layers * slots * self.vlm.num_kv_heads * self.vlm.head_dim * (self.length + 37)
+                    name = "decode step graph" + (", compiled forward" if compiled else "")
+                    self.row(name, slots, t, t / slots * 1000 * 72,
+                             f"{(weights + kv) / t / 1e12:.2f} TB/s; ms/img at 72 steps; setup {setup:.1f} s")
+                    if slots == 384:
+                        store.row_len.fill_(36)
+                        self.results["tables"][f"decode_{'compiled' if compiled else 'eager'}"] = top_kernels(
+                            store.decoder.body_all, limit=25)
+                del store
+                gc.collect()
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()
 
     def store_kv(self) -> None:
         """Writing one prefill batch's keys into the cache: indexed assignment vs index_copy_."""
@@ -298,8 +295,10 @@ class Profiler:
         key = torch.randn(batch, self.length, heads, dim, device=self.device, dtype=torch.bfloat16).transpose(1, 2)
         slots = torch.randperm(384, device=self.device)[:batch]
         moved = 2 * key.numel() * 2
+        whole = key.contiguous()
         for name, fn in (("indexed assignment", lambda: cache.__setitem__((slots, slice(None), slice(None, self.length)), key)),
-                         ("store_prefix (index_copy_)", lambda: store_prefix(cache, slots, key))):
+                         ("index_copy_ of bf16 elements", lambda: cache.index_copy_(0, slots, whole)),
+                         ("store_prefix (8-byte words)", lambda: store_prefix(cache, slots, whole))):
             t = timed(fn)
             self.row(f"store prefix KV: {name}", batch, t, t / batch * 1000, f"{moved / t / 1e12:.2f} TB/s")
 
@@ -319,7 +318,9 @@ class Profiler:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="profile.json")
-    parser.add_argument("--sections", default="attn,vision,prefill,matmul,store_kv,decode,decode_compiled")
+    parser.add_argument("--sections", default="attn,vision,prefill,matmul,store_kv,decode")
+    parser.add_argument("--prefill-batches", default="16,32,64", type=lambda v: [int(b) for b in v.split(",")],
+                        help="prefill section: images per prefix batch (each compiled batch size compiles once)")
     args = parser.parse_args()
     profiler = Profiler(args)
     print(f"vision attention implementation: {profiler.results['vision_attn']}", flush=True)

@@ -8,7 +8,7 @@ import torch
 
 from dvl_batch.bench.device_time import per_image
 from dvl_batch.config.spec import BatchSpec, GenerationSpec
-from dvl_batch.engine.attention import store_prefix
+from dvl_batch.engine.attention import as_bits, as_words, store_prefix
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.device_clock import DeviceClock
 from dvl_batch.engine.model import VisionLanguageModel
@@ -107,3 +107,23 @@ def test_only_rows_holding_a_request_are_live_at_each_decode_step(tiny_model, ti
                         [eos], eos)
     assert len(list(engine.run(iter(items)))) == sum(len(i.prompts) for i in items)
     assert checked and all(live == holding for live, holding in checked), checked
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
+def test_store_prefix_moves_8_byte_words_and_keeps_every_bit(dtype):
+    """The word view must write exactly the bytes of the element copy, for every cache dtype,
+    from contiguous tensors and from the transposed views attention hands over."""
+    cache = torch.zeros(4, 2, 5, 16).to(dtype)
+    assert as_words(cache).dtype == torch.int64 and as_words(cache).shape[-1] == 16 * cache.element_size() // 8
+    whole = torch.randn(2, 5, 2, 16).to(dtype).transpose(1, 2)
+    store_prefix(cache, torch.tensor([2, 0]), whole)
+    narrow = torch.randn(1, 2, 3, 16).to(dtype)
+    store_prefix(cache, torch.tensor([1]), narrow)
+    bits = as_bits(cache)
+    assert torch.equal(bits[2], as_bits(whole[0])) and torch.equal(bits[0], as_bits(whole[1]))
+    assert torch.equal(bits[1, :, :3], as_bits(narrow[0])) and bits[1, :, 3:].sum() == 0 and bits[3].sum() == 0
+
+
+def test_word_view_leaves_rows_that_are_not_whole_words_alone():
+    odd = torch.zeros(2, 3, dtype=torch.bfloat16)  # 6-byte rows
+    assert as_words(odd).dtype == torch.bfloat16

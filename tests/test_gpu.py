@@ -78,14 +78,16 @@ def test_triton_decode_matches_torch_path_on_cuda():
             assert error < tolerance, (dtype, q_rows, splits, error)
 
 
-def test_triton_kernels_read_an_fp8_cache_on_cuda():
+@pytest.mark.parametrize("q_rows", [5, 1])
+def test_triton_kernels_read_an_fp8_cache_on_cuda(q_rows):
     """--kv-dtype fp8: the kernels widen fp8 keys/values as they load them; the torch path
-    upcasts the same cache, so both compute the same attention."""
+    upcasts the same cache, so both compute the same attention (one-row groups, captions,
+    take the CUDA-core prefix loop of `FP8_ONE_ROW_CONFIG`)."""
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
     from dvl_batch.engine.triton_decode import decode_attention, suffix_prefill_attention
 
     torch.manual_seed(0)
-    heads, dim, prefix_cap, suffix_cap, q_rows, groups = 16, 128, 616, 136, 5, 24
+    heads, dim, prefix_cap, suffix_cap, groups = 16, 128, 616, 136, 24
     rows = groups * q_rows
     kv = SlotKV.allocate(1, groups, rows, heads, prefix_cap, suffix_cap, dim, torch.float8_e4m3fn, "cuda")
     for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):

@@ -131,14 +131,28 @@ def _write_prefix(step: AttentionStep, layer: int, key: torch.Tensor, value: tor
     as_bits(step.kv.prefix_v[layer])[groups, :, :length] = as_bits(value)
 
 
+def as_words(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whose rows are whole 8-byte words viewed as int64, else as `as_bits`.
+
+    Indexed copies move one element per thread step: on 2-byte (or 1-byte) elements
+    torch's index kernels reached ~1 TB/s on the H200 (profile_engine.py `store_kv`);
+    the same bytes as 8-byte words move in a quarter (an eighth) of the steps.
+    """
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    if tensor.stride(-1) == 1 and row_bytes % 8 == 0 and all(s * tensor.element_size() % 8 == 0 for s in tensor.stride()[:-1]):
+        return as_bits(tensor).view(torch.int64)
+    return as_bits(tensor)
+
+
 def store_prefix(cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
     """Write prefill keys (or values) [B, H, T, D] into cache [G, H, P, D] at group `slots`.
 
     A full-width write (the compiled pass's fixed shapes) is one `index_copy_` of whole
     group blocks; a narrower one (eager, batch-wide prefix length) indexes the positions.
+    Both move 8-byte words where the rows allow (`as_words`).
     """
     length = kv.shape[2]
-    cache, kv = as_bits(cache), as_bits(kv)
+    cache, kv = as_words(cache), as_words(kv)
     if length == cache.shape[2]:
         cache.index_copy_(0, slots, kv)
     else:
@@ -250,21 +264,32 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    layer = module.layer_idx
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if step.mode == "prefix":
-        if step.collect is not None:
-            step.collect.append((key, value))
-        else:
-            _write_prefix(step, layer, key, value)
-        rep = query.shape[1] // key.shape[1]
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=rep > 1
-        )
+    if step.mode != "prefix":
+        return _rows_step(module, step, query, key, value, scaling), None
+    layer = module.layer_idx
+    if step.collect is not None:
+        step.collect.append((key, value))
     else:
-        _write_rows(step, layer, key, value)
-        out = _rows_attention(step, layer, query, scaling)
+        _write_prefix(step, layer, key, value)
+    rep = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=rep > 1)
     return out.transpose(1, 2).contiguous(), None
+
+
+@torch.compiler.disable
+def _rows_step(module, step: AttentionStep, query, key, value, scaling: float) -> torch.Tensor:
+    """Write the rows' new keys/values and attend, as [B, T, H, D].
+
+    One opaque call inside a compiled decode forward: its indexed writes into the
+    multi-GB cache and its Triton kernels stay eager, while the norms, rotary and MLP
+    around it are what compiling fuses. The layer index is read here, not before the
+    call, so the compiled pieces are shared by every layer instead of specialised per
+    index (which would recompile past torch's limit of 8).
+    """
+    layer = module.layer_idx
+    _write_rows(step, layer, key, value)
+    return _rows_attention(step, layer, query, scaling).transpose(1, 2).contiguous()
 
 
 def register_slot_attention() -> None:

@@ -14,11 +14,15 @@ read, its token is never sent home.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from .attention import AttentionStep
 
 NEG_INF = float("-inf")
+log = logging.getLogger(__name__)
 
 
 class DecodeStep:
@@ -37,6 +41,7 @@ class DecodeStep:
         sampling = store.gen.temperature > 0
         self.logits = torch.zeros(self.rows + 1, vocab, dtype=torch.float32, device=dev) if sampling else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.compile_seconds = 0.0  # the first step's, when the decode forward is compiled
         if cuda_graphs and store.on_cuda:
             self._capture()
 
@@ -61,8 +66,10 @@ class DecodeStep:
             step.prefix_bias = s.prefix_bias(s.group_prefix[:groups])
             step.suffix_bias = suffix_bias[:, None, None, :]
         positions = (s.row_prefix + s.row_len)[live][:, None]
-        hidden = s.vlm.language_forward(s.vlm.embed_tokens(s.next_tok[live][:, None]), positions, dvl_step=step)
-        logits = s.vlm.lm_head(hidden[:, -1]).float()
+        tokens = s.next_tok[live][:, None]
+        torch._dynamo.maybe_mark_dynamic(tokens, 0)  # one compiled decode forward for every bucket
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
+        logits = s.decode_fn(tokens, positions, step)
         if self.logits is None:  # greedy: the token (and the stop schedule) is picked in the graph
             self.tokens[:bucket].copy_(s.pick(logits, *self._schedule(live)))
         else:  # sampling draws from the generator outside the graph, in `launch`
@@ -93,14 +100,31 @@ class DecodeStep:
         for index, bucket in enumerate(reversed(self.buckets)):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
-                for _ in range(2 if index == 0 else 1):
-                    self.body(bucket)
+                if index == 0:
+                    self._first_run(bucket)
+                self.body(bucket)
             current.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.body(bucket)
             self.graphs[bucket] = graph
         s.reset_rows()
+
+    def _first_run(self, bucket: int) -> None:
+        """The first step (a compiled decode forward compiles here, timed as compile time);
+        a compiler failure falls back to the eager forward instead of stopping the job."""
+        s = self.store
+        started = time.perf_counter()
+        try:
+            self.body(bucket)
+        except Exception as exc:  # noqa: BLE001 - the eager forward computes the same step
+            if s.decode_fn == s._decode_pass:
+                raise
+            log.warning("compiling the decode step failed (%s); decoding eagerly", str(exc).splitlines()[0])
+            s.decode_fn = s._decode_pass
+            self.body(bucket)
+        torch.cuda.synchronize(s.device)
+        self.compile_seconds = time.perf_counter() - started
 
     def launch(self, rows: dict):
         """Enqueue one step for the rows holding requests (row id -> Row); returns the

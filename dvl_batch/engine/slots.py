@@ -77,6 +77,7 @@ class SlotStore:
         use_triton: bool = True,
         stop_schedule: bool = False,
         kv_dtype: torch.dtype | None = None,
+        compile_decode: bool | None = None,
     ):
         route_attention(vlm.language_model)
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
@@ -110,13 +111,19 @@ class SlotStore:
         self.fixed_shapes = compile_steps and self.on_cuda
         self.prefix_fn = self._prefix_pass
         self.vision_fn = vlm.image_features
+        self.decode_fn = self._decode_pass
         started = time.perf_counter()
         if self.fixed_shapes:
             self._compile()
+        if self.on_cuda and (self.fixed_shapes if compile_decode is None else compile_decode):
+            # the batch (the live-row bucket) is its one dynamic size, so one compilation serves
+            # every bucket; it compiles at the first step, while the CUDA graphs are captured
+            self.decode_fn = torch.compile(self._decode_pass)
         self.compile_seconds = self._synced_since(started)
         started = time.perf_counter()
         self.decoder = DecodeStep(self, cuda_graphs)
-        self.graph_seconds = self._synced_since(started)
+        self.graph_seconds = self._synced_since(started) - self.decoder.compile_seconds
+        self.compile_seconds += self.decoder.compile_seconds
 
     def _synced_since(self, started: float) -> float:
         """Wall seconds since `started`, once the device has finished what was queued."""
@@ -204,6 +211,17 @@ class SlotStore:
         keys = [to_cache(k, self.kv_dtype).contiguous() for k, _ in step.collect]
         values = [to_cache(v, self.kv_dtype).contiguous() for _, v in step.collect]
         return self.vlm.lm_head(picked).float(), keys, values
+
+    def _decode_pass(self, tokens: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+        """Float logits of one new token per row ([B, 1] tokens at [B, 1] positions).
+
+        Compiled (with `compile_decode`), the attention call stays one opaque eager piece
+        (`attention._rows_step`) and inductor fuses the element-wise work around it
+        (RMSNorm, rotary, SiLU, residual adds): in eager mode those are ~40 small kernels
+        per layer, about a quarter of a 384-row step besides attention (profile_engine.py).
+        """
+        hidden = self.vlm.language_forward(self.vlm.embed_tokens(tokens), positions, dvl_step=step)
+        return self.vlm.lm_head(hidden[:, -1]).float()
 
     def _store_prefix_kv(self, slots: torch.Tensor, logits, keys, values) -> torch.Tensor:
         for layer, (key, value) in enumerate(zip(keys, values, strict=True)):

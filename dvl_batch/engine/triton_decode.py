@@ -232,10 +232,26 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     suffix_block_n: int = 32
-    fma_prefix: bool = False  # one-row groups: prefix on CUDA cores instead of a 16-row dot (to measure on fp8)
+    fma_prefix: bool = False  # one-row groups: prefix on CUDA cores instead of a 16-row dot
 
 
 DEFAULT_CONFIG = KernelConfig()
+# One-row groups (captions) over an fp8 cache: the prefix on CUDA cores, 128 keys a tile, two
+# warps. Measured on the H200 at 1651 rows (profile_engine.py --sections attn_fp8): 3.11 TB/s,
+# against 2.13 TB/s for the 16-row dot of DEFAULT_CONFIG (the best of 54 configurations).
+FP8_ONE_ROW_CONFIG = KernelConfig(block_n=128, num_warps=2, num_stages=2, fma_prefix=True)
+# One-row groups over a bf16 cache: 128 keys a tile. Measured on the H200 (profile_engine.py
+# --sections attn): 3.31 TB/s at 384 rows and 3.82 TB/s at 768 (the copy's bandwidth), against
+# 3.13 and 3.49 for DEFAULT_CONFIG; the CUDA-core loop is slower on bf16 (2.8-3.3 TB/s).
+BF16_ONE_ROW_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=2)
+
+
+def default_config(cache_dtype: torch.dtype, rows_per_group: int) -> KernelConfig:
+    """The measured best launch parameters for this cache type and group shape (VQA groups
+    of several rows keep DEFAULT_CONFIG, the one measured for them)."""
+    if rows_per_group != 1:
+        return DEFAULT_CONFIG
+    return FP8_ONE_ROW_CONFIG if cache_dtype.itemsize == 1 else BF16_ONE_ROW_CONFIG
 
 
 def decode_attention(
@@ -252,7 +268,7 @@ def decode_attention(
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Attention output [R, H, D] of one new token per row over [group prefix | own suffix]."""
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or default_config(prefix_k.dtype, rows_per_group)
     rows, heads, dim = query.shape
     groups = rows // rows_per_group
     rep = heads // prefix_k.shape[1]
