@@ -307,6 +307,7 @@ def bench(
     prefill_batch: PrefillBatch = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
+    compile_decode: Annotated[bool, typer.Option("--compile-decode/--no-compile-decode")] = True,
     triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
     kv_dtype: Annotated[list[str] | None, typer.Option(
         help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.",
@@ -333,7 +334,7 @@ def bench(
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
-        triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]),
+        compile_decode=compile_decode, triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]),
         quantize=tuple(quantize or ["none"]), host_profile=host_profile, out=out,
     )
     from .config.sections import KV_DTYPES, QUANTIZE

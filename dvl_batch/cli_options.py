@@ -55,6 +55,7 @@ TokenBudget = Annotated[int | None, typer.Option(help="Most prompt tokens per ge
 PrefillBatch = Annotated[int | None, typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
 CudaGraphs = Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA (one-time cost of about a minute).", rich_help_panel="Batching")]
+CompileDecode = Annotated[bool | None, typer.Option("--compile-decode/--no-compile-decode", help="With --compile, compile the decode step's forward too: ~10% faster decode steps on the H200, ~10 s more start warm and ~25 s cold (cron jobs over a few shards: --no-compile-decode).", rich_help_panel="Batching")]
 Overwrite = Annotated[bool | None, typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
 Strict = Annotated[bool | None, typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
 Runner = Annotated[str | None, typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
@@ -77,7 +78,7 @@ InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Sh
 JOB_OPTIONS: dict[str, Any] = {
     "max_new_tokens": MaxNew, "temperature": Temperature, "top_p": TopP, "seed": Seed,
     "batch_size": BatchSize, "engine": Engine, "token_budget": TokenBudget, "prefill_batch": PrefillBatch,
-    "cuda_graphs": CudaGraphs, "compile": Compile,
+    "cuda_graphs": CudaGraphs, "compile": Compile, "compile_decode": CompileDecode,
     "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
     "key_field": KeyField, "max_image_pixels": MaxPixels, "max_file_bytes": MaxFileBytes, "limit": Limit, "shard_size": ShardSize,
     "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "kv_dtype": KvDtype, "device_map": DeviceMap,

@@ -40,3 +40,9 @@ def test_image_answerer_takes_bundled_recipe_names_like_from_recipe(cache_dir):
                              cache_dir=str(cache_dir), decode_threads=1)
     assert answerer.spec == expected
     assert answerer.spec.prompt.prompt == "Describe this image in one sentence."
+
+
+def test_decode_compilation_follows_its_option_and_never_outlives_no_compile():
+    assert JobSpec.from_recipe(None).batch.compiles_decode
+    assert not JobSpec.from_recipe(None, compile_decode=False).batch.compiles_decode
+    assert not JobSpec.from_recipe(None, compile=False).batch.compiles_decode  # --no-compile: nothing compiled

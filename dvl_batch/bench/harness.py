@@ -54,6 +54,7 @@ class BenchConfig:
     device: str = "auto"
     cuda_graphs: bool = True
     compile: bool = True
+    compile_decode: bool = True
     triton_attention: bool = True
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
@@ -80,7 +81,7 @@ def _spec(
         data=DataSpec(inputs=tuple(str(p) for p in inputs), workers=cfg.workers),
         batch=BatchSpec(
             batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
-            triton_attention=cfg.triton_attention,
+            compile_decode=cfg.compile_decode, triton_attention=cfg.triton_attention,
         ),
         output=OutputSpec(path=str(out)),
     )
