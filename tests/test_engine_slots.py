@@ -127,3 +127,33 @@ def test_store_prefix_moves_8_byte_words_and_keeps_every_bit(dtype):
 def test_word_view_leaves_rows_that_are_not_whole_words_alone():
     odd = torch.zeros(2, 3, dtype=torch.bfloat16)  # 6-byte rows
     assert as_words(odd).dtype == torch.bfloat16
+
+
+def test_an_idle_engine_starts_on_the_first_prefill_batch_not_on_a_full_layout(tiny_model, tiny_processor):
+    """With its slots already allocated (a second run, as in the bench), the engine admits as
+    soon as one prefill batch is there instead of pulling an image for every free slot first,
+    and the answers do not change."""
+    items, views = _items(tiny_processor, lambda uid: 1)
+    eos = tiny_processor.tokenizer.eos_token_id
+    engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=6),
+                        BatchSpec(batch_size=len(items) * 2, prefill_batch=2), [eos], eos)
+    first = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
+    assert len(engine.free_groups) >= len(items)  # every slot free again, the layout kept
+    pulled, at_first_prefill = [], []
+    original = engine._prefill
+
+    def prefill(groups, slots):
+        if not at_first_prefill:
+            at_first_prefill.append(len(pulled))
+        return original(groups, slots)
+
+    engine._prefill = prefill
+
+    def source():
+        for item in items:
+            pulled.append(item.uid)
+            yield item
+
+    again = {(c.uid, c.index): c.tokens for c in engine.run(source())}
+    assert at_first_prefill == [2]
+    assert again == first
