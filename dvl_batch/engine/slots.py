@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config.spec import GenerationSpec
@@ -161,6 +162,15 @@ class SlotStore:
         tensor = torch.tensor(values, dtype=dtype)
         return self._to_device(tensor)
 
+    def _stack_for_upload(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The images of an admission in one tensor; on CUDA in pinned memory, so uploading
+        its chunks copies them once (a plain cat and then pin_memory copied ~14 MB twice per
+        32 images on the host)."""
+        if not self.on_cuda or len({t.dtype for t in tensors}) > 1:  # (mixed types: cat promotes)
+            return torch.cat(tensors)
+        shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+        return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
+
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.on_cuda:
             return tensor
@@ -173,7 +183,7 @@ class SlotStore:
         if not pixels_by_item:
             return {}
         names = list(pixels_by_item[0][1])
-        stacked = {name: torch.cat([p[name] for _, p in pixels_by_item]) for name in names}
+        stacked = {name: self._stack_for_upload([p[name] for _, p in pixels_by_item]) for name in names}
         total = stacked[names[0]].shape[0]
         chunk = self.prefill_batch if self.fixed_shapes else total
         outputs = []
@@ -245,17 +255,22 @@ class SlotStore:
         return torch.cat(logits)
 
     def _prefill_chunk(self, prefixes, slots, features, batch) -> torch.Tensor:
+        """One prefill batch. The padded ids and the image-token positions are built with
+        numpy: the Python lists they replace took ~7 ms of host time per 32 prompts of 616
+        tokens (0.4 ms now), time the host needs for launching the device's next work."""
         width = self.layout.prefix_cap if self.fixed_shapes else max(len(p) for p in prefixes)
-        rows = prefixes + [[] for _ in range(batch - len(prefixes))] if self.fixed_shapes else prefixes
-        padded = [p + [self.pad_id] * (width - len(p)) for p in rows]
-        embeds = self.vlm.embed_tokens(self.upload(padded))
+        count = batch if self.fixed_shapes else len(prefixes)
+        ids = np.full((count, width), self.pad_id, dtype=np.int64)
+        for r, prefix in enumerate(prefixes):
+            ids[r, : len(prefix)] = prefix
+        embeds = self.vlm.embed_tokens(self._to_device(torch.from_numpy(ids)))
         if features:
-            image_id = self.vlm.image_token_id
-            positions = [r * width + i for r, p in enumerate(padded) for i, t in enumerate(p) if t == image_id]
+            positions = np.flatnonzero(ids == self.vlm.image_token_id)
             flat = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
-            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, self.upload(positions), flat).view(embeds.shape)
-        slot_t = self.upload(slots + [self.scratch] * (len(rows) - len(slots)))
-        last = self.upload([max(len(p), 1) - 1 for p in rows])
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, self._to_device(torch.from_numpy(positions)), flat)
+            embeds = embeds.view(count, width, -1)
+        slot_t = self.upload(slots + [self.scratch] * (count - len(slots)))
+        last = self.upload([max(len(p), 1) - 1 for p in prefixes] + [0] * (count - len(prefixes)))
         return self._store_prefix_kv(slot_t, *self.prefix_fn(embeds, last))
 
     def start_whole_prompt_rows(self, slots: list[int]) -> torch.Tensor:
