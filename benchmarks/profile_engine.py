@@ -36,6 +36,12 @@ def timed(fn) -> float:
     return median_device_seconds(fn, repeats=5, warmups=1)
 
 
+def release_device_memory() -> None:
+    """Give the device memory of a deleted store back before the next section allocates."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def top_kernels(fn, limit: int = 15) -> str:
     """torch.profiler's table of the CUDA kernels of one call of fn, by device time."""
     from torch.profiler import ProfilerActivity, profile
@@ -120,8 +126,7 @@ class Profiler:
                     if batch == 32:
                         self.results["tables"][f"prefill_{compiled}"] = top_kernels(run)
                 del store
-                gc.collect()
-                torch.cuda.empty_cache()
+                release_device_memory()
             torch._dynamo.reset()
 
     # ------------------------------------------------------------ matmul
@@ -153,8 +158,7 @@ class Profiler:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         for rows in (384, 768):
             self._attn_rows(rows, copy, decode_attention, KernelConfig, choose_splits(rows, 16, sms))
-            gc.collect()
-            torch.cuda.empty_cache()
+            release_device_memory()
 
     def attn_fp8(self) -> None:
         """The decode kernel over an fp8 cache (--kv-dtype fp8) at the caption layout that fits
@@ -282,8 +286,7 @@ class Profiler:
                         self.results["tables"][f"decode_{'compiled' if compiled else 'eager'}"] = top_kernels(
                             store.decoder.body_all, limit=25)
                 del store
-                gc.collect()
-                torch.cuda.empty_cache()
+                release_device_memory()
             torch._dynamo.reset()
 
     def store_kv(self) -> None:
