@@ -157,3 +157,15 @@ def test_an_idle_engine_starts_on_the_first_prefill_batch_not_on_a_full_layout(t
     again = {(c.uid, c.index): c.tokens for c in engine.run(source())}
     assert at_first_prefill == [2]
     assert again == first
+
+
+def test_word_view_is_refused_for_misaligned_views_and_never_mixed_with_elements():
+    base = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
+    assert as_words(base.view(-1)[4:].view(2, 2, 11)[..., :8]).dtype == torch.bfloat16  # row stride 22 bytes
+    assert as_words(base.view(-1)[1:17].view(2, 8)).dtype == torch.bfloat16  # starts 2 bytes into a word
+    cache = torch.zeros(3, 1, 4, 8, dtype=torch.bfloat16)
+    kv = torch.randn(1, 4, 1, 8).to(torch.bfloat16).permute(0, 2, 1, 3)  # size-1 head dim, odd stride
+    store_prefix(cache, torch.tensor([2]), kv)  # cache in words, kv as it came: copied element-wise
+    assert torch.equal(cache[2], kv[0]) and cache[:2].abs().sum() == 0
+    odd = torch.randn(1, 1, 4, 8).to(torch.bfloat16)[..., :6]  # 12-byte rows never take the word view
+    store_prefix(torch.zeros(2, 1, 4, 6, dtype=torch.bfloat16), torch.tensor([0]), odd)

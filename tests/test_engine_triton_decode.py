@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -147,3 +148,17 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                 raise
             continue
         assert "ptx" in compiled.asm
+
+
+def test_default_launch_parameters_follow_the_measured_cases_only():
+    from dvl_batch.engine.triton_decode import (
+        BF16_ONE_ROW_CONFIG,
+        DEFAULT_CONFIG,
+        FP8_ONE_ROW_CONFIG,
+        default_config,
+    )
+
+    assert default_config(torch.float8_e4m3fn, 1) is FP8_ONE_ROW_CONFIG
+    assert default_config(torch.bfloat16, 1) is BF16_ONE_ROW_CONFIG
+    assert default_config(torch.float32, 1) is DEFAULT_CONFIG  # a 128-key float32 tile overflows Ada's shared memory
+    assert default_config(torch.bfloat16, 5) is DEFAULT_CONFIG

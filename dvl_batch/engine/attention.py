@@ -131,6 +131,15 @@ def _write_prefix(step: AttentionStep, layer: int, key: torch.Tensor, value: tor
     as_bits(step.kv.prefix_v[layer])[groups, :, :length] = as_bits(value)
 
 
+def _whole_words(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` can be viewed as int64: rows, strides and offset in whole 8-byte words
+    (the strides of size-1 dimensions do not matter)."""
+    size = tensor.element_size()
+    if tensor.stride(-1) != 1 or tensor.shape[-1] * size % 8 or tensor.storage_offset() * size % 8:
+        return False
+    return all(stride * size % 8 == 0 for stride, n in zip(tensor.stride()[:-1], tensor.shape[:-1], strict=True) if n > 1)
+
+
 def as_words(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor whose rows are whole 8-byte words viewed as int64, else as `as_bits`.
 
@@ -138,9 +147,11 @@ def as_words(tensor: torch.Tensor) -> torch.Tensor:
     torch's index kernels reached ~1 TB/s on the H200 (profile_engine.py `store_kv`);
     the same bytes as 8-byte words move in a quarter (an eighth) of the steps.
     """
-    row_bytes = tensor.shape[-1] * tensor.element_size()
-    if tensor.stride(-1) == 1 and row_bytes % 8 == 0 and all(s * tensor.element_size() % 8 == 0 for s in tensor.stride()[:-1]):
-        return as_bits(tensor).view(torch.int64)
+    if _whole_words(tensor):
+        try:
+            return as_bits(tensor).view(torch.int64)
+        except RuntimeError:  # a layout this torch will not reinterpret: element-wise, same bytes
+            pass
     return as_bits(tensor)
 
 
@@ -153,6 +164,8 @@ def store_prefix(cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> 
     """
     length = kv.shape[2]
     cache, kv = as_words(cache), as_words(kv)
+    if cache.dtype != kv.dtype:  # one side would not take the word view: both copy elements
+        cache, kv = as_bits(cache), as_bits(kv)
     if length == cache.shape[2]:
         cache.index_copy_(0, slots, kv)
     else:

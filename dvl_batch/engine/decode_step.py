@@ -41,9 +41,11 @@ class DecodeStep:
         sampling = store.gen.temperature > 0
         self.logits = torch.zeros(self.rows + 1, vocab, dtype=torch.float32, device=dev) if sampling else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.compile_seconds = 0.0  # the first step's, when the decode forward is compiled
+        self.compile_seconds = 0.0  # the warm-ups that compile the decode forward (when it is compiled)
         if cuda_graphs and store.on_cuda:
             self._capture()
+        elif store.on_cuda:
+            self._warm_without_graphs()
 
     def bucket(self, count: int) -> int:
         """The smallest captured batch that holds `count` live rows."""
@@ -67,7 +69,7 @@ class DecodeStep:
             step.suffix_bias = suffix_bias[:, None, None, :]
         positions = (s.row_prefix + s.row_len)[live][:, None]
         tokens = s.next_tok[live][:, None]
-        torch._dynamo.maybe_mark_dynamic(tokens, 0)  # one compiled decode forward for every bucket
+        torch._dynamo.maybe_mark_dynamic(tokens, 0)  # compiled forward: the bucket is a dynamic size
         torch._dynamo.maybe_mark_dynamic(positions, 0)
         logits = s.decode_fn(tokens, positions, step)
         if self.logits is None:  # greedy: the token (and the stop schedule) is picked in the graph
@@ -100,7 +102,7 @@ class DecodeStep:
         for index, bucket in enumerate(reversed(self.buckets)):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
-                if index == 0:
+                if index < 2:  # the compiled forward compiles at the first two sizes (see _first_run)
                     self._first_run(bucket)
                 self.body(bucket)
             current.wait_stream(stream)
@@ -111,20 +113,34 @@ class DecodeStep:
         s.reset_rows()
 
     def _first_run(self, bucket: int) -> None:
-        """The first step (a compiled decode forward compiles here, timed as compile time);
-        a compiler failure falls back to the eager forward instead of stopping the job."""
+        """A warm-up step that compiles the compiled decode forward, timed as compile time.
+
+        It compiles twice: at the first size everything after the opaque attention call is
+        specialised to that size, and the second size makes those pieces dynamic (torch's
+        automatic dynamic shapes); later sizes compile nothing. A failure of the compiled
+        forward falls back to the eager one instead of stopping the job.
+        """
         s = self.store
+        if s.decode_fn == s._decode_pass:
+            self.body(bucket)
+            return
         started = time.perf_counter()
         try:
             self.body(bucket)
         except Exception as exc:  # noqa: BLE001 - the eager forward computes the same step
-            if s.decode_fn == s._decode_pass:
-                raise
-            log.warning("compiling the decode step failed (%s); decoding eagerly", str(exc).splitlines()[0])
+            log.warning("the compiled decode forward failed (%s); decoding with the eager one", str(exc).splitlines()[0])
             s.decode_fn = s._decode_pass
             self.body(bucket)
         torch.cuda.synchronize(s.device)
-        self.compile_seconds = time.perf_counter() - started
+        self.compile_seconds += time.perf_counter() - started
+
+    def _warm_without_graphs(self) -> None:
+        """--no-cuda-graphs with the compiled forward: compile now (and fall back if needed),
+        not inside the first step of the run."""
+        self._every_row_live()
+        for bucket in list(reversed(self.buckets))[:2]:
+            self._first_run(bucket)
+        self.store.reset_rows()
 
     def launch(self, rows: dict):
         """Enqueue one step for the rows holding requests (row id -> Row); returns the

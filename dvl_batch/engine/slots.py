@@ -12,8 +12,9 @@ On CUDA the image encoder and the prefix pass are compiled with torch.compile
 (fusing transformers' RMSNorm, rotary and MLP element-wise work) with shapes pinned,
 so each compiles once. The compiled prefix pass returns its keys/values instead of
 writing them into the multi-GB cache (an in-place write inside a compiled graph makes
-the compiler copy the whole buffer); they are stored right after. The decode step
-stays eager and is captured as CUDA graphs, one per bucket of live rows.
+the compiler copy the whole buffer); they are stored right after. The decode step's
+forward is compiled too (`compile_decode`), its attention one opaque eager call, with the
+live-row bucket as its dynamic size, and captured as CUDA graphs, one per bucket.
 
 Nothing here waits for the device: inputs go up from pinned memory without blocking,
 and tokens come back through pinned buffers with an event (`Launched`), which the
@@ -117,8 +118,8 @@ class SlotStore:
         if self.fixed_shapes:
             self._compile()
         if self.on_cuda and (self.fixed_shapes if compile_decode is None else compile_decode):
-            # the batch (the live-row bucket) is its one dynamic size, so one compilation serves
-            # every bucket; it compiles at the first step, while the CUDA graphs are captured
+            # the batch (the live-row bucket) is its dynamic size: it compiles at the first two
+            # sizes of the graph capture's warm-ups (DecodeStep._first_run), then serves every bucket
             self.decode_fn = torch.compile(self._decode_pass)
         self.compile_seconds = self._synced_since(started)
         started = time.perf_counter()
