@@ -4,18 +4,54 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 
+import pytest
+
+from .cli_processes import Overlapped
 from .conftest import REPO, cli_env
 
+BENCH_FORMATS = ["--quantize", "none", "--quantize", "int8wo"] if importlib.util.find_spec("torchao") else []
 
-def test_quant_and_7b_benchmark_runs_at_tiny_scale(tmp_path, cache_dir):
-    report = tmp_path / "report.json"
-    args = [sys.executable, str(REPO / "benchmarks" / "quant_and_7b.py"), "--scale", "tiny", "--device", "cpu",
-            "--models", "1.3b", "--modes", "bf16", "fp8", "--requests", "3", "--generate-requests", "2",
-            "--max-new-tokens", "4", "--cache-dir", str(cache_dir), "--json", str(report)]
-    result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+
+def bench_args(folder) -> list[str]:
+    return [sys.executable, "-m", "dvl_batch", "bench", "--shape", "tiny", "--device", "cpu", "--requests", "6",
+            "--images-per-shard", "3", "--image-side", "256", "--max-new-tokens", "8", "--hf-batch-size", "6",
+            "--hf-cache", "dynamic", "--no-compile", "--no-cuda-graphs", "--no-triton-attention", "--workers", "1",
+            "--data-dir", str(folder / "data"), "--out", str(folder / "bench.json")]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, cache_dir, tiny_model_dir, tiny_hybrid_dir):
+    """Every command of this module, started on first use, two at a time, longest first: each has its
+    own folders and reports (the tiny models they read are built beforehand), so they overlap instead
+    of queueing, and each test waits for and checks its own."""
+    env = cli_env(cache_dir)
+    folder = {name: tmp_path_factory.mktemp(name) for name in ("quant", "bench", "pre", "start")}
+    commands = {
+        "start": [sys.executable, str(REPO / "benchmarks" / "start_time.py"), "--shape", "tiny", "--device", "cpu",
+                  "--images", "2", "--per-shard", "1", "--workers", "1", "--work", str(folder["start"] / "work"),
+                  "--json", str(folder["start"] / "start.json")],
+        "bench": [*bench_args(folder["bench"]), *BENCH_FORMATS],
+        "quant": [sys.executable, str(REPO / "benchmarks" / "quant_and_7b.py"), "--scale", "tiny", "--device", "cpu",
+                  "--models", "1.3b", "--modes", "bf16", "fp8", "--requests", "3", "--generate-requests", "2",
+                  "--max-new-tokens", "4", "--cache-dir", str(cache_dir), "--json", str(folder["quant"] / "report.json")],
+        "pre": [sys.executable, "-m", "dvl_batch", "bench", "--profile", "preprocess", "--requests", "8",
+                "--images-per-shard", "4", "--data-dir", str(folder["pre"] / "data"), "--out", str(folder["pre"] / "pre.json")],
+        # the refusals get folders of their own: the bench above may still be writing its shards
+        "bench-kv-fp8": [*bench_args(folder["bench"] / "kv"), "--kv-dtype", "auto", "--kv-dtype", "fp8"],
+        "bench-fp8": [*bench_args(folder["bench"] / "fp8"), "--quantize", "none", "--quantize", "fp8"],
+    }
+    timeouts = {"bench-kv-fp8": 120, "bench-fp8": 120}
+    overlapped = Overlapped({name: (args, env, timeouts.get(name, 300)) for name, args in commands.items()})
+    yield overlapped, folder
+    overlapped.close()
+
+
+def test_quant_and_7b_benchmark_runs_at_tiny_scale(started):
+    commands, folder = started
+    report = folder["quant"] / "report.json"
+    result = commands.result("quant")
     assert result.returncode == 0, result.stderr
     assert "| model | weights | engine |" in result.stdout
     runs = {(r["weights"], r["engine"]): r for r in json.loads(report.read_text())["runs"]}
@@ -24,18 +60,15 @@ def test_quant_and_7b_benchmark_runs_at_tiny_scale(tmp_path, cache_dir):
         assert runs[("fp8", engine)]["note"].startswith("skipped:"), "fp8 cannot run on a CPU and says so"
 
 
-def test_bench_command_compares_with_generate_on_the_tiny_model(tmp_path, cache_dir):
+def test_bench_command_compares_with_generate_on_the_tiny_model(started):
     """`dvl-batch bench` runs both engines on the same generated shards and reports a ratio.
     Repeated `--quantize` runs the slot engine once per weight format, side by side, on a
     quantized copy (int8 weight-only is the format a CPU has). fp8 weights and `--kv-dtype
     fp8` are GPU only, refused on CPU up front, below."""
-    report = tmp_path / "bench.json"
-    args = [sys.executable, "-m", "dvl_batch", "bench", "--shape", "tiny", "--device", "cpu", "--requests", "6",
-            "--images-per-shard", "3", "--image-side", "256", "--max-new-tokens", "8", "--hf-batch-size", "6",
-            "--hf-cache", "dynamic", "--no-compile", "--no-cuda-graphs", "--no-triton-attention", "--workers", "1",
-            "--data-dir", str(tmp_path / "data"), "--out", str(report)]
-    formats = ["--quantize", "none", "--quantize", "int8wo"] if importlib.util.find_spec("torchao") else []
-    result = subprocess.run([*args, *formats], env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    commands, folder = started
+    report = folder["bench"] / "bench.json"
+    formats = BENCH_FORMATS
+    result = commands.result("bench")
     assert result.returncode == 0, result.stderr
     assert "img/s" in result.stdout and "outputs identical to generate: 6/6" in result.stdout
     assert "nan" not in result.stdout  # no GPU: no peak memory, shown as '-'
@@ -48,21 +81,18 @@ def test_bench_command_compares_with_generate_on_the_tiny_model(tmp_path, cache_
     if formats:
         assert caption["dvl_w_int8wo"]["ratio_vs_dvl"] > 0 and caption["dvl_w_int8wo"]["ratio_vs_best_generate"] > 0
         assert "int8wo weights" in result.stdout, "the quantized run's agreement with the bf16 run is printed"
-    refused = subprocess.run([*args, "--kv-dtype", "auto", "--kv-dtype", "fp8"], env=cli_env(cache_dir),
-                             capture_output=True, text=True, timeout=120)
+    refused = commands.result("bench-kv-fp8")
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(errors) == 1 and "--kv-dtype fp8 needs a CUDA GPU" in errors[0], refused.stderr
-    refused = subprocess.run([*args, "--quantize", "none", "--quantize", "fp8"], env=cli_env(cache_dir),
-                             capture_output=True, text=True, timeout=120)
+    refused = commands.result("bench-fp8")
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(errors) == 1 and "--quantize fp8 needs a CUDA GPU" in errors[0], refused.stderr
 
 
-def test_bench_preprocess_profile_measures_decode_rate_per_core(tmp_path, cache_dir):
-    report = tmp_path / "pre.json"
-    args = [sys.executable, "-m", "dvl_batch", "bench", "--profile", "preprocess", "--requests", "8",
-            "--images-per-shard", "4", "--data-dir", str(tmp_path / "data"), "--out", str(report)]
-    result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+def test_bench_preprocess_profile_measures_decode_rate_per_core(started):
+    commands, folder = started
+    report = folder["pre"] / "pre.json"
+    result = commands.result("pre")
     assert result.returncode == 0, result.stderr
     assert "img/s/core" in result.stdout
     rows = {r["path"]: r for r in json.loads(report.read_text())["preprocess"]}
@@ -70,11 +100,10 @@ def test_bench_preprocess_profile_measures_decode_rate_per_core(tmp_path, cache_
     assert all(r["images"] == 8 and r["errors"] == 0 and r["images_per_s_per_core"] > 0 for r in rows.values())
 
 
-def test_start_time_benchmark_measures_cold_warm_and_a_run_with_nothing_to_do(tmp_path, cache_dir):
-    report = tmp_path / "start.json"
-    args = [sys.executable, str(REPO / "benchmarks" / "start_time.py"), "--shape", "tiny", "--device", "cpu",
-            "--images", "2", "--per-shard", "1", "--workers", "1", "--work", str(tmp_path / "work"), "--json", str(report)]
-    result = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+def test_start_time_benchmark_measures_cold_warm_and_a_run_with_nothing_to_do(started):
+    commands, folder = started
+    report = folder["start"] / "start.json"
+    result = commands.result("start")
     assert result.returncode == 0, result.stderr
     assert "first part s" in result.stdout
     runs = {r["run"]: r for r in json.loads(report.read_text())["runs"]}
@@ -84,4 +113,4 @@ def test_start_time_benchmark_measures_cold_warm_and_a_run_with_nothing_to_do(tm
     assert runs["cold"]["start_phases_s"]["load"] > 0
     assert runs["noop"]["first_part_s"] is None and "nothing to do" in runs["noop"]["tail"][-1]
     assert runs["noop"]["total_s"] < runs["warm"]["total_s"], "a run with nothing to do must not load the model"
-    assert (tmp_path / "work" / "cache").is_dir()
+    assert (folder["start"] / "work" / "cache").is_dir()

@@ -16,6 +16,7 @@ import pytest
 
 from dvl_batch.errors import EXIT_LOCKED, EXIT_USAGE
 
+from .cli_processes import Overlapped
 from .conftest import EXAMPLES, cli_env, job_json, many_shards, read_rows, run_cli, start_cli, write_tar
 
 FAST = ["--max-new-tokens", "6", "--workers", "1", "--no-progress"]
@@ -29,10 +30,37 @@ def test_help_lists_commands(cache_dir):
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("source", ["shards", "parquet", "images"])
-def test_caption_examples_every_layout(tmp_path, cache_dir, source):
-    out = tmp_path / "out"
-    result = run_cli(["caption", str(EXAMPLES / source), "-o", str(out), *FAST], cache_dir)
+LAYOUTS = ["shards", "parquet", "images"]
+
+
+def corrupt_shard(folder: Path) -> Path:
+    good = (EXAMPLES / "images" / "chelsea.jpg").read_bytes()
+    return write_tar(
+        folder / "bad.tar",
+        [("ok.jpg", good), ("empty.jpg", b""), ("text.jpg", b"hello, not an image"),
+         ("cut.jpg", good[: len(good) // 3]), ("noimage.txt", b"caption only")],
+    )
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, cache_dir, tiny_model_dir):
+    """The runs of this module whose OUT the tests only read (and `status` reads one): `caption`
+    of each example layout, the vqa run and the corrupt-members run, each into its own OUT, started
+    together (two at a time) on first use instead of one per test, one after another."""
+    folders = {name: tmp_path_factory.mktemp(f"run-{name}") for name in [*LAYOUTS, "vqa", "corrupt"]}
+    outs = {name: folder / "out" for name, folder in folders.items()}
+    args = {source: ["caption", str(EXAMPLES / source), "-o", str(outs[source]), *FAST] for source in LAYOUTS}
+    args["vqa"] = ["vqa", str(EXAMPLES / "shards"), "-o", str(outs["vqa"]), "-q", "What is this?", "--questions-file",
+                   str(EXAMPLES / "questions.jsonl"), "--question-field", "txt", *FAST]
+    args["corrupt"] = ["caption", str(corrupt_shard(folders["corrupt"])), "-o", str(outs["corrupt"]), *FAST]
+    runs = Overlapped({name: ([sys.executable, "-m", "dvl_batch", *a], cli_env(cache_dir), 300) for name, a in args.items()})
+    yield lambda name: (runs.result(name), outs[name])
+    runs.close()
+
+
+@pytest.mark.parametrize("source", LAYOUTS)
+def test_caption_examples_every_layout(started, source):
+    result, out = started(source)
     assert result.returncode == 0, result.stderr
     rows = read_rows(out).to_pandas()
     keys = {Path(k).stem for k in rows["key"]}
@@ -45,9 +73,9 @@ def test_caption_examples_every_layout(tmp_path, cache_dir, source):
     assert "tiny" in job_json(out)["model"]
 
 
-def test_outputs_load_with_pandas_and_datasets(tmp_path, cache_dir):
-    out = tmp_path / "out"
-    assert run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(out), *FAST], cache_dir).returncode == 0
+def test_outputs_load_with_pandas_and_datasets(started):
+    result, out = started("shards")
+    assert result.returncode == 0, result.stderr
     part = next((out / "parts").glob("*.parquet"))
     frame = pd.read_parquet(part)
     assert list(frame.columns)[:10] == [
@@ -62,13 +90,8 @@ def test_outputs_load_with_pandas_and_datasets(tmp_path, cache_dir):
     assert loaded.num_rows == 6 and "answer" in loaded.column_names
 
 
-def test_vqa_questions_from_flag_file_and_field(tmp_path, cache_dir):
-    out = tmp_path / "out"
-    result = run_cli(
-        ["vqa", str(EXAMPLES / "shards"), "-o", str(out), "-q", "What is this?", "--questions-file",
-         str(EXAMPLES / "questions.jsonl"), "--question-field", "txt", *FAST],
-        cache_dir,
-    )
+def test_vqa_questions_from_flag_file_and_field(started):
+    result, out = started("vqa")
     assert result.returncode == 0, result.stderr
     rows = read_rows(out).to_pandas()
     per_key = Counter(rows["key"])
@@ -77,9 +100,9 @@ def test_vqa_questions_from_flag_file_and_field(tmp_path, cache_dir):
     assert chelsea == ["What is this?", "What animal is this?", "Describe this image in one sentence.", "What animal is this?"]
 
 
-def test_status_and_inspect(tmp_path, cache_dir):
-    out = tmp_path / "out"
-    assert run_cli(["caption", str(EXAMPLES / "parquet"), "-o", str(out), *FAST], cache_dir).returncode == 0
+def test_status_and_inspect(started, cache_dir):
+    result, out = started("parquet")
+    assert result.returncode == 0, result.stderr
     status = run_cli(["status", str(out), "--json"], cache_dir)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
@@ -116,15 +139,8 @@ def test_rerun_resumes_without_duplicates_and_refuses_other_settings(tmp_path, c
     assert set(read_rows(out).to_pandas()["question"]) == {"Say something."}
 
 
-def test_corrupt_members_become_error_rows(tmp_path, cache_dir):
-    good = (EXAMPLES / "images" / "chelsea.jpg").read_bytes()
-    shard = write_tar(
-        tmp_path / "bad.tar",
-        [("ok.jpg", good), ("empty.jpg", b""), ("text.jpg", b"hello, not an image"),
-         ("cut.jpg", good[: len(good) // 3]), ("noimage.txt", b"caption only")],
-    )
-    out = tmp_path / "out"
-    result = run_cli(["caption", str(shard), "-o", str(out), *FAST], cache_dir)
+def test_corrupt_members_become_error_rows(started):
+    result, out = started("corrupt")
     assert result.returncode == 0, result.stderr
     rows = read_rows(out).to_pandas().set_index("key")
     assert pd.isna(rows.loc["ok", "error"]) and rows.loc["ok", "answer"]

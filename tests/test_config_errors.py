@@ -3,11 +3,13 @@ and before anything is written to OUT."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from dvl_batch.errors import EXIT_USAGE
 
-from .conftest import EXAMPLES, run_cli
+from .conftest import EXAMPLES, cli_env, run_cli
 
 SHARDS = str(EXAMPLES / "shards")
 
@@ -42,11 +44,29 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, cache_dir):
+    """Every case's run, each in its own folder, started together (two at a time) on first use
+    instead of one per test, one after another; each test checks its own."""
+    from .cli_processes import Overlapped
+
+    folders = {case: tmp_path_factory.mktemp("case") for case in [*CASES, "missing", "brackets"]}
+    commands = {case: ["caption", SHARDS, "-o", str(folders[case] / "out"), *CASES[case][0](folders[case])] for case in CASES}
+    for number, (args, _) in enumerate(missing_cases(folders["missing"])):
+        commands[f"missing-{number}"] = args
+    commands["brackets"] = ["caption", str(bracketed(folders["brackets"])), "-o", str(folders["brackets"] / "out")]
+    runs = Overlapped({name: ([sys.executable, "-m", "dvl_batch", *args], cli_env(cache_dir), 300)
+                       for name, args in commands.items()})
+    yield runs, folders
+    runs.close()
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_configuration_is_one_line_and_exit_2(tmp_path, cache_dir, case):
-    make_args, message = CASES[case]
-    out = tmp_path / "out"
-    result = run_cli(["caption", SHARDS, "-o", str(out), *make_args(tmp_path)], cache_dir)
+def test_bad_configuration_is_one_line_and_exit_2(started, case):
+    _, message = CASES[case]
+    runs, folders = started
+    out = folders[case] / "out"
+    result = runs.result(case)
     assert result.returncode == EXIT_USAGE, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -54,13 +74,22 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, cache_dir, case):
     assert not out.exists(), "nothing may be written for a usage error"
 
 
-def test_missing_input_and_missing_question(tmp_path, cache_dir):
-    for args, message in (
-        (["caption", str(tmp_path / "missing"), "-o", str(tmp_path / "a")], "input not found"),
-        (["vqa", SHARDS, "-o", str(tmp_path / "b")], "question"),
+def missing_cases(folder) -> list[tuple[list[str], str]]:
+    return [
+        (["caption", str(folder / "missing"), "-o", str(folder / "a")], "input not found"),
+        (["vqa", SHARDS, "-o", str(folder / "b")], "question"),
         (["caption", SHARDS], "no output folder"),
-    ):
-        result = run_cli(args, cache_dir)
+    ]
+
+
+def bracketed(folder):
+    return folder / "data[train]" / "[/x].tar"
+
+
+def test_missing_input_and_missing_question(started):
+    runs, folders = started
+    for number, (_, message) in enumerate(missing_cases(folders["missing"])):
+        result = runs.result(f"missing-{number}")
         assert result.returncode == EXIT_USAGE, result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
@@ -73,8 +102,9 @@ def test_malformed_option_value_is_a_usage_error(tmp_path, cache_dir):
     assert "Invalid value for '--batch-size'" in result.stderr
 
 
-def test_messages_with_brackets_are_printed_verbatim(tmp_path, cache_dir):
-    missing = tmp_path / "data[train]" / "[/x].tar"
-    result = run_cli(["caption", str(missing), "-o", str(tmp_path / "out")], cache_dir)
+def test_messages_with_brackets_are_printed_verbatim(started):
+    runs, folders = started
+    missing = bracketed(folders["brackets"])
+    result = runs.result("brackets")
     assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr, result.stderr
     assert f"error: input not found: {missing}" in result.stderr

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
+import pytest
+
+from .cli_processes import Overlapped
 from .conftest import EXAMPLES, cli_env, read_rows
 
 
-def _script(args: list[str], cache_dir) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory, cache_dir, tiny_model_dir):
+    """Both scripts, started together on first use, each writing under its own folder."""
+    outs = {name: tmp_path_factory.mktemp(name) / "out" for name in ("run_recipe", "python_api")}
+    commands = {
+        "run_recipe": [str(EXAMPLES / "run_recipe.py"), "vqa-annotation", "compare-images", "--model", "tiny", "--out",
+                       str(outs["run_recipe"]), "--max-new-tokens", "3"],
+        "python_api": [str(EXAMPLES / "python_api.py"), "--model", "tiny", "--out", str(outs["python_api"]),
+                       "--max-new-tokens", "3"],
+    }
+    runs = Overlapped({name: ([sys.executable, *args], cli_env(cache_dir), 300) for name, args in commands.items()})
+    yield runs, outs
+    runs.close()
 
 
-def test_run_recipe_script(tmp_path, cache_dir):
+def test_run_recipe_script(scripts):
     """Two recipes here; every recipe runs on the examples in test_config_recipes.py."""
-    out = tmp_path / "out"
-    args = [str(EXAMPLES / "run_recipe.py"), "vqa-annotation", "compare-images", "--model", "tiny", "--out", str(out),
-            "--max-new-tokens", "3"]
-    result = _script(args, cache_dir)
+    runs, outs = scripts
+    out = outs["run_recipe"]
+    result = runs.result("run_recipe")
     assert result.returncode == 0, result.stderr
     for name, rows in [("vqa-annotation", 24), ("compare-images", 6)]:
         assert f"== {name}: {rows} rows" in result.stdout
@@ -25,9 +37,10 @@ def test_run_recipe_script(tmp_path, cache_dir):
         assert len(table) == rows and table["error"].isna().all()
 
 
-def test_python_api_script(tmp_path, cache_dir):
-    out = tmp_path / "out"
-    result = _script([str(EXAMPLES / "python_api.py"), "--model", "tiny", "--out", str(out), "--max-new-tokens", "3"], cache_dir)
+def test_python_api_script(scripts):
+    runs, outs = scripts
+    out = outs["python_api"]
+    result = runs.result("python_api")
     assert result.returncode == 0, result.stderr
     assert "captions: 6 rows, 0 errors" in result.stdout
     assert "rerun: 0 shards written, 1/1 done" in result.stdout

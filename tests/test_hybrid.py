@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from dvl_batch.config.spec import JobSpec
 from dvl_batch.preprocess.images import decode_image, normalize_pixels, render_views, views_from_image_processor
 from dvl_batch.runtime.progress import NullReporter
 
-from .conftest import EXAMPLES, example_images, job_json, read_rows, run_cli
+from .cli_processes import Overlapped
+from .conftest import EXAMPLES, cli_env, example_images, job_json, read_rows
 
 FAST = ["--model", "tiny-hybrid", "--max-new-tokens", "6", "--workers", "0", "--no-progress"]
 
@@ -53,18 +55,25 @@ def test_views_equal_the_hybrid_processor_bit_for_bit(hybrid_processor, name):
         assert torch.equal(normalized, reference[view.name]), view.name
 
 
-def test_cli_caption_vqa_and_multi_image_with_the_hybrid(tmp_path, cache_dir):
-    caption = tmp_path / "caption"
-    result = run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(caption), *FAST], cache_dir)
-    assert result.returncode == 0, result.stderr
-    rows = read_rows(caption).to_pandas()
-    assert len(rows) == 6 and rows["error"].isna().all() and (rows["prompt_tokens"] > 576).all()
-    assert job_json(caption)["model"].startswith("tiny-hybrid:")
+def test_cli_caption_vqa_and_multi_image_with_the_hybrid(tmp_path, cache_dir, tiny_hybrid_dir):
+    caption, vqa = tmp_path / "caption", tmp_path / "vqa"
+    vqa_args = ["vqa", str(EXAMPLES / "pairs" / "pairs-000000.tar"), "-o", str(vqa), "-q",
+                "Which of <image> and <image> is brighter?", "--question-field", "txt", *FAST]
+    both = Overlapped({  # two runs that share nothing but the (built) tiny hybrid: side by side
+        "caption": ([sys.executable, "-m", "dvl_batch", "caption", str(EXAMPLES / "shards"), "-o", str(caption), *FAST],
+                    cli_env(cache_dir), 300),
+        "vqa": ([sys.executable, "-m", "dvl_batch", *vqa_args], cli_env(cache_dir), 300),
+    })
+    try:
+        result = both.result("caption")
+        assert result.returncode == 0, result.stderr
+        rows = read_rows(caption).to_pandas()
+        assert len(rows) == 6 and rows["error"].isna().all() and (rows["prompt_tokens"] > 576).all()
+        assert job_json(caption)["model"].startswith("tiny-hybrid:")
 
-    vqa = tmp_path / "vqa"
-    args = ["vqa", str(EXAMPLES / "pairs" / "pairs-000000.tar"), "-o", str(vqa), "-q", "Which of <image> and <image> is brighter?",
-            "--question-field", "txt", *FAST]
-    result = run_cli(args, cache_dir)
+        result = both.result("vqa")
+    finally:
+        both.close()
     assert result.returncode == 0, result.stderr
     rows = read_rows(vqa).to_pandas()
     assert len(rows) == 3 * 2 and rows["error"].isna().all(), rows["error"].dropna().tolist()

@@ -53,30 +53,33 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-@pytest.mark.slow
-def test_poison_image_that_kills_its_decoder_becomes_an_error_row(tmp_path, cache_dir, tiny_model_dir):
-    keys = write_shards(tmp_path / "data", poison_key="s1_1")
-    out = tmp_path / "out"
-    run = Run(caption_args(tmp_path / "data", out, workers=2), fault_env(cache_dir, {"crash_on_bytes": POISON}))
-    assert run.wait(timeout=300) == 0, run.stderr
-    assert len(run.lines_with("crashing")) == 2, run.stderr  # tried twice, then given up
-    rows = read_rows(out).to_pandas()
-    assert sorted(rows["key"]) == sorted(keys)
-    poisoned = rows.set_index("key").loc["s1_1"]
-    assert "a decoder process died twice while preparing this sample" in poisoned["error"]
-    assert rows.drop(rows.index[rows["key"] == "s1_1"])["error"].isna().all()
-    assert restarts_in(run.stderr) == 2
+@pytest.fixture(scope="module")
+def poison_run(tmp_path_factory, cache_dir, tiny_model_dir):
+    """The poison-image run, started as soon as a test of this module asks for it and checked by
+    test_poison_image_that_kills_its_decoder_becomes_an_error_row. Most of its time is spent
+    waiting for dead decoders to be noticed, so the decoder-killing test asks for it too and runs
+    alongside it (the two runs share nothing but the tiny model)."""
+    root = tmp_path_factory.mktemp("poison")
+    keys = write_shards(root / "data", poison_key="s1_1")
+    out = root / "out"
+    run = Run(caption_args(root / "data", out, workers=2), fault_env(cache_dir, {"crash_on_bytes": POISON}))
+    yield run, keys, out
+    if run.proc.poll() is None:
+        run.proc.kill()
+        run.wait()
 
 
 @pytest.mark.slow
-def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path, cache_dir, tiny_model_dir):
+def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path, cache_dir, tiny_model_dir, poison_run):
+    # (poison_run: the poison test's run goes on alongside this one)
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("needs /proc/PID/task/TID/children to find the decoder processes")
     keys = write_shards(tmp_path / "data")
     out = tmp_path / "out"
-    # 6 images at 1 s each; the decoder says when it starts one, so it is killed mid-image
-    # however fast or loaded the machine
-    run = Run(caption_args(tmp_path / "data", out, workers=1), fault_env(cache_dir, {"slow_image_open": 1.0}))
+    # each decoder's first image takes 1 s (the rest run at full speed); the decoder says when it
+    # starts it, so it is killed mid-image however fast or loaded the machine
+    faults = {"slow_image_open": 1.0, "slow_image_opens": 1}
+    run = Run(caption_args(tmp_path / "data", out, workers=1), fault_env(cache_dir, faults))
     assert run.wait_for_line("opening an image", timeout=120), run.stderr
     line = run.lines_with("opening an image")[0]
     decoder = int(re.search(r"decoder (\d+) opening", line).group(1))
@@ -87,6 +90,19 @@ def test_decoder_killed_from_outside_is_replaced_and_no_sample_is_lost(tmp_path,
     rows = read_rows(out).to_pandas()
     assert sorted(rows["key"]) == sorted(keys) and rows["error"].isna().all()
     assert restarts_in(run.stderr) >= 1
+
+
+@pytest.mark.slow
+def test_poison_image_that_kills_its_decoder_becomes_an_error_row(poison_run):
+    run, keys, out = poison_run
+    assert run.wait(timeout=300) == 0, run.stderr
+    assert len(run.lines_with("crashing")) == 2, run.stderr  # tried twice, then given up
+    rows = read_rows(out).to_pandas()
+    assert sorted(rows["key"]) == sorted(keys)
+    poisoned = rows.set_index("key").loc["s1_1"]
+    assert "a decoder process died twice while preparing this sample" in poisoned["error"]
+    assert rows.drop(rows.index[rows["key"] == "s1_1"])["error"].isna().all()
+    assert restarts_in(run.stderr) == 2
 
 
 def test_a_shard_left_behind_by_a_decoder_that_moved_on_is_resumed():

@@ -25,6 +25,8 @@ from .cli_processes import Run, fault_env, wait_until
 from .conftest import write_tar
 
 INTERVAL = 0.5  # --checkpoint-seconds of the kill test
+KILLS = 5  # SIGKILLs of the kill test, one in each fifth of KILL_WINDOW
+KILL_WINDOW = 3.0  # seconds after a run's first new checkpoint file: six checkpoint intervals
 
 
 def write_big_shard(path: Path, n: int) -> list[str]:
@@ -69,17 +71,21 @@ def finish(data: Path, out: Path, keys: list[str], cache_dir: Path, log: Path, c
 @pytest.mark.slow
 def test_sigkill_at_random_points_loses_at_most_one_checkpoint_interval_per_kill(tmp_path, cache_dir, tiny_model_dir):
     data, out = tmp_path / "data", tmp_path / "out"
-    keys = write_big_shard(data / "big.tar", 2000)
+    keys = write_big_shard(data / "big.tar", 1500)  # about twice what KILLS runs answer before their kill
     rng = random.Random(9)
+    # a random moment in each fifth of the window, in random order: kills right after a checkpoint,
+    # between two, and several intervals on are all covered (not left to chance)
+    delays = [rng.uniform(i, i + 1) * KILL_WINDOW / KILLS for i in range(KILLS)]
+    rng.shuffle(delays)
     kills: list[dict] = []
     status_checked = 0
-    while len(kills) < 10:
+    while len(kills) < KILLS:
         log = tmp_path / f"answers-{len(kills)}.log"
         before = {p.name for p in checkpoint_files(out)}
         saved_before = len(checkpoint_keys(out))
         run = Run(caption_args(data, out, INTERVAL), fault_env(cache_dir, {"log_answers": str(log)}))
         assert wait_until(lambda before=before: any(p.name not in before for p in checkpoint_files(out)), 120, run.proc), run.stderr
-        time.sleep(rng.uniform(0, 3.0))
+        time.sleep(delays[len(kills)])
         live = collect_status(out)["runs"]
         run.proc.kill()
         killed_at = time.time()
@@ -90,7 +96,7 @@ def test_sigkill_at_random_points_loses_at_most_one_checkpoint_interval_per_kill
             assert report["runs"][0]["state"].startswith("not running") and not report["runs"][0]["alive"], report
             assert report["checkpoint_rows"] == len(checkpoint_keys(out))
             status_checked += 1
-        assert not list((out / "parts").glob("*.parquet")), "the shard must not finish before the 10th kill"
+        assert not list((out / "parts").glob("*.parquet")), "the shard must not finish before the last kill"
         saved = checkpoint_keys(out)
         assert len(saved) == len(set(saved)), "a sample saved twice"
         times = answer_times(log)
@@ -98,6 +104,7 @@ def test_sigkill_at_random_points_loses_at_most_one_checkpoint_interval_per_kill
             "answered": len(times),
             "lost": len(times) - (len(saved) - saved_before),  # answered but not saved: answered again later
             "interval_worth": sum(t > killed_at - INTERVAL - 0.15 for t in times),  # answers in the last interval
+            "delay": round(delays[len(kills)], 2),
         })
     assert status_checked >= 1
     final = finish(data, out, keys, cache_dir, tmp_path / "answers-final.log", INTERVAL)

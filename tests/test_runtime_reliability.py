@@ -32,6 +32,8 @@ from .hostile_files import solid_png
 
 QUESTIONS = ["What is this?", "Is it outdoors?"]
 SHARD_SIZES = [1, 2, 1, 2, 1]  # 7 samples x 2 questions = 14 rows per complete run
+# the random-kill chains: enough shards that a signalled run seldom finds just one left to do
+KILL_SHARD_SIZES = [1, 2, 1, 2, 1, 2, 1, 2]
 
 
 # ---------------------------------------------------------------- helpers
@@ -107,20 +109,25 @@ class Trial:
         return {"in-write": {"pause_part_write": 0.4}, "parts": {"pause_part_write": 0.2}}.get(self.when, {})
 
 
+MOMENTS = ("startup", "parts", "in-write")
+
+
 def trial_plan(seed: int = 4) -> list[Trial]:
-    """20 trials: every signal at random moments of start-up and of part writing, and inside a write."""
+    """12 trials: every signal at a random moment of start-up, of part writing and inside a write,
+    each moment (and each signal) with and without decoder processes, SIGKILL twice more, and a
+    second SIGTERM while the first is honoured."""
     rng = random.Random(seed)
-    mix = {
-        signal.SIGKILL: {"startup": 3, "parts": 4, "in-write": 3},
-        signal.SIGTERM: {"startup": 2, "parts": 1, "in-write": 1},
-        signal.SIGINT: {"startup": 2, "parts": 2, "in-write": 1},
+    workers_at = {  # (decoder processes) for each moment of each signal
+        signal.SIGKILL: {"startup": (0, 1), "parts": (1, 0), "in-write": (1,)},
+        signal.SIGTERM: {"startup": (1,), "parts": (0,), "in-write": (1,)},
+        signal.SIGINT: {"startup": (1,), "parts": (1,), "in-write": (0,)},
     }
     trials = []
-    for sig, moments in mix.items():
-        for when, count in moments.items():
-            for _ in range(count):
+    for sig, moments in workers_at.items():
+        for when, workers in moments.items():
+            for n in workers:
                 delay = {"startup": rng.uniform(0, 2.0), "parts": rng.uniform(0, 1.2)}.get(when, rng.randint(0, 1))
-                trials.append(Trial(0, sig, when, delay, workers=rng.choice([0, 1, 1])))
+                trials.append(Trial(0, sig, when, delay, workers=n))
     trials.append(Trial(0, signal.SIGTERM, "in-write", 0, repeat=2))
     rng.shuffle(trials)
     for number, trial in enumerate(trials):
@@ -211,9 +218,13 @@ def run_lane(trials: queue.Queue, lane: int, data: Path, layout: dict[str, list[
 @pytest.mark.slow
 def test_random_kills_then_resume_give_exactly_one_row_per_sample_and_question(tmp_path, cache_dir, tiny_model_dir):
     data = tmp_path / "data"
-    layout = write_dataset(data)
+    layout = write_dataset(data, KILL_SHARD_SIZES)
     plan = trial_plan()
-    assert len(plan) >= 20
+    signals = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+    assert {(t.signal, t.when) for t in plan} == {(sig, when) for sig in signals for when in MOMENTS}
+    assert {(t.when, t.workers) for t in plan} == {(when, n) for when in MOMENTS for n in (0, 1)}
+    assert {(t.signal, t.workers) for t in plan} == {(sig, n) for sig in signals for n in (0, 1)}
+    assert any(t.repeat == 2 for t in plan)
     pending: queue.Queue = queue.Queue()
     for trial in plan:
         pending.put(trial)

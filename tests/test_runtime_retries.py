@@ -25,32 +25,81 @@ def run(args: list[str], cache_dir: Path, timeout: float = 300) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_pipe_shard_failing_twice_is_answered_in_full(tmp_path, cache_dir, tiny_model_dir):
-    (shard,) = many_shards(tmp_path / "data", 1, 3)
-    counter = tmp_path / "attempts"
+def failing_twice_case(folder: Path) -> tuple[list[str], Path]:
+    """A pipe: shard whose command cuts the stream after 2000 bytes twice, as a dropped connection would."""
+    (shard,) = many_shards(folder / "data", 1, 3)
+    counter = folder / "attempts"
     counter.write_text("0")
-    script = tmp_path / "fetch.sh"  # cuts the stream after 2000 bytes twice, as a dropped connection would
+    script = folder / "fetch.sh"
     script.write_text(f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
                       "if [ $n -ge 2 ]; then cat $1; else head -c 2000 $1; echo 'connection reset' >&2; exit 56; fi\n")
-    command = f"pipe:sh {script} {shard}"
-    done = run(caption([command], tmp_path / "out"), cache_dir)
+    return caption([f"pipe:sh {script} {shard}"], folder / "out"), counter
+
+
+def always_failing_case(folder: Path) -> tuple[list[str], Path]:
+    """A good shard and a pipe: shard that fails until the flag file `network-is-back` exists."""
+    good, bad = many_shards(folder / "data", 2, 2)
+    flag = folder / "network-is-back"
+    script = folder / "fetch.sh"
+    script.write_text(f"if [ -f {flag} ]; then cat $1; else echo 'Could not resolve host' >&2; exit 6; fi\n")
+    return caption([str(good), f"pipe:sh {script} {bad}"], folder / "out", "--read-retries", "1"), flag
+
+
+def remote_failing_once_case(folder: Path) -> list[str]:
+    """A remote parquet shard whose copy is cut short on the first try."""
+    path = _parquet_shard(folder)
+    counter = folder / "attempts"
+    counter.write_text("0")
+    script = folder / "fetch.sh"
+    script.write_text(f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
+                      "if [ $n -ge 1 ]; then cat $1; else head -c 100 $1; echo 'connection reset' >&2; exit 56; fi\n")
+    return caption([f"pipe:sh {script} {path}"], folder / "out")
+
+
+def watchdog_case(folder: Path) -> list[str]:
+    many_shards(folder / "data", 1, 2)
+    return caption([str(folder / "data")], folder / "out", "--watchdog-seconds", "2")
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, cache_dir, tiny_model_dir):
+    """The runs of this module's end-to-end tests (the first run, where a test has two), each on
+    its own data and OUT, started together (two at a time) on first use: much of their time is
+    retry backoff and a watchdog's wait, which overlap instead of queueing. Each test checks its own."""
+    from .cli_processes import Overlapped, fault_env
+
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("twice", "always", "remote", "watchdog")}
+    twice, twice_counter = failing_twice_case(folders["twice"])
+    always, flag = always_failing_case(folders["always"])
+    remote = remote_failing_once_case(folders["remote"])
+    env = cli_env(cache_dir)
+    runs = Overlapped({
+        "always": ([sys.executable, "-m", "dvl_batch", *always], env, 300),
+        "twice": ([sys.executable, "-m", "dvl_batch", *twice], env, 300),
+        "watchdog": ([sys.executable, "-m", "dvl_batch", *watchdog_case(folders["watchdog"])],
+                     fault_env(cache_dir, {"slow_image_open": 60}), 120),
+        "remote": ([sys.executable, "-m", "dvl_batch", *remote], env, 300),
+    })
+    yield runs, {"folders": folders, "always": always, "flag": flag, "twice_counter": twice_counter}
+    runs.close()
+
+
+@pytest.mark.slow
+def test_pipe_shard_failing_twice_is_answered_in_full(started):
+    runs, case = started
+    done = runs.result("twice")
     assert done.returncode == 0, done.stderr
-    assert counter.read_text().strip() == "3"
-    rows = read_rows(tmp_path / "out")
+    assert case["twice_counter"].read_text().strip() == "3"
+    rows = read_rows(case["folders"]["twice"] / "out")
     assert sorted(rows["key"].to_pylist()) == [f"s000_{i:03d}" for i in range(3)]
     assert all(rows["error"].is_null().to_pylist())
 
 
 @pytest.mark.slow
-def test_pipe_shard_that_always_fails_has_no_part_exit_1_and_is_retried_next_run(tmp_path, cache_dir, tiny_model_dir):
-    good, bad = many_shards(tmp_path / "data", 2, 2)
-    flag = tmp_path / "network-is-back"
-    script = tmp_path / "fetch.sh"
-    script.write_text(f"if [ -f {flag} ]; then cat $1; else echo 'Could not resolve host' >&2; exit 6; fi\n")
-    command = f"pipe:sh {script} {bad}"
-    out = tmp_path / "out"
-    failed = run(caption([str(good), command], out, "--read-retries", "1"), cache_dir)
+def test_pipe_shard_that_always_fails_has_no_part_exit_1_and_is_retried_next_run(started, cache_dir):
+    runs, case = started
+    out = case["folders"]["always"] / "out"
+    failed = runs.result("always")
     assert failed.returncode == EXIT_FAILED, failed.stderr
     assert "Traceback" not in failed.stderr and "((" not in failed.stderr and "bufsize" not in failed.stderr
     not_read = [line for line in failed.stderr.splitlines() if line.startswith("not read")]
@@ -58,8 +107,8 @@ def test_pipe_shard_that_always_fails_has_no_part_exit_1_and_is_retried_next_run
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rerun the same command to retry" in errors[0], failed.stderr
     assert len(list((out / "parts").glob("*.parquet"))) == 1  # the good shard only
-    flag.touch()
-    retried = run(caption([str(good), command], out, "--read-retries", "1"), cache_dir)
+    case["flag"].touch()
+    retried = run(case["always"], cache_dir)
     assert retried.returncode == 0, retried.stderr
     keys = sorted(read_rows(out)["key"].to_pylist())
     assert keys == ["s000_000", "s000_001", "s001_000", "s001_001"]
@@ -99,16 +148,11 @@ def test_an_exception_in_a_decoder_ends_the_stream_with_one_line(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_watchdog_ends_a_run_that_makes_no_progress(tmp_path, cache_dir, tiny_model_dir):
-    from .cli_processes import fault_env
-
-    many_shards(tmp_path / "data", 1, 2)
-    started = time.monotonic()
-    stalled = subprocess.run(
-        [sys.executable, "-m", "dvl_batch", *caption([str(tmp_path / "data")], tmp_path / "out", "--watchdog-seconds", "2")],
-        env=fault_env(cache_dir, {"slow_image_open": 60}), capture_output=True, text=True, timeout=120)
+def test_watchdog_ends_a_run_that_makes_no_progress(started):
+    runs, _ = started
+    stalled = runs.result("watchdog")  # every image open takes 60 s: the run stalls at its first
     assert stalled.returncode == EXIT_FAILED, stalled.stderr
-    assert time.monotonic() - started < 60
+    assert runs.seconds["watchdog"] < 60
     errors = [line for line in stalled.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no progress for 2 s" in errors[0], stalled.stderr
 
@@ -165,16 +209,11 @@ def test_remote_parquet_shard_is_copied_locally_and_a_failing_copy_is_retried(tm
 
 
 @pytest.mark.slow
-def test_remote_parquet_shard_failing_once_is_answered_in_full(tmp_path, cache_dir, tiny_model_dir):
-    path = _parquet_shard(tmp_path)
-    counter = tmp_path / "attempts"
-    counter.write_text("0")
-    script = tmp_path / "fetch.sh"
-    script.write_text(f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
-                      "if [ $n -ge 1 ]; then cat $1; else head -c 100 $1; echo 'connection reset' >&2; exit 56; fi\n")
-    done = run(caption([f"pipe:sh {script} {path}"], tmp_path / "out"), cache_dir)
+def test_remote_parquet_shard_failing_once_is_answered_in_full(started):
+    runs, case = started
+    done = runs.result("remote")
     assert done.returncode == 0, done.stderr
-    rows = read_rows(tmp_path / "out")
+    rows = read_rows(case["folders"]["remote"] / "out")
     assert sorted(rows["key"].to_pylist()) == ["a", "b", "c"] and all(rows["error"].is_null().to_pylist())
 
 

@@ -17,7 +17,8 @@ Faults:
   of SIGSEGV, as a decoder hitting a bug in a native image library would.
 - "slow_image_open": seconds added to every image open (a slow decoder); before each it
   prints "dvl-test: decoder <pid> opening an image", so a test can kill that decoder
-  process while it is working.
+  process while it is working. With "slow_image_opens": N, only each process's first N
+  image opens are slowed (and announced); the rest run at full speed.
 - "log_answers": a file. The main process appends one line (the time) to it for every
   answer it decodes (tokenizer.decode with skip_special_tokens), so a test counts the
   answers a run made even when it was killed (O_APPEND writes survive SIGKILL).
@@ -80,6 +81,7 @@ def _install_decoder_faults() -> None:
     from PIL import Image
 
     real_open = Image.open
+    slowed: dict[int, int] = {}  # pid -> image opens slowed so far (decoders fork: one count each)
 
     def open_image(fp, *args, **kwargs):
         if isinstance(fp, io.BytesIO):
@@ -87,7 +89,8 @@ def _install_decoder_faults() -> None:
                 _announce(f"decoder {os.getpid()} crashing")
                 os.kill(os.getpid(), signal.SIGSEGV)
             delay = float(FAULTS.get("slow_image_open", 0))
-            if delay:
+            if delay and slowed.get(os.getpid(), 0) < FAULTS.get("slow_image_opens", float("inf")):
+                slowed[os.getpid()] = slowed.get(os.getpid(), 0) + 1
                 _announce(f"decoder {os.getpid()} opening an image")
                 time.sleep(delay)
         return real_open(fp, *args, **kwargs)
