@@ -87,7 +87,7 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         run,
     )
     try:
-        result = run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
+        result = _run_job(run, spec)
     except UnreadableShardsError as exc:
         print_summary(err, exc.result)
         for line in exc.result.stats.unreadable:
@@ -366,6 +366,22 @@ def _terminate_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _ignore_sigterm() -> None:
+    """From the end of a job on, a SIGTERM changes nothing: what was answered is saved and is
+    about to be reported. Before, one landing while the summary printed, or in the 1-1.5 s the
+    interpreter takes to tear torch and the model down, turned a finished run's exit status into
+    130 or -15. (SIGKILL still ends a teardown that hangs.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _run_job(run, spec):
+    """api.run, with SIGTERM ignored as soon as it returns (or raises)."""
+    try:
+        return run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
+    finally:
+        _ignore_sigterm()
+
+
 def run_cli() -> None:
     """Console-script entry: map our errors to one line and an exit code."""
     # SIGTERM outside a job's own handling (start-up, model loading) ends the run like
@@ -380,4 +396,6 @@ def run_cli() -> None:
     except KeyboardInterrupt:
         err.print("[red]aborted[/]: parts already written are complete; rerun to resume")
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        _ignore_sigterm()  # every command: the interpreter's teardown is not worth a -15
     sys.exit(EXIT_OK)
