@@ -328,13 +328,9 @@ class SlotEngine:
                 return
 
     def _wanted(self) -> int:
-        """How many groups to have queued before the next admission.
-
-        At most one prefill batch per pass of the loop: pulling enough to fill every free
-        slot first (826 of them in a fresh bf16 caption layout) kept the device idle until
-        that many images were decoded (the bench measured ~1.3 s of a 30 s run); one batch
-        starts the device, and the rest is pulled while it runs.
-        """
+        """Groups to have queued before the next admission: at most one prefill batch, so an
+        idle device starts on the first batch and the rest is pulled while it runs (filling
+        every free slot first, 826 in a bf16 caption layout, kept it idle until then)."""
         if self.layout is None:
             return 2 * self._prefill_batch()
         return min(max(len(self.free_groups), 1), self._prefill_batch()) if not self.deferred else 0
