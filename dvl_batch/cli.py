@@ -367,10 +367,8 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def _ignore_sigterm() -> None:
-    """From the end of a job on, a SIGTERM changes nothing: what was answered is saved and is
-    about to be reported. Before, one landing while the summary printed, or in the 1-1.5 s the
-    interpreter takes to tear torch and the model down, turned a finished run's exit status into
-    130 or -15. (SIGKILL still ends a teardown that hangs.)"""
+    """Once a job has ended a SIGTERM changes nothing; one landing while the summary printed, or
+    in the interpreter's 1-1.5 s teardown of torch, turned a finished run's exit into 130 or -15."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
