@@ -367,9 +367,9 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def _ignore_sigterm() -> None:
-    """Once a job has ended a SIGTERM changes nothing; one landing while the summary printed, or
-    in the interpreter's 1-1.5 s teardown of torch, turned a finished run's exit into 130 or -15."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Once a job has ended SIGTERM/SIGINT change nothing (during the summary or torch's 1-1.5 s
+    teardown they turned a finished run's exit into 130, -15 or -2); SIGKILL still works."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_job(run, spec):

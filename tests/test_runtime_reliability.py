@@ -437,16 +437,17 @@ def test_out_of_memory_batches_are_split_and_the_job_goes_on(tmp_path, cache_dir
     assert len(retries) == 1 and int(retries[0].split()[-2]) >= 3, stderr
 
 
-def test_a_sigterm_after_the_summary_leaves_a_finished_run_successful(tmp_path, cache_dir, tiny_model_dir):
-    """Supervisors send SIGTERM to processes that are already on their way out: once the job has
-    ended and printed its summary, the exit status stays 0 (it was -15 when the signal landed in
-    the interpreter's 1-1.5 s teardown of torch, 130 when it landed while the summary printed)."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_summary_leaves_a_finished_run_successful(tmp_path, cache_dir, tiny_model_dir, sig):
+    """Supervisors send SIGTERM (and people press Ctrl-C) to processes already on their way out:
+    once the job has ended and printed its summary, the exit status stays 0 (it was -15 / -2 when
+    the signal landed in the interpreter's 1-1.5 s teardown of torch, 130 during the summary)."""
     data = tmp_path / "data"
     layout = write_dataset(data, [1, 1])
     out = tmp_path / "out"
     run = Run(vqa_args(data, out), fault_env(cache_dir))
     assert run.wait_for_line("dvl-batch summary", 180), run.stderr
-    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(sig)
     assert run.wait() == 0, run.stderr
     assert "aborted" not in run.stderr and "Traceback" not in run.stderr
     check_parts(out, layout, complete=True)
