@@ -25,7 +25,11 @@ from ._version import __version__
 from .cli_options import (
     JOB_OPTIONS,
     BatchSize,
+    BenchKvDtypes,
+    BenchQuantize,
     Device,
+    DeviceProfile,
+    HostProfile,
     ImageField,
     InputOption,
     Inputs,
@@ -309,19 +313,16 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
     compile_decode: Annotated[bool, typer.Option("--compile-decode/--no-compile-decode")] = True,
     triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
-    kv_dtype: Annotated[list[str] | None, typer.Option(
-        help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.",
-    )] = None,
-    quantize: Annotated[list[str] | None, typer.Option(
-        help="Weights of the slot-engine runs: none (bf16) and/or fp8; repeat to run both (times each --kv-dtype).",
-    )] = None,
+    kv_dtype: BenchKvDtypes = None,
+    quantize: BenchQuantize = None,
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
     data_dir: Annotated[str | None, typer.Option(help="Where to write (or reuse) the generated shards.")] = None,
     device: Device = None,
     out: Annotated[str, typer.Option("--out", help="JSON results file.")] = "bench.json",
-    host_profile: Annotated[str | None, typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")] = None,
+    host_profile: HostProfile = None,
+    device_profile: DeviceProfile = None,
 ) -> None:
     """Benchmark dvl-batch end to end against transformers' generate on the same inputs (prints a table, writes JSON)."""
     from .bench import BenchConfig, format_preprocess_table, format_table, run_bench, run_preprocess_bench
@@ -335,7 +336,7 @@ def bench(
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
         compile_decode=compile_decode, triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]),
-        quantize=tuple(quantize or ["none"]), host_profile=host_profile, out=out,
+        quantize=tuple(quantize or ["none"]), host_profile=host_profile, device_profile=device_profile, out=out,
     )
     from .config.sections import KV_DTYPES, QUANTIZE
 

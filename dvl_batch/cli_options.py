@@ -71,6 +71,10 @@ WatchdogSeconds = Annotated[float | None, typer.Option(help="End a run whose dev
 Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe: a bundled name (see `dvl-batch recipes`) or a YAML file; options given here override it.", show_default=False)]
 MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tokens: question text is cut to fit, image tokens never (a sample whose images alone exceed it becomes an error row).", rich_help_panel="Prompt")]
 Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
+BenchKvDtypes = Annotated[list[str] | None, typer.Option("--kv-dtype", help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.")]
+BenchQuantize = Annotated[list[str] | None, typer.Option("--quantize", help="Weights of the slot-engine runs: none (bf16) and/or fp8; repeat to run both (times each --kv-dtype).")]
+HostProfile = Annotated[str | None, typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")]
+DeviceProfile = Annotated[str | None, typer.Option(help="Write the measured runs' device kernels by kind, top kernels and idle gaps between kernels (torch.profiler) to this file.")]
 InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
 
 

@@ -54,6 +54,8 @@ def slot_engine_entry(name: str, dvl: dict[str, Any], answers: dict, images: int
         prefill_ms = device_ms.get("vision", 0.0) + device_ms.get("prefix", 0.0)
         if prefill_ms and peak_tflops == peak_tflops:
             entry["prefill_mfu"] = round(prefill_flops / (prefill_ms / 1000) / (peak_tflops * 1e12), 3)
+    if len(dvl.get("kernels", {})) > 1:  # the device profile's summary (beyond its image count)
+        entry["device_profile"] = dvl["kernels"]
     return entry
 
 

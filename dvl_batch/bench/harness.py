@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..config.spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
+from ..errors import UsageError
 from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, key_index, make_jpeg_shards, stop_after
 from .device_time import attach_clock, decode_split
 from .entries import compare_answers, compare_with_generate, read_answers, slot_engine_entry, summarise
@@ -60,6 +61,7 @@ class BenchConfig:
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
     check_outputs: bool = True
     host_profile: str | None = None  # write a cProfile of the dvl-batch runs' host side here
+    device_profile: str | None = None  # write the measured runs' kernel and idle-gap report here
     out: str = "bench.json"
 
 
@@ -155,13 +157,16 @@ def _sync() -> None:
 
 
 def run_dvl(
-    spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], n_questions: int, host_profile: str | None = None
+    spec: JobSpec, worker, shards: list[Path], warm_shards: list[Path], n_questions: int, profiles: tuple = (None, None)
 ) -> dict[str, Any]:
+    """The measured dvl-batch run (after a warm-up run on other shards); `profiles` is
+    (host cProfile path, device profile path), each optional."""
     from ..runtime.feed import ShardFeed
     from ..runtime.pipeline import process_shards
     from ..sink.output import OutputDir
     from ..sink.parts import ParquetSink
     from ..sources import discover_shards
+    from .profiling import device_profile, host_profile
 
     def force(key: str, q: int) -> int:
         return stop_after(key_index(key) * n_questions + q)
@@ -183,29 +188,17 @@ def run_dvl(
     worker.engine.stats = type(worker.engine.stats)(slots=worker.engine.stats.slots)
     clock = attach_clock(worker.engine)
     _reset_peak()
-    profiler = None
-    if host_profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    started = time.perf_counter()
-    stats = one(spec, shards)
-    _sync()
-    seconds = time.perf_counter() - started
-    if profiler is not None:
-        import pstats
-
-        profiler.disable()
-        with open(host_profile, "a") as handle:
-            handle.write(f"=== host profile: {spec.prompt.task}\n")
-            stats_view = pstats.Stats(profiler, stream=handle)
-            stats_view.sort_stats("tottime").print_stats(30)
-            stats_view.sort_stats("cumulative").print_stats(40)
+    label = f"{spec.prompt.task}, weights {spec.model.quantize}, KV {spec.model.kv_dtype}"
+    with device_profile(profiles[1], label) as kernels, host_profile(profiles[0], label):
+        started = time.perf_counter()
+        stats = one(spec, shards)
+        _sync()
+        seconds = time.perf_counter() - started
+        kernels["images"] = stats.images
     device = clock.seconds() if clock is not None else {}
     if clock is not None:
         worker.engine.device_clock = None
-    return {"seconds": seconds, "stats": stats, "peak_gib": _peak_gib(), "device": device}
+    return {"seconds": seconds, "stats": stats, "peak_gib": _peak_gib(), "device": device, "kernels": kernels}
 
 
 @dataclass
@@ -253,7 +246,7 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
 
             worker.model = weights_for(bf16_model, worker.model, quantize)
             worker.engine = build_engine(run_spec, worker.model, worker.processor, worker.device)
-        dvl = run_dvl(run_spec, worker, shards, warm_shards, n_q, cfg.host_profile)
+        dvl = run_dvl(run_spec, worker, shards, warm_shards, n_q, (cfg.host_profile, cfg.device_profile))
         split = decode_split(worker.engine, prompt_tokens, mean_answer)
         if hasattr(worker.engine, "close"):
             worker.engine.close()  # give the KV slots back before the next engine allocates its own
@@ -298,6 +291,8 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     from ..runtime.worker import DeviceWorker
 
     device = pick_device(cfg.device)
+    if cfg.device_profile and device.type != "cuda":
+        raise UsageError("--device-profile traces GPU kernels and needs a CUDA device; use --host-profile on CPU")
     dtype = pick_dtype("auto", device)
     work = Path(tempfile.mkdtemp(prefix="dvl-bench-"))
     data = Path(cfg.data_dir) if cfg.data_dir else work / "data"
