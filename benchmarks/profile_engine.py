@@ -228,6 +228,61 @@ class Profiler:
             except Exception as exc:  # noqa: BLE001
                 print(f"  {name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
 
+    def attn_live(self) -> None:
+        """Decode attention as a caption run sees it: an 826-slot layout (the H200's bf16 caption
+        layout) of which a bucket of rows is live, answers 0-127 tokens long. The whole-layout
+        kernel behind a scatter/gather of the live rows' queries, against the kernel indexing
+        the live slots itself (its grid only the bucket), at several prefix splits and tiles."""
+        from dvl_batch.bench.device_time import copy_bandwidth
+        from dvl_batch.engine.triton_decode import BF16_ONE_ROW_CONFIG, KernelConfig, choose_splits, decode_attention
+
+        copy = copy_bandwidth(gib=2.0)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        slots, heads, dim, plen, scap = 826, 16, 128, self.length, 136
+        dev, bf16 = self.device, torch.bfloat16
+        pk, pv = (torch.randn(slots + 1, heads, plen, dim, device=dev, dtype=bf16) for _ in range(2))
+        sk, sv = (torch.randn(slots + 1, heads, scap, dim, device=dev, dtype=bf16) for _ in range(2))
+        configs = [BF16_ONE_ROW_CONFIG, KernelConfig(block_n=64), KernelConfig(block_n=128, num_warps=8),
+                   KernelConfig(block_n=64, num_warps=4, num_stages=3), KernelConfig(block_n=128, num_warps=4, fma_prefix=True)]
+        for live_rows in (128, 256, 384, 512, 640, 768, 826):
+            live = torch.randperm(slots, device=dev)[:live_rows]
+            plen_t = torch.zeros(slots + 1, dtype=torch.long, device=dev)
+            plen_t[live] = plen
+            rlen_t = torch.zeros(slots + 1, dtype=torch.long, device=dev)
+            rlen_t[live] = torch.randint(0, 128, (live_rows,), device=dev)
+            moved = 2 * heads * dim * 2 * (plen_t.sum().item() + (rlen_t[live] + 1).sum().item())
+            q = torch.randn(live_rows, heads, dim, device=dev, dtype=bf16)
+            whole_splits = choose_splits(slots, heads, sms)
+
+            def whole(q=q, live=live, plen_t=plen_t, rlen_t=rlen_t, splits=whole_splits):
+                full = q.new_zeros(slots + 1, heads, dim)
+                full.index_copy_(0, live, q)
+                out = decode_attention(full[:slots], pk[:slots], pv[:slots], sk, sv, plen_t, rlen_t, 1, dim**-0.5, splits)
+                return out[live]
+
+            t = timed(whole)
+            self.row("decode attn whole layout + scatter", live_rows, t, t / live_rows * 1000,
+                     f"{moved / t / 1e12:.2f} TB/s ({moved / t / copy:.0%} of copy) splits {whole_splits}")
+            best = None
+            for splits in sorted({1, 2, 4, choose_splits(live_rows, heads, sms)}):
+                for cfg in configs:
+                    def indexed(q=q, live=live, plen_t=plen_t, rlen_t=rlen_t, splits=splits, cfg=cfg):
+                        return decode_attention(q, pk, pv, sk, sv, plen_t, rlen_t, 1, dim**-0.5, splits, cfg, live=live)
+                    try:
+                        t = timed(indexed)
+                    except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
+                        print(f"  {cfg} splits {splits}: {type(exc).__name__}", flush=True)
+                        continue
+                    self.results.setdefault("attn_live_sweep", []).append(
+                        {"rows": live_rows, "splits": splits, "config": cfg.__dict__, "ms": t * 1000, "TBps": moved / t / 1e12})
+                    print(f"  live {live_rows}: {moved / t / 1e12:.2f} TB/s splits {splits} {cfg}", flush=True)
+                    if best is None or t < best[0]:
+                        best = (t, splits, cfg)
+            t, splits, cfg = best
+            self.row("decode attn indexed, best", live_rows, t, t / live_rows * 1000,
+                     f"{moved / t / 1e12:.2f} TB/s ({moved / t / copy:.0%} of copy) splits {splits} {cfg}")
+            self.save(self.args.out)
+
     @staticmethod
     def _sdpa_variants(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel

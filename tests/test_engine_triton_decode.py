@@ -56,6 +56,12 @@ CHECK = textwrap.dedent(
                                    prefix_len, row_len, q_rows, dim ** -0.5, splits, config)
             error = ((got - expected).norm() / expected.norm()).item()
             assert error < 1e-5, (q_rows, heads, kv_heads, splits, config, error)
+            if q_rows == 1:  # a compacted batch: entry b is slot live[b] (a slot twice: padding entries)
+                live = torch.tensor([rows - 1, 0, rows - 1][: rows])
+                got = decode_attention(query[live, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0],
+                                       kv.suffix_v[0], prefix_len, row_len, 1, dim ** -0.5, splits, config, live=live)
+                error = ((got - expected[live]).norm() / expected[live].norm()).item()
+                assert error < 1e-5, ("indexed", heads, kv_heads, splits, config, error)
     assert choose_splits(436, 16, 132) == 1 and choose_splits(8, 16, 132) >= 4
 
     # suffix prefill: T question tokens per row of some groups, against their prefix and
@@ -109,13 +115,13 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False), "fp8e4nv"),  # --kv-dtype fp8
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False), "fp8e4nv"),  # --kv-dtype fp8
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True), "fp8e4nv"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True), "fp8e4nv"),
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
         (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                         MMA=triton.language.bfloat16), "bf16"),
@@ -135,7 +141,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                 signature[name] = "*fp8e4nv" if (kernel is tq._quantize_rows_kernel and name == "OUT") else "*bf16"
             elif name in ("ACC", "M", "L", "SCALE"):
                 signature[name] = "*fp32"
-            elif name in ("PLEN", "RLEN", "GROUPS", "ROWS"):
+            elif name in ("PLEN", "RLEN", "GROUPS", "ROWS", "LIVE"):
                 signature[name] = "*i64"
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"

@@ -76,6 +76,12 @@ def test_triton_decode_matches_torch_path_on_cuda():
                                    prefix_len, row_len, q_rows, dim**-0.5, splits)
             error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
             assert error < tolerance, (dtype, q_rows, splits, error)
+            if q_rows == 1:  # the decode step's compacted batch: entry b reads slot live[b]
+                live = torch.randperm(rows, device="cuda")[: max(1, rows // 2)]
+                got = decode_attention(query[live, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                                       prefix_len, row_len, 1, dim**-0.5, splits * 2, live=live)
+                error = ((got.float() - expected[live].float()).norm() / expected[live].float().norm()).item()
+                assert error < tolerance, ("indexed", dtype, splits, error)
 
 
 @pytest.mark.parametrize("q_rows", [5, 1])

@@ -202,6 +202,8 @@ def _compacted_attention(step: AttentionStep, layer: int, query: torch.Tensor, s
 def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of new row tokens over [group prefix | own suffix], merged in one softmax."""
     if step.live is not None:
+        if step.triton_splits and step.rows_per_group == 1 and query.shape[2] == 1:
+            return _triton_rows_attention(step, layer, query, scaling)  # the kernel reads slot live[b] itself
         return _compacted_attention(step, layer, query, scaling)
     if step.triton_splits and query.shape[2] == 1 and step.groups is None and step.rows is None:
         return _triton_rows_attention(step, layer, query, scaling)
@@ -253,9 +255,11 @@ def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor,
     from .triton_decode import decode_attention
 
     kv, limit = step.kv, step.groups_limit or step.kv.prefix_k.shape[1]
+    if step.live is not None:  # compacted caption rows: every slot is addressable, the spare's included
+        limit = kv.prefix_k.shape[1]
     out = decode_attention(
         query[:, :, 0], kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit], kv.suffix_k[layer], kv.suffix_v[layer],
-        step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits,
+        step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits, live=step.live,
     )
     return out[:, :, None]
 

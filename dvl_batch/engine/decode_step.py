@@ -5,8 +5,11 @@ see only the live rows, padded up to one of a few bucket sizes, and each bucket 
 captured once as a CUDA graph. A VQA group keeps its slot until its longest answer
 ends, so about 40% of its rows are finished at any step (measured: 2431 steps x 1020
 slots for 1.47M tokens); a caption layout has freed slots waiting for the next
-admission, and a run's tail empties. Attention still sees the whole layout (a finished
-row's suffix length is zero, so it reads nothing), so its kernels are unchanged.
+admission, and a run's tail empties. Caption rows (one per group) go to the Triton
+kernel as they are: its grid holds the bucket's entries and each reads the slot it names,
+so no program is spent on an empty slot. VQA rows, and the torch path, are scattered into
+the whole layout for attention (a finished row's suffix length is zero, so it reads
+nothing) and gathered back.
 
 Padding entries point at one spare row past the layout: its keys are written and never
 read, its token is never sent home.
@@ -41,11 +44,24 @@ class DecodeStep:
         sampling = store.gen.temperature > 0
         self.logits = torch.zeros(self.rows + 1, vocab, dtype=torch.float32, device=dev) if sampling else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.splits = self._splits_per_bucket()
         self.compile_seconds = 0.0  # the warm-ups that compile the decode forward (when it is compiled)
         if cuda_graphs and store.on_cuda:
             self._capture()
         elif store.on_cuda:
             self._warm_without_graphs()
+
+    def _splits_per_bucket(self) -> dict[int, int]:
+        """Prefix splits of the Triton kernel for each bucket of one-row groups: its grid holds
+        only the bucket's rows, so a small bucket takes more splits to fill the GPU (VQA
+        groups keep the store's splits, chosen for the whole layout)."""
+        s = self.store
+        if not s.triton_splits or s.layout.rows_per_group != 1:
+            return {}
+        from .triton_decode import choose_splits
+
+        sm_count = torch.cuda.get_device_properties(s.device).multi_processor_count
+        return {b: choose_splits(b, s.vlm.num_heads, sm_count) for b in self.buckets}
 
     def bucket(self, count: int) -> int:
         """The smallest captured batch that holds `count` live rows."""
@@ -59,7 +75,7 @@ class DecodeStep:
         groups = s.layout.groups
         step = AttentionStep(
             s.kv, "rows", rows_per_group=s.layout.rows_per_group, write_pos=s.row_len, groups_limit=groups,
-            out_dtype_scores=s.out_dtype_scores, prefix_lengths=s.group_prefix[:groups], triton_splits=s.triton_splits,
+            out_dtype_scores=s.out_dtype_scores, prefix_lengths=s.group_prefix, triton_splits=self.splits.get(bucket, s.triton_splits),
             live=live,
         )
         if not s.triton_splits:

@@ -118,43 +118,52 @@ def _row_part(
 
 @triton.jit
 def _decode_kernel(
-    Q, PK, PV, PLEN, SK, SV, RLEN, ACC, M, L,
+    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ACC, M, L,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
-    SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr,
+    SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr, INDEXED: tl.constexpr,
 ):
     """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
     Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
     launch order, so the short, latency-bound suffix programs run beside the bandwidth-bound
     prefix programs instead of as a tail of their own (measured: a suffix kernel of its own
     took 136 us of a 590 us layer at 384 rows), and a VQA group's rows do not queue behind
-    one another in one program."""
+    one another in one program.
+
+    Axis 2 is the batch entry b. INDEXED (one-row groups): entry b is slot LIVE[b] of the
+    layout, so the grid holds only the step's live rows and queries/outputs stay compact;
+    otherwise it is group b of the whole layout."""
     split = tl.program_id(0)  # the fastest grid axis: suffix programs interleave with prefix ones
     h = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)  # offsets of a multi-GB layer cache overflow 32 bits
+    b = tl.program_id(2).to(tl.int64)  # offsets of a multi-GB layer cache overflow 32 bits
+    if INDEXED:
+        g = tl.load(LIVE + b).to(tl.int64)
+    else:
+        g = b
     if split < SPLITS:
         if FMA_PREFIX:  # one row per group (captions): no 16-row tensor-core tile for one query
             start = split * (TILES * BLOCK_N)
             stop = tl.minimum(tl.load(PLEN + g).to(tl.int32), start + TILES * BLOCK_N)
             _row_part(
-                Q, PK, PV, ACC, M, L, g, g, start, stop, split, h,
+                Q, PK, PV, ACC, M, L, b, g, start, stop, split, h,
                 stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
                 HEADS, REP, D, BLOCK_N, SPLITS + 1,
             )
         else:
             _prefix_part(
-                Q, PK, PV, PLEN, ACC, M, L, g, g * Q_ROWS, Q_ROWS, h, split,
+                Q, PK, PV, PLEN, ACC, M, L, g, b * Q_ROWS, Q_ROWS, h, split,
                 stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
                 HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
             )
     else:
-        row = g * Q_ROWS + split - SPLITS
-        rlen = tl.load(RLEN + row).to(tl.int32) + 1
+        row = b * Q_ROWS + split - SPLITS
+        key_row = g * Q_ROWS + split - SPLITS
+        rlen = tl.load(RLEN + key_row).to(tl.int32) + 1
         _row_part(
-            Q, SK, SV, ACC, M, L, row, row, 0, rlen, SPLITS, h,
+            Q, SK, SV, ACC, M, L, row, key_row, 0, rlen, SPLITS, h,
             stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
             HEADS, REP, D, SUFFIX_BLOCK_N, SPLITS + 1,
         )
@@ -258,7 +267,7 @@ def default_config(cache_dtype: torch.dtype, rows_per_group: int) -> KernelConfi
 
 
 def decode_attention(
-    query: torch.Tensor,  # [R, H, D]
+    query: torch.Tensor,  # [R, H, D] (with `live`: [B, H, D], entry b for slot live[b])
     prefix_k: torch.Tensor,  # [G, Hkv, P, D]
     prefix_v: torch.Tensor,
     suffix_k: torch.Tensor,  # [R, Hkv, Ls, D]
@@ -269,10 +278,13 @@ def decode_attention(
     scale: float,
     splits: int,
     config: KernelConfig | None = None,
+    live: torch.Tensor | None = None,  # [B] slots of the batch's rows (one-row groups only)
 ) -> torch.Tensor:
-    """Attention output [R, H, D] of one new token per row over [group prefix | own suffix]."""
+    """Attention output [R, H, D] (or [B, H, D]) of one new token per row over [group prefix | own suffix]."""
     cfg = config or default_config(prefix_k.dtype, rows_per_group)
     rows, heads, dim = query.shape
+    if live is not None:
+        assert rows_per_group == 1 and live.shape[0] == rows, "an indexed batch holds one-row groups, one per entry"
     groups = rows // rows_per_group
     rep = heads // prefix_k.shape[1]
     for tensor in (prefix_k, prefix_v, suffix_k, suffix_v):
@@ -280,7 +292,8 @@ def decode_attention(
     assert query.stride(-1) == 1
     acc, m, l_sum = _partials(rows, heads, splits + 1, dim, query.device)
     _decode_kernel[(splits + rows_per_group, heads, groups)](
-        query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, acc, m, l_sum,
+        query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, live if live is not None else row_len,
+        acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
@@ -290,7 +303,7 @@ def decode_attention(
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
-        FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1,
+        FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1, INDEXED=live is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(acc, m, l_sum, query.dtype)
