@@ -41,8 +41,9 @@ def started(tmp_path_factory, cache_dir, tiny_model_dir, tiny_hybrid_dir):
         # the refusals get folders of their own: the bench above may still be writing its shards
         "bench-kv-fp8": [*bench_args(folder["bench"] / "kv"), "--kv-dtype", "auto", "--kv-dtype", "fp8"],
         "bench-fp8": [*bench_args(folder["bench"] / "fp8"), "--quantize", "none", "--quantize", "fp8"],
+        "bench-device-profile": [*bench_args(folder["bench"] / "dp"), "--skip-hf", "--device-profile", str(folder["bench"] / "k.txt")],
     }
-    timeouts = {"bench-kv-fp8": 120, "bench-fp8": 120}
+    timeouts = {"bench-kv-fp8": 120, "bench-fp8": 120, "bench-device-profile": 120}
     overlapped = Overlapped({name: (args, env, timeouts.get(name, 300)) for name, args in commands.items()})
     yield overlapped, folder
     overlapped.close()
@@ -87,6 +88,9 @@ def test_bench_command_compares_with_generate_on_the_tiny_model(started):
     refused = commands.result("bench-fp8")
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(errors) == 1 and "--quantize fp8 needs a CUDA GPU" in errors[0], refused.stderr
+    refused = commands.result("bench-device-profile")  # it traces GPU kernels: one clear line on a CPU
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "--device-profile" in errors[0], refused.stderr
 
 
 def test_bench_preprocess_profile_measures_decode_rate_per_core(started):
