@@ -18,7 +18,8 @@ ROWS, PREFIX, SUFFIX = 8, 12, 10
 
 def _step(kv: SlotKV, live: torch.Tensor, row_len: torch.Tensor) -> AttentionStep:
     step = AttentionStep(kv, "rows", rows_per_group=1, write_pos=row_len, groups_limit=ROWS, live=live,
-                         prefix_lengths=torch.full((ROWS,), PREFIX))
+                         prefix_lengths=torch.full((ROWS,), PREFIX),
+                         entries=torch.zeros(3, len(live), dtype=torch.long))  # (a VQA step's, sized per bucket)
     valid = torch.arange(SUFFIX)[None, :] <= row_len[:ROWS, None]
     step.prefix_bias = torch.zeros(ROWS, 1, 1, PREFIX)
     step.suffix_bias = torch.zeros(ROWS, SUFFIX).masked_fill(~valid, float("-inf"))[:, None, None, :]

@@ -169,3 +169,22 @@ def test_word_view_is_refused_for_misaligned_views_and_never_mixed_with_elements
     assert torch.equal(cache[2], kv[0]) and cache[:2].abs().sum() == 0
     odd = torch.randn(1, 1, 4, 8).to(torch.bfloat16)[..., :6]  # 12-byte rows never take the word view
     store_prefix(torch.zeros(2, 1, 4, 6, dtype=torch.bfloat16), torch.tensor([0]), odd)
+
+
+def test_group_entries_cover_every_batch_row_once_with_at_most_a_group_per_entry():
+    """The VQA decode step's batch: sorted live row ids (groups of 3 rows), padded with the spare
+    row (index 9 of a 3-group layout, group 3); each entry is one group's consecutive live rows."""
+    import numpy as np
+
+    from dvl_batch.engine.decode_step import entry_capacity, group_entries
+
+    rows = np.array([0, 2, 4, 5, 6, 9, 9, 9, 9, 9])  # group 0: 2 rows, 1: 2 rows, 2: 1 row, then 5 padding rows
+    capacity = entry_capacity(len(rows), groups=3, rows_per_group=3)
+    groups, starts, counts = group_entries(rows, 3, capacity, spare_group=3)
+    used = counts > 0
+    assert list(groups[used]) == [0, 1, 2, 3, 3] and list(starts[used]) == [0, 2, 4, 5, 8]
+    assert list(counts[used]) == [2, 2, 1, 3, 2]  # the padding run is cut into entries of at most 3 rows
+    assert (groups[~used] == 3).all()  # unused entries name the spare group and hold no rows
+    covered = sorted(r for s, n in zip(starts[used], counts[used], strict=True) for r in range(s, s + n))
+    assert covered == list(range(len(rows)))
+    assert capacity == min(10, 3 + 4)

@@ -22,6 +22,7 @@ CHECK = textwrap.dedent(
     """
     import torch
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
+    from dvl_batch.engine.decode_step import entry_capacity, group_entries
     from dvl_batch.engine.triton_decode import KernelConfig, choose_splits, decode_attention
 
     def fill(kv):
@@ -62,11 +63,22 @@ CHECK = textwrap.dedent(
                                        kv.suffix_v[0], prefix_len, row_len, 1, dim ** -0.5, splits, config, live=live)
                 error = ((got - expected[live]).norm() / expected[live].norm()).item()
                 assert error < 1e-5, ("indexed", heads, kv_heads, splits, config, error)
+            elif config is None:  # VQA compacted: some rows of some groups live, padded with the last row
+                live_rows = sorted({0, q_rows - 1, q_rows + 1, rows - 1})
+                pad = [rows - 1] * (q_rows + 2)  # a padding run longer than a group (the spare row's role)
+                live = torch.tensor(live_rows + pad)
+                capacity = entry_capacity(len(live), groups, q_rows)
+                entries = torch.from_numpy(group_entries(live.numpy(), q_rows, capacity, groups - 1))
+                got = decode_attention(query[live, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0],
+                                       kv.suffix_v[0], prefix_len, row_len, q_rows, dim ** -0.5, splits,
+                                       live=live, entries=entries)
+                error = ((got - expected[live]).norm() / expected[live].norm()).item()
+                assert error < 1e-5, ("grouped", q_rows, heads, kv_heads, splits, error)
     assert choose_splits(436, 16, 132) == 1 and choose_splits(8, 16, 132) >= 4
 
     # suffix prefill: T question tokens per row of some groups, against their prefix and
     # their own causal suffix (the torch path is the reference)
-    from dvl_batch.engine.triton_decode import suffix_prefill_attention
+    from dvl_batch.engine.triton_suffix import suffix_prefill_attention
 
     for q_rows, heads, kv_heads, new, cache in [
         (5, 2, 2, 7, torch.float32), (3, 4, 2, 30, torch.float32), (1, 2, 1, 4, torch.float32), (5, 2, 2, 7, FP8),
@@ -112,22 +124,26 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     from dvl_batch.engine import triton_decode as td
     from dvl_batch.engine import triton_quantize as tq
+    from dvl_batch.engine import triton_suffix as ts
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False, GROUPED=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True, GROUPED=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False), "fp8e4nv"),  # --kv-dtype fp8
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False, GROUPED=False), "fp8e4nv"),  # --kv-dtype fp8
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True), "fp8e4nv"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True, GROUPED=False), "fp8e4nv"),
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
+                                 GROUPED=True), "bf16"),  # VQA decode over the live groups
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
-        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+        (ts._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                         MMA=triton.language.bfloat16), "bf16"),
-        (td._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+        (ts._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                         MMA=triton.language.float16), "fp8e4nv"),
-        (td._suffix_tokens_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=32, PARTS=2), "fp8e4nv"),
+        (ts._suffix_tokens_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=32, PARTS=2), "fp8e4nv"),
         (tq._quantize_rows_kernel, dict(BLOCK=8192), "bf16"),  # --quantize fp8: activations per row
     ]
     for kernel, consts, kv_type in cases:
@@ -141,7 +157,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                 signature[name] = "*fp8e4nv" if (kernel is tq._quantize_rows_kernel and name == "OUT") else "*bf16"
             elif name in ("ACC", "M", "L", "SCALE"):
                 signature[name] = "*fp32"
-            elif name in ("PLEN", "RLEN", "GROUPS", "ROWS", "LIVE"):
+            elif name in ("PLEN", "RLEN", "GROUPS", "ROWS", "LIVE", "ENT_G", "ENT_S", "ENT_N"):
                 signature[name] = "*i64"
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"

@@ -82,6 +82,17 @@ def test_triton_decode_matches_torch_path_on_cuda():
                                        prefix_len, row_len, 1, dim**-0.5, splits * 2, live=live)
                 error = ((got.float() - expected[live].float()).norm() / expected[live].float().norm()).item()
                 assert error < tolerance, ("indexed", dtype, splits, error)
+            else:  # VQA compacted: some rows of some groups live, then padding rows
+                from dvl_batch.engine.decode_step import entry_capacity, group_entries
+
+                live = torch.randperm(rows, device="cuda")[: rows // 2].sort().values
+                live = torch.cat([live, live[-1:].expand(7)])
+                capacity = entry_capacity(len(live), groups, q_rows)
+                entries = torch.from_numpy(group_entries(live.cpu().numpy(), q_rows, capacity, groups - 1)).cuda()
+                got = decode_attention(query[live, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
+                                       prefix_len, row_len, q_rows, dim**-0.5, splits, live=live, entries=entries)
+                error = ((got.float() - expected[live].float()).norm() / expected[live].float().norm()).item()
+                assert error < tolerance, ("grouped", dtype, splits, error)
 
 
 @pytest.mark.parametrize("q_rows", [5, 1])
@@ -90,7 +101,8 @@ def test_triton_kernels_read_an_fp8_cache_on_cuda(q_rows):
     upcasts the same cache, so both compute the same attention (one-row groups, captions,
     take the CUDA-core prefix loop of `FP8_ONE_ROW_CONFIG`)."""
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
-    from dvl_batch.engine.triton_decode import decode_attention, suffix_prefill_attention
+    from dvl_batch.engine.triton_decode import decode_attention
+    from dvl_batch.engine.triton_suffix import suffix_prefill_attention
 
     torch.manual_seed(0)
     heads, dim, prefix_cap, suffix_cap, groups = 16, 128, 616, 136, 24
@@ -127,7 +139,7 @@ def test_triton_kernels_read_an_fp8_cache_on_cuda(q_rows):
 
 def test_triton_suffix_prefill_matches_torch_path_on_cuda():
     from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
-    from dvl_batch.engine.triton_decode import suffix_prefill_attention
+    from dvl_batch.engine.triton_suffix import suffix_prefill_attention
 
     torch.manual_seed(0)
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):

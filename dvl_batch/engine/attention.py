@@ -97,6 +97,7 @@ class AttentionStep:
     triton_splits: int = 0  # > 0: through the Triton kernels (decode: with this many prefix splits)
     collect: list | None = None  # prefix mode: append (key, value) per layer here instead of storing them
     live: torch.Tensor | None = None  # compacted decode: batch row i is row live[i] of the whole layout
+    entries: torch.Tensor | None = None  # ... and with groups of several rows, [3, E] per live group (decode_step.group_entries)
 
 
 def _scores(query: torch.Tensor, keys: torch.Tensor, out_dtype_scores: bool) -> torch.Tensor:
@@ -202,8 +203,8 @@ def _compacted_attention(step: AttentionStep, layer: int, query: torch.Tensor, s
 def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of new row tokens over [group prefix | own suffix], merged in one softmax."""
     if step.live is not None:
-        if step.triton_splits and step.rows_per_group == 1 and query.shape[2] == 1:
-            return _triton_rows_attention(step, layer, query, scaling)  # the kernel reads slot live[b] itself
+        if step.triton_splits and query.shape[2] == 1 and (step.rows_per_group == 1 or step.entries is not None):
+            return _triton_rows_attention(step, layer, query, scaling)  # the kernel reads the slots live[b] itself
         return _compacted_attention(step, layer, query, scaling)
     if step.triton_splits and query.shape[2] == 1 and step.groups is None and step.rows is None:
         return _triton_rows_attention(step, layer, query, scaling)
@@ -260,12 +261,13 @@ def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor,
     out = decode_attention(
         query[:, :, 0], kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit], kv.suffix_k[layer], kv.suffix_v[layer],
         step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits, live=step.live,
+        entries=step.entries,
     )
     return out[:, :, None]
 
 
 def _triton_suffix_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    from .triton_decode import suffix_prefill_attention
+    from .triton_suffix import suffix_prefill_attention
 
     kv = step.kv
     return suffix_prefill_attention(

@@ -5,11 +5,12 @@ see only the live rows, padded up to one of a few bucket sizes, and each bucket 
 captured once as a CUDA graph. A VQA group keeps its slot until its longest answer
 ends, so about 40% of its rows are finished at any step (measured: 2431 steps x 1020
 slots for 1.47M tokens); a caption layout has freed slots waiting for the next
-admission, and a run's tail empties. Caption rows (one per group) go to the Triton
-kernel as they are: its grid holds the bucket's entries and each reads the slot it names,
-so no program is spent on an empty slot. VQA rows, and the torch path, are scattered into
-the whole layout for attention (a finished row's suffix length is zero, so it reads
-nothing) and gathered back.
+admission, and a run's tail empties. The Triton kernel takes the compacted batch as it
+is: caption rows (one per group) as entries that each read the slot they name; VQA rows
+through per-group entries (`group_entries`: a group's live rows are consecutive in the
+sorted batch, and its prefix is read once for all of them). No program is spent on an
+empty slot. The torch path scatters the rows into the whole layout for attention (a
+finished row's suffix length is zero, so it reads nothing) and gathers them back.
 
 Padding entries point at one spare row past the layout: its keys are written and never
 read, its token is never sent home.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from .attention import AttentionStep
@@ -45,6 +47,9 @@ class DecodeStep:
         self.logits = torch.zeros(self.rows + 1, vocab, dtype=torch.float32, device=dev) if sampling else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.splits = self._splits_per_bucket()
+        q = store.layout.rows_per_group
+        self.grouped = bool(store.triton_splits) and q > 1  # VQA through the kernel: entries per live group
+        self.entries = torch.zeros(3, self.rows + 1, dtype=torch.long, device=dev) if self.grouped else None
         self.compile_seconds = 0.0  # the warm-ups that compile the decode forward (when it is compiled)
         if cuda_graphs and store.on_cuda:
             self._capture()
@@ -54,7 +59,7 @@ class DecodeStep:
     def _splits_per_bucket(self) -> dict[int, int]:
         """Prefix splits of the Triton kernel for each bucket of one-row groups: its grid holds
         only the bucket's rows, so a small bucket takes more splits to fill the GPU (VQA
-        groups keep the store's splits, chosen for the whole layout)."""
+        groups keep the store's splits, chosen for the layout's groups)."""
         s = self.store
         if not s.triton_splits or s.layout.rows_per_group != 1:
             return {}
@@ -62,6 +67,23 @@ class DecodeStep:
 
         sm_count = torch.cuda.get_device_properties(s.device).multi_processor_count
         return {b: choose_splits(b, s.vlm.num_heads, sm_count) for b in self.buckets}
+
+    def _capacity(self, bucket: int) -> int:
+        return entry_capacity(bucket, self.store.layout.groups, self.store.layout.rows_per_group)
+
+    def _set_rows(self, row_ids: list[int], bucket: int) -> None:
+        """Upload the step's sorted row ids, padded with the spare row to `bucket` (and, for
+        groups of several rows, their group entries) in one copy, into the static buffers."""
+        padded = np.asarray(row_ids + [self.spare] * (bucket - len(row_ids)), dtype=np.int64)
+        if not self.grouped:
+            self.live[:bucket].copy_(self.store.upload(padded))
+            return
+        layout = self.store.layout
+        capacity = self._capacity(bucket)
+        entries = group_entries(padded, layout.rows_per_group, capacity, spare_group=layout.groups)
+        packed = self.store.upload(np.concatenate([padded, entries.ravel()]))
+        self.live[:bucket].copy_(packed[:bucket])
+        self.entries[:, :capacity].copy_(packed[bucket:].view(3, capacity))
 
     def bucket(self, count: int) -> int:
         """The smallest captured batch that holds `count` live rows."""
@@ -76,7 +98,7 @@ class DecodeStep:
         step = AttentionStep(
             s.kv, "rows", rows_per_group=s.layout.rows_per_group, write_pos=s.row_len, groups_limit=groups,
             out_dtype_scores=s.out_dtype_scores, prefix_lengths=s.group_prefix, triton_splits=self.splits.get(bucket, s.triton_splits),
-            live=live,
+            live=live, entries=self.entries[:, : self._capacity(bucket)] if self.grouped else None,
         )
         if not s.triton_splits:
             valid = s.suffix_range[None, :] <= s.row_len[: self.rows, None]
@@ -98,8 +120,9 @@ class DecodeStep:
         s = self.store
         return (s.force_at[live] if s.stop_schedule else None), s.n_gen[live]
 
-    def _every_row_live(self) -> None:
-        self.live[: self.rows].copy_(torch.arange(self.rows, device=self.live.device))
+    def _every_row_live(self, bucket: int | None = None) -> None:
+        """The first `bucket` rows (default: all) live: the warm-ups' and captures' state."""
+        self._set_rows(list(range(bucket or self.rows)), bucket or self.rows)
 
     def body_all(self) -> None:
         """Every row of the layout live (the bench's attention-share measurement)."""
@@ -114,8 +137,8 @@ class DecodeStep:
         current = torch.cuda.current_stream(s.device)
         stream = torch.cuda.Stream(s.device)
         pool = torch.cuda.graph_pool_handle()
-        self._every_row_live()
         for index, bucket in enumerate(reversed(self.buckets)):
+            self._every_row_live(bucket)  # (group entries must match the bucket they are read with)
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
                 if index < 2:  # the compiled forward compiles at the first two sizes (see _first_run)
@@ -153,8 +176,8 @@ class DecodeStep:
     def _warm_without_graphs(self) -> None:
         """--no-cuda-graphs with the compiled forward: compile now (and fall back if needed),
         not inside the first step of the run."""
-        self._every_row_live()
         for bucket in list(reversed(self.buckets))[:2]:
+            self._every_row_live(bucket)
             self._first_run(bucket)
         self.store.reset_rows()
 
@@ -164,7 +187,7 @@ class DecodeStep:
         s = self.store
         row_ids = sorted(rows)
         bucket = self.bucket(len(row_ids))
-        self.live[:bucket].copy_(s.upload(row_ids + [self.spare] * (bucket - len(row_ids))))
+        self._set_rows(row_ids, bucket)
         graph = self.graphs.get(bucket)
         if graph is not None:
             graph.replay()
@@ -178,3 +201,30 @@ class DecodeStep:
         s.row_len.add_(s.row_live).clamp_(max=s.layout.suffix_cap - 1)  # freed rows stay at 0
         s.n_gen.add_(1)
         return s.send_home(tokens, {row_id: (rows[row_id], i) for i, row_id in enumerate(row_ids)})
+
+
+def group_entries(rows: np.ndarray, rows_per_group: int, capacity: int, spare_group: int) -> np.ndarray:
+    """[3, capacity] (group, first batch row, row count) for a compacted batch of sorted row ids.
+
+    A group's live rows are consecutive in the batch (row ids are group-major); runs of the
+    spare row (the bucket's padding) become entries of at most `rows_per_group` rows over the
+    spare group, so every batch row belongs to exactly one entry. Unused entries: 0 rows."""
+    groups = rows // rows_per_group
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = groups[1:] != groups[:-1]
+    run_start = np.flatnonzero(first)
+    position = np.arange(len(rows)) - run_start[np.cumsum(first) - 1]
+    first |= position % rows_per_group == 0  # (only spare runs are longer than a group)
+    starts = np.flatnonzero(first)
+    assert len(starts) <= capacity, "more groups than entries"
+    out = np.zeros((3, capacity), dtype=np.int64)
+    out[0] = spare_group
+    out[0, : len(starts)] = groups[starts]
+    out[1, : len(starts)] = starts
+    out[2, : len(starts)] = np.diff(np.append(starts, len(rows)))
+    return out
+
+
+def entry_capacity(bucket: int, groups: int, rows_per_group: int) -> int:
+    """Entries a bucket's grid needs: each live group one, the padding one per `rows_per_group` rows."""
+    return min(bucket, groups + -(-bucket // rows_per_group))

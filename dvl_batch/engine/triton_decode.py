@@ -118,13 +118,14 @@ def _row_part(
 
 @triton.jit
 def _decode_kernel(
-    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ACC, M, L,
+    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, ACC, M, L,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr, INDEXED: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
     Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
@@ -133,34 +134,48 @@ def _decode_kernel(
     took 136 us of a 590 us layer at 384 rows), and a VQA group's rows do not queue behind
     one another in one program.
 
-    Axis 2 is the batch entry b. INDEXED (one-row groups): entry b is slot LIVE[b] of the
-    layout, so the grid holds only the step's live rows and queries/outputs stay compact;
-    otherwise it is group b of the whole layout."""
+    Axis 2 is entry b. Whole layout (neither flag): group b, rows b*Q_ROWS.. INDEXED (one-row
+    groups): slot LIVE[b], query and output row b, so the grid holds only the step's live rows.
+    GROUPED (groups of several rows): group ENT_G[b], whose live rows are batch rows
+    ENT_S[b]..+ENT_N[b] (slots LIVE[...]); entries past the step's groups have ENT_N 0."""
     split = tl.program_id(0)  # the fastest grid axis: suffix programs interleave with prefix ones
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets of a multi-GB layer cache overflow 32 bits
-    if INDEXED:
+    if GROUPED:
+        g = tl.load(ENT_G + b).to(tl.int64)
+        row0 = tl.load(ENT_S + b).to(tl.int64)
+        n = tl.load(ENT_N + b).to(tl.int32)
+    elif INDEXED:
         g = tl.load(LIVE + b).to(tl.int64)
+        row0 = b
+        n = 1
     else:
         g = b
+        row0 = b * Q_ROWS
+        n = Q_ROWS
     if split < SPLITS:
         if FMA_PREFIX:  # one row per group (captions): no 16-row tensor-core tile for one query
             start = split * (TILES * BLOCK_N)
             stop = tl.minimum(tl.load(PLEN + g).to(tl.int32), start + TILES * BLOCK_N)
             _row_part(
-                Q, PK, PV, ACC, M, L, b, g, start, stop, split, h,
+                Q, PK, PV, ACC, M, L, row0, g, start, stop, split, h,
                 stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
                 HEADS, REP, D, BLOCK_N, SPLITS + 1,
             )
-        else:
+        elif n > 0:
             _prefix_part(
-                Q, PK, PV, PLEN, ACC, M, L, g, b * Q_ROWS, Q_ROWS, h, split,
+                Q, PK, PV, PLEN, ACC, M, L, g, row0, n, h, split,
                 stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
                 HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
             )
-    else:
-        row = b * Q_ROWS + split - SPLITS
-        key_row = g * Q_ROWS + split - SPLITS
+    elif split - SPLITS < n:
+        row = row0 + split - SPLITS
+        if GROUPED:
+            key_row = tl.load(LIVE + row).to(tl.int64)
+        elif INDEXED:
+            key_row = g
+        else:
+            key_row = row
         rlen = tl.load(RLEN + key_row).to(tl.int32) + 1
         _row_part(
             Q, SK, SV, ACC, M, L, row, key_row, 0, rlen, SPLITS, h,
@@ -186,51 +201,6 @@ def _combine_kernel(ACC, M, L, OUT, stride_or, stride_oh, HEADS: tl.constexpr, D
     acc = tl.load(ACC + (base + parts)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / total
     tl.store(OUT + row * stride_or + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
-
-
-@triton.jit
-def _shared_prefix_kernel(
-    Q, PK, PV, PLEN, GROUPS, ACC, M, L,
-    stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-    scale, group_rows, tiles_m,
-    HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
-):
-    """Suffix prefill, prefix level: all query tokens of a group (its Q questions x T tokens,
-    `group_rows`, in tiles of QPAD) against one split of the group's prefix, read once per
-    tile instead of once per question token. Axis 2 is (group in batch, row tile); the
-    token counts are run-time values, so varying question lengths compile nothing new."""
-    split = tl.program_id(0)
-    h = tl.program_id(1)
-    gb = (tl.program_id(2) // tiles_m).to(tl.int64)
-    tile = tl.program_id(2) % tiles_m
-    g = tl.load(GROUPS + gb)
-    row0 = gb * group_rows + tile * QPAD
-    n_rows = tl.minimum(QPAD, group_rows - tile * QPAD)
-    _prefix_part(
-        Q, PK, PV, PLEN, ACC, M, L, g, row0, n_rows, h, split,
-        stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-        HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
-    )
-
-
-@triton.jit
-def _suffix_tokens_kernel(
-    Q, SK, SV, ROWS, ACC, M, L,
-    stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
-    scale, tokens,
-    HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
-):
-    """Suffix prefill, row level: query token t of batch row r against positions 0..t of
-    that row's own suffix (causal), the row's slot given by ROWS."""
-    vrow = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    key_row = tl.load(ROWS + vrow // tokens)
-    _row_part(
-        Q, SK, SV, ACC, M, L, vrow, key_row, 0, vrow % tokens + 1, PARTS - 1, h,
-        stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
-        HEADS, REP, D, BLOCK_N, PARTS,
-    )
 
 
 @dataclass(frozen=True)
@@ -267,7 +237,7 @@ def default_config(cache_dtype: torch.dtype, rows_per_group: int) -> KernelConfi
 
 
 def decode_attention(
-    query: torch.Tensor,  # [R, H, D] (with `live`: [B, H, D], entry b for slot live[b])
+    query: torch.Tensor,  # [R, H, D] (with `live`: [B, H, D], row b for slot live[b])
     prefix_k: torch.Tensor,  # [G, Hkv, P, D]
     prefix_v: torch.Tensor,
     suffix_k: torch.Tensor,  # [R, Hkv, Ls, D]
@@ -278,21 +248,29 @@ def decode_attention(
     scale: float,
     splits: int,
     config: KernelConfig | None = None,
-    live: torch.Tensor | None = None,  # [B] slots of the batch's rows (one-row groups only)
+    live: torch.Tensor | None = None,  # [B] slots of the batch's rows
+    entries: torch.Tensor | None = None,  # [3, E] (group, first batch row, rows) per group: groups of > 1 row
 ) -> torch.Tensor:
-    """Attention output [R, H, D] (or [B, H, D]) of one new token per row over [group prefix | own suffix]."""
+    """Attention output [R, H, D] (or [B, H, D]) of one new token per row over [group prefix | own suffix].
+
+    A compacted batch (`live`) of one-row groups needs nothing else; one of larger groups also
+    needs `entries` (`group_entries`): each group's live rows are consecutive batch rows, and
+    its prefix is read once for all of them."""
     cfg = config or default_config(prefix_k.dtype, rows_per_group)
     rows, heads, dim = query.shape
+    grouped = entries is not None
     if live is not None:
-        assert rows_per_group == 1 and live.shape[0] == rows, "an indexed batch holds one-row groups, one per entry"
-    groups = rows // rows_per_group
+        assert live.shape[0] == rows and (grouped or rows_per_group == 1), "a compacted batch of groups needs entries"
+    grid_groups = entries.shape[1] if grouped else rows // rows_per_group
     rep = heads // prefix_k.shape[1]
     for tensor in (prefix_k, prefix_v, suffix_k, suffix_v):
         assert tensor.stride(-1) == 1, "keys/values must be contiguous in head_dim"
     assert query.stride(-1) == 1
     acc, m, l_sum = _partials(rows, heads, splits + 1, dim, query.device)
-    _decode_kernel[(splits + rows_per_group, heads, groups)](
-        query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, live if live is not None else row_len,
+    index = live if live is not None else row_len  # (unread without INDEXED / GROUPED)
+    ent = entries if grouped else index.new_zeros(3, 1)
+    _decode_kernel[(splits + rows_per_group, heads, grid_groups)](
+        query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, index, ent[0], ent[1], ent[2],
         acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
@@ -303,7 +281,7 @@ def decode_attention(
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
-        FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1, INDEXED=live is not None,
+        FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1, INDEXED=live is not None and not grouped, GROUPED=grouped,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(acc, m, l_sum, query.dtype)
@@ -341,58 +319,3 @@ def choose_splits(groups: int, heads: int, sm_count: int) -> int:
     while groups * heads * (splits + 1) < 4 * sm_count and splits < 16:
         splits *= 2
     return splits
-
-
-SUFFIX_ROW_TILE = 64  # query tokens per prefix-level program of the suffix prefill
-
-
-def suffix_prefill_attention(
-    query: torch.Tensor,  # [B, H, T, D], rows group-major (rows_per_group per group)
-    prefix_k: torch.Tensor,  # [G_all, Hkv, P, D]
-    prefix_v: torch.Tensor,
-    suffix_k: torch.Tensor,  # [R_all, Hkv, Ls, D]: the T new tokens already written at 0..T-1
-    suffix_v: torch.Tensor,
-    prefix_len: torch.Tensor,  # [G_all]
-    groups: torch.Tensor,  # [B // rows_per_group] the batch's group slots
-    rows: torch.Tensor,  # [B] the batch's row slots
-    rows_per_group: int,
-    scale: float,
-    config: KernelConfig | None = None,
-) -> torch.Tensor:
-    """Attention output [B, H, T, D] of question tokens over [group prefix | own causal suffix].
-
-    The eager torch path materialises float32 scores of every question token against the
-    whole prefix (launch- and memory-bound: 2.6 ms per image measured for 5 questions);
-    here each group's prefix is read once per tile of its questions' tokens."""
-    cfg = config or DEFAULT_CONFIG
-    batch, heads, new, dim = query.shape
-    n_groups = batch // rows_per_group
-    rep = heads // prefix_k.shape[1]
-    flat = query.transpose(1, 2).reshape(batch * new, heads, dim)  # virtual rows (row, token)
-    group_rows = rows_per_group * new
-    qpad = min(SUFFIX_ROW_TILE, max(16, triton.next_power_of_2(group_rows)))
-    tiles_m = triton.cdiv(group_rows, qpad)
-    sm_count = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
-    splits = choose_splits(n_groups * tiles_m, heads, sm_count)
-    acc, m, l_sum = _partials(batch * new, heads, splits + 1, dim, query.device)
-    _shared_prefix_kernel[(splits, heads, n_groups * tiles_m)](
-        flat, prefix_k, prefix_v, prefix_len, groups, acc, m, l_sum,
-        flat.stride(0), flat.stride(1),
-        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-        scale, group_rows, tiles_m,
-        HEADS=heads, REP=rep, QPAD=qpad, D=dim, BLOCK_N=cfg.block_n,
-        SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
-        IEEE=query.dtype == torch.float32, MMA=_mma_type(query, prefix_k),
-        num_warps=8 if qpad >= 64 else cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _suffix_tokens_kernel[(batch * new, heads)](
-        flat, suffix_k, suffix_v, rows, acc, m, l_sum,
-        flat.stride(0), flat.stride(1),
-        suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
-        suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
-        scale, new,
-        HEADS=heads, REP=rep, D=dim, BLOCK_N=min(64, max(16, triton.next_power_of_2(new))), PARTS=splits + 1,
-        num_warps=cfg.num_warps,
-    )
-    return _combine(acc, m, l_sum, query.dtype).view(batch, new, heads, dim).transpose(1, 2)
