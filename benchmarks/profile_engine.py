@@ -278,6 +278,8 @@ class Profiler:
                     print(f"  live {live_rows}: {moved / t / 1e12:.2f} TB/s splits {splits} {cfg}", flush=True)
                     if best is None or t < best[0]:
                         best = (t, splits, cfg)
+            if best is None:
+                continue
             t, splits, cfg = best
             self.row("decode attn indexed, best", live_rows, t, t / live_rows * 1000,
                      f"{moved / t / 1e12:.2f} TB/s ({moved / t / copy:.0%} of copy) splits {splits} {cfg}")

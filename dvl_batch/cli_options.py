@@ -74,7 +74,7 @@ Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the rec
 BenchKvDtypes = Annotated[list[str] | None, typer.Option("--kv-dtype", help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.")]
 BenchQuantize = Annotated[list[str] | None, typer.Option("--quantize", help="Weights of the slot-engine runs: none (bf16) and/or fp8; repeat to run both (times each --kv-dtype).")]
 HostProfile = Annotated[str | None, typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")]
-DeviceProfile = Annotated[str | None, typer.Option(help="Write the measured runs' device kernels by kind, top kernels and idle gaps between kernels (torch.profiler) to this file.")]
+DeviceProfile = Annotated[str | None, typer.Option(help="Trace the measured dvl-batch runs (GPU) and write their kernels by kind, top kernels and idle gaps between kernels to this file (the traced runs' rates include the tracing).")]
 InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]
 
 

@@ -76,6 +76,37 @@ CHECK = textwrap.dedent(
                 assert error < 1e-5, ("grouped", q_rows, heads, kv_heads, splits, error)
     assert choose_splits(436, 16, 132) == 1 and choose_splits(8, 16, 132) >= 4
 
+    # the decode step's route: a compacted batch padded with the spare row past the layout (its
+    # group is the scratch group, also past the layout), caches sized groups+1 / rows+1 as the
+    # store allocates them; the Triton route equals the torch route (scatter, attend, gather)
+    for q_rows, cache in [(1, torch.float32), (3, torch.float32), (1, FP8), (3, FP8)]:
+        heads, kv_heads, groups, dim, prefix_cap, suffix_cap = 4, 2, 3, 16, 70, 20
+        rows = groups * q_rows
+        kv = SlotKV.allocate(1, groups + 1, rows + 1, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu")
+        fill(kv)
+        prefix_len = torch.randint(1, prefix_cap + 1, (groups + 1,))
+        prefix_len[groups] = 0  # the scratch group: prefill padding writes there, nothing counts it
+        row_len = torch.randint(0, suffix_cap - 1, (rows + 1,))
+        row_len[rows] = 0  # the spare row never holds a request
+        live = torch.tensor(sorted({0, rows - 1, rows // 2}) + [rows, rows])
+        query = torch.randn(len(live), heads, 1, dim)
+        entries = None
+        if q_rows > 1:
+            entries = torch.from_numpy(group_entries(live.numpy(), q_rows, entry_capacity(len(live), groups, q_rows), groups))
+        p_range, s_range = torch.arange(prefix_cap), torch.arange(suffix_cap)
+        bias_p = torch.zeros(groups, prefix_cap).masked_fill(p_range[None] >= prefix_len[:groups, None], float("-inf"))
+        bias_s = torch.zeros(rows, suffix_cap).masked_fill(s_range[None] > row_len[:rows, None], float("-inf"))
+        torch_step = AttentionStep(kv, "rows", rows_per_group=q_rows, write_pos=row_len, groups_limit=groups, live=live,
+                                   prefix_bias=bias_p[:, None, None], suffix_bias=bias_s[:, None, None])
+        expected = _rows_attention(torch_step, 0, query, dim ** -0.5)
+        triton_step = AttentionStep(kv, "rows", rows_per_group=q_rows, write_pos=row_len, groups_limit=groups, live=live,
+                                    prefix_lengths=prefix_len, triton_splits=2, entries=entries)
+        got = _rows_attention(triton_step, 0, query, dim ** -0.5)
+        real = live < rows  # the spare entries' outputs are thrown away
+        error = ((got[real] - expected[real]).norm() / expected[real].norm()).item()
+        assert error < 1e-5, ("route", q_rows, cache, error)
+        assert torch.isfinite(got).all()
+
     # suffix prefill: T question tokens per row of some groups, against their prefix and
     # their own causal suffix (the torch path is the reference)
     from dvl_batch.engine.triton_suffix import suffix_prefill_attention

@@ -56,6 +56,7 @@ def slot_engine_entry(name: str, dvl: dict[str, Any], answers: dict, images: int
             entry["prefill_mfu"] = round(prefill_flops / (prefill_ms / 1000) / (peak_tflops * 1e12), 3)
     if len(dvl.get("kernels", {})) > 1:  # the device profile's summary (beyond its image count)
         entry["device_profile"] = dvl["kernels"]
+        entry["profiled"] = True  # traced: its rate includes the profiler's overhead
     return entry
 
 

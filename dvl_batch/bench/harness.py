@@ -252,6 +252,9 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
             worker.engine.close()  # give the KV slots back before the next engine allocates its own
         answers = read_answers(Path(run_spec.output.path))
         entry = slot_engine_entry(label, dvl, answers, len(samples), split, useful_flops, prefill_flops, peak_tflops)
+        if entry.get("profiled"):
+            result.notes.append(f"{label}: traced by --device-profile (its rate includes the tracing; kernels in "
+                                f"{cfg.device_profile})")
         if reference is None:
             reference = (name, entry, answers)
         else:
@@ -340,6 +343,8 @@ def run_preprocess_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
     """
     from ..tiny import ensure_tiny_model
 
+    if cfg.device_profile or cfg.host_profile:
+        raise UsageError("--device-profile and --host-profile trace the engine runs; the preprocess profile has none")
     work = Path(tempfile.mkdtemp(prefix="dvl-bench-"))
     data = Path(cfg.data_dir) if cfg.data_dir else work / "data"
     count = min(cfg.requests, 512)

@@ -32,6 +32,8 @@ GAP_BINS_US = (10, 100, 1000, 10_000)
 
 def kind_of(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith("triton_"):  # inductor's fusions: their casts say nothing of what they do
+        lowered = lowered.replace("_to_copy", "")
     for kind, fragments in KINDS:
         if any(f.lower() in lowered for f in fragments):
             return kind

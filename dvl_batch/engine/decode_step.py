@@ -12,8 +12,10 @@ sorted batch, and its prefix is read once for all of them). No program is spent 
 empty slot. The torch path scatters the rows into the whole layout for attention (a
 finished row's suffix length is zero, so it reads nothing) and gathers them back.
 
-Padding entries point at one spare row past the layout: its keys are written and never
-read, its token is never sent home.
+Padding entries point at one spare row past the layout (of the scratch group past the
+layout's groups): its keys are written at suffix position 0 and read back by its own entry
+only, its scratch prefix has length 0 (nothing is ever admitted there), and its token is
+never sent home.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ class DecodeStep:
         sampling = store.gen.temperature > 0
         self.logits = torch.zeros(self.rows + 1, vocab, dtype=torch.float32, device=dev) if sampling else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.splits = self._splits_per_bucket()
         q = store.layout.rows_per_group
         self.grouped = bool(store.triton_splits) and q > 1  # VQA through the kernel: entries per live group
         self.entries = torch.zeros(3, self.rows + 1, dtype=torch.long, device=dev) if self.grouped else None
@@ -55,18 +56,6 @@ class DecodeStep:
             self._capture()
         elif store.on_cuda:
             self._warm_without_graphs()
-
-    def _splits_per_bucket(self) -> dict[int, int]:
-        """Prefix splits of the Triton kernel for each bucket of one-row groups: its grid holds
-        only the bucket's rows, so a small bucket takes more splits to fill the GPU (VQA
-        groups keep the store's splits, chosen for the layout's groups)."""
-        s = self.store
-        if not s.triton_splits or s.layout.rows_per_group != 1:
-            return {}
-        from .triton_decode import choose_splits
-
-        sm_count = torch.cuda.get_device_properties(s.device).multi_processor_count
-        return {b: choose_splits(b, s.vlm.num_heads, sm_count) for b in self.buckets}
 
     def _capacity(self, bucket: int) -> int:
         return entry_capacity(bucket, self.store.layout.groups, self.store.layout.rows_per_group)
@@ -97,7 +86,7 @@ class DecodeStep:
         groups = s.layout.groups
         step = AttentionStep(
             s.kv, "rows", rows_per_group=s.layout.rows_per_group, write_pos=s.row_len, groups_limit=groups,
-            out_dtype_scores=s.out_dtype_scores, prefix_lengths=s.group_prefix, triton_splits=self.splits.get(bucket, s.triton_splits),
+            out_dtype_scores=s.out_dtype_scores, prefix_lengths=s.group_prefix, triton_splits=s.triton_splits,
             live=live, entries=self.entries[:, : self._capacity(bucket)] if self.grouped else None,
         )
         if not s.triton_splits:
