@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the checkpoint, shards, caches and outputs")
     parser.add_argument("--timeout", type=float, default=400)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--cli-args", default="", help="more options for every run, e.g. '--compile' (default: the CLI's own)")
     args = parser.parse_args()
 
     from dvl_batch.bench.corpus import make_jpeg_shards
@@ -108,7 +109,7 @@ def main() -> None:
     runs = []
     for label, out in (("cold", work / "out-cold"), ("warm", work / "out-warm"), ("noop", work / "out-warm")):
         cli = ["caption", *map(str, shards), "-o", str(out), "--model", str(checkpoint), "--device", args.device,
-               "--workers", str(args.workers), "--no-progress"]
+               "--workers", str(args.workers), "--no-progress", *args.cli_args.split()]
         runs.append(run_once(label, cli, env, out, args.timeout))
         print(f"{label}: {runs[-1]}", file=sys.stderr, flush=True)
     device = args.device
@@ -116,7 +117,8 @@ def main() -> None:
         import torch
 
         device = torch.cuda.get_device_name()
-    report = {"shape": args.shape, "device": device, "images": args.images, "per_shard": args.per_shard, "runs": runs,
+    report = {"shape": args.shape, "device": device, "images": args.images, "per_shard": args.per_shard,
+              "cli_args": args.cli_args, "runs": runs,
               "host": platform.node()}
     print(f"start time, {args.shape} on {device}, {args.images} images in shards of {args.per_shard}")
     print(f"{'run':<6} {'rc':>3} {'first part s':>13} {'total s':>9}  start phases (s)")

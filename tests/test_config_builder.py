@@ -46,3 +46,30 @@ def test_decode_compilation_follows_its_option_and_never_outlives_no_compile():
     assert JobSpec.from_recipe(None).batch.compiles_decode
     assert not JobSpec.from_recipe(None, compile_decode=False).batch.compiles_decode
     assert not JobSpec.from_recipe(None, compile=False).batch.compiles_decode  # --no-compile: nothing compiled
+
+
+def test_compile_auto_is_decided_by_the_input_left_to_read():
+    """`batch.compile: auto` (the default) compiles a job with 2 GB or more of input left, or of
+    unknown size (remote shards), and not a small one (a cron run over a few new shards, whose
+    start compiling would double); an explicit choice is never changed."""
+    from dvl_batch.config.launch import AUTO_COMPILE_MIN_BYTES, resolve_compile
+
+    spec = JobSpec.from_recipe(None)
+    assert spec.batch.compile == "auto" and spec.batch.compiles  # unresolved (Ray Data's engines): compiles
+    small, notice = resolve_compile(spec, 50 * 2**20)
+    assert small.batch.compile is False and not small.batch.compiles_decode
+    assert "small job (50 MB of input left)" in notice and "--compile" in notice
+    for size in (AUTO_COMPILE_MIN_BYTES, None):
+        large, notice = resolve_compile(spec, size)
+        assert large.batch.compile is True and large.batch.compiles_decode and notice is None
+    for chosen in (True, False):
+        explicit = JobSpec.from_recipe(None, compile=chosen)
+        assert resolve_compile(explicit, 1)[0].batch.compile is chosen
+        assert resolve_compile(explicit, None)[0].batch.compile is chosen
+
+
+def test_batch_compile_takes_auto_true_or_false_only():
+    assert JobSpec.from_recipe(None, **{"batch.compile": "auto"}).batch.compile == "auto"
+    assert JobSpec.from_recipe(None, **{"batch.compile": "false"}).batch.compile is False
+    with pytest.raises(UsageError, match="batch.compile must be auto, true or false"):
+        JobSpec.from_recipe(None, **{"batch.compile": "sometimes"})

@@ -190,3 +190,16 @@ def test_hostile_folder_end_to_end(tmp_path, cache_dir):
     status = run_cli(["status", str(out)], cache_dir)
     assert status.returncode == 2 and status.stderr.strip().startswith("error:") and "Traceback" not in status.stderr
     assert len(status.stderr.strip().splitlines()) == 1
+
+
+def test_a_small_job_resolves_compile_auto_to_off_and_an_explicit_choice_stays(two_shards, cache_dir):
+    """The prepared job carries the decided `batch.compile` (what its engines build with): two
+    small shards are far under the 2 GB from which compiling pays; on a CPU nothing compiles
+    anyway, so no notice is shown there."""
+    data, out = two_shards
+    job = prepared(cache_dir, [data], out)
+    assert job.spec.batch.compile is False and not any("small job" in n for n in job.notices)
+    job.release()
+    job = prepared(cache_dir, [data], out, compile=True)
+    assert job.spec.batch.compile is True
+    job.release()

@@ -114,3 +114,20 @@ def test_corrupt_parquet_file_gives_one_shard_error_row(tmp_path):
     samples, end = read_all(path, "parquet")
     assert [s.key for s in samples] == [SHARD_ROW_KEY] and "unreadable parquet file" in samples[0].error
     assert end.partial
+
+
+def test_shard_bytes_counts_local_files_and_folder_chunks_and_not_remote_urls(tmp_path):
+    """What `batch.compile: auto` weighs: the bytes left to read, where they are known without reading."""
+    from dvl_batch.records import Shard
+    from dvl_batch.sources import shard_bytes
+
+    tar = tmp_path / "a.tar"
+    tar.write_bytes(b"x" * 1000)
+    (tmp_path / "imgs").mkdir()
+    for name, size in (("1.jpg", 10), ("2.jpg", 20)):
+        (tmp_path / "imgs" / name).write_bytes(b"y" * size)
+    assert shard_bytes(Shard("a", str(tar), "webdataset")) == 1000
+    assert shard_bytes(Shard("f", str(tmp_path / "imgs"), "folder", members=("1.jpg", "2.jpg"))) == 30
+    assert shard_bytes(Shard("r", "https://example.com/a.tar", "webdataset")) is None
+    assert shard_bytes(Shard("p", "pipe:cat a.tar", "webdataset")) is None
+    assert shard_bytes(Shard("gone", str(tmp_path / "missing.tar"), "webdataset")) is None

@@ -70,6 +70,26 @@ def default_cache_dir() -> Path:
     return Path(base) / "dvl-batch"
 
 
+# `batch.compile: auto` compiles when at least this much input is left to read. Compiling
+# costs ~20 s warm and ~65 s cold on the H200 (1.3B) and saves ~2 ms of device time per image
+# (BENCHMARKS.md 0b/0c): it pays from ~10,000 images warm, ~2-3 GB of typical JPEGs.
+AUTO_COMPILE_MIN_BYTES = 2 * 2**30
+
+
+def resolve_compile(spec: Spec, todo_bytes: int | None) -> tuple[Spec, str | None]:
+    """The job's `batch.compile` with "auto" decided by the input left to read (None: unknown,
+    e.g. remote shards, counts as large); also the notice to show when it turned compiling off."""
+    batch = spec.batch
+    if batch.compile != "auto":
+        return spec, None
+    large = todo_bytes is None or todo_bytes >= AUTO_COMPILE_MIN_BYTES
+    resolved = replace(spec, batch=replace(batch, compile=large))
+    if large:
+        return resolved, None
+    return resolved, (f"small job ({todo_bytes / 2**20:.0f} MB of input left): not compiling the engine's passes "
+                      f"(it pays from ~{AUTO_COMPILE_MIN_BYTES / 2**30:.0f} GB of images); --compile compiles anyway")
+
+
 def use_compile_cache(cache: Path) -> None:
     """Keep torch.compile's and Triton's compiled artifacts under the tool's cache folder.
 

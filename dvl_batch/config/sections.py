@@ -93,15 +93,23 @@ class BatchSpec:
     token_budget: int | None = None  # cap on prompt tokens per prefill batch
     prefill_batch: int | None = None  # images per prefill step; None: automatic
     cuda_graphs: bool = True
-    compile: bool = True  # torch.compile the slot engine's passes (CUDA only)
+    # torch.compile the slot engine's passes (CUDA only); "auto": unless the job's unfinished
+    # inputs are small (config.launch.resolve_compile), where compiling costs more than it saves
+    compile: bool | str = "auto"
     compile_decode: bool = True  # ... the decode step's forward too (faster steps, ~10-25 s more start)
     triton_attention: bool = True  # Triton decode attention reading only valid keys (CUDA only)
     phase_timing: bool = False  # synchronise to time vision/prefill phases (diagnosis; slower)
 
     @property
+    def compiles(self) -> bool:
+        """Whether the engine compiles: an unresolved "auto" (an engine built without a job,
+        e.g. in Ray Data) compiles, since it serves a stream of unknown length."""
+        return self.compile is True or self.compile == "auto"
+
+    @property
     def compiles_decode(self) -> bool:
         """--no-compile turns every compilation off, the decode step's included."""
-        return self.compile and self.compile_decode
+        return self.compiles and self.compile_decode
 
 
 @dataclass(frozen=True)

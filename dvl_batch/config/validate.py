@@ -192,6 +192,7 @@ def validate(spec: Any) -> None:
     _check(d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
     _check(d.max_file_bytes >= 1, f"data.max_file_bytes must be >= 1, got {d.max_file_bytes}")
     _check(b.engine in ENGINES, f"batch.engine must be one of {', '.join(ENGINES)}, got '{b.engine}'")
+    _check(b.compile in (True, False, "auto"), f"batch.compile must be auto, true or false, got '{b.compile}'")
     _check(b.batch_size is None or b.batch_size >= 1, f"batch.batch_size must be >= 1, got {b.batch_size}")
     _check(b.token_budget is None or b.token_budget >= 1, f"batch.token_budget must be >= 1, got {b.token_budget}")
     _check(

@@ -172,7 +172,7 @@ class SlotEngine:
     def _allocate(self, layout: Layout) -> None:
         self.store = SlotStore(
             self.vlm, self.views, layout, self.gen, self.eos_ids[0], self.pad_id, self._prefill_batch(),
-            compile_steps=self.batch.compile, cuda_graphs=self.batch.cuda_graphs,
+            compile_steps=self.batch.compiles, cuda_graphs=self.batch.cuda_graphs,
             use_triton=self.batch.triton_attention, stop_schedule=self.stop_schedule, kv_dtype=self.kv_dtype,
             compile_decode=self.batch.compiles_decode,
         )

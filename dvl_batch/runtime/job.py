@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..config.launch import resolve_compile
 from ..config.spec import JobSpec
-from ..engine.model import ResolvedModel
+from ..engine.model import ResolvedModel, pick_device
 from ..records import Shard
 from ..sink.checkpoints import Checkpoints
 from ..sink.files import atomic_write_bytes
 from ..sink.output import OutputDir
-from ..sources import FolderManifest, discover_shards
+from ..sources import FolderManifest, discover_shards, shard_bytes
 from .models import resolve_model
 from .preflight import check_devices, check_inputs
 from .resume import check_identity_from_parts, exclude_paths, recover_manifest, trusted_parts
@@ -134,4 +135,18 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
     except BaseException:
         out.release()
         raise
+    spec, notice = resolve_compile(spec, _input_bytes(todo))
+    if notice and todo and pick_device(spec.model.device).type == "cuda":  # (nothing compiles on a CPU)
+        notices.append(notice)
     return PreparedJob(spec, model, out, mine, todo, metadata, notices)
+
+
+def _input_bytes(shards: list[Shard]) -> int | None:
+    """What is left to read, in bytes (None if a shard's size is unknown: remote inputs)."""
+    total = 0
+    for shard in shards:
+        size = shard_bytes(shard)
+        if size is None:
+            return None
+        total += size
+    return total

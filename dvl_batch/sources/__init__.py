@@ -19,7 +19,7 @@ Imports only `records`, `errors` and `config`.
 from __future__ import annotations
 
 from ..records import Shard
-from .discovery import FolderManifest, discover_shards
+from .discovery import FolderManifest, discover_shards, shard_bytes
 from .folder import read_folder
 from .formats import DEFAULT_MAX_FILE_BYTES, SHARD_ROW_KEY, name_of_key, safe_text
 from .parquet import read_parquet
@@ -27,7 +27,7 @@ from .webdataset import read_webdataset
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES", "SHARD_ROW_KEY", "FolderManifest", "discover_shards", "name_of_key", "read_shard",
-    "safe_text",
+    "safe_text", "shard_bytes",
 ]
 
 

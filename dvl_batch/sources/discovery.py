@@ -48,6 +48,20 @@ def _file_shard(path: str, fmt: str) -> Shard:
 
 
 
+def shard_bytes(shard: Shard) -> int | None:
+    """Bytes a shard holds on local disk (a folder chunk: its images), or None where that is
+    not known without reading it (remote or piped URLs, files that went away)."""
+    if is_remote(shard.url):
+        return None
+    try:
+        if shard.members:
+            root = Path(shard.url)
+            return sum((root / member).stat().st_size for member in shard.members)
+        return Path(shard.url).stat().st_size
+    except OSError:
+        return None
+
+
 def is_output_folder(path: Path) -> bool:
     """A dvl-batch OUT (its parts and bookkeeping), which is never read as input."""
     return (path / "parts").is_dir() and any((path / name).exists() for name in ("job.json", "progress.json", ".lock"))
