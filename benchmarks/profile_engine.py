@@ -333,6 +333,7 @@ class Profiler:
                     store.group_prefix.fill_(self.length)
                     store.row_prefix.fill_(self.length)
                     store.row_len.fill_(36)
+                    store.decoder._every_row_live()  # the full bucket's rows in the graph's buffers
                     t = timed(store.decoder.graphs[store.decoder.rows].replay)
                     kv = 2 * 2 * self.vlm.num_layers * slots * self.vlm.num_kv_heads * self.vlm.head_dim * (self.length + 37)
                     name = "decode step graph" + (", compiled forward" if compiled else "")

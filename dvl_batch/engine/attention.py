@@ -194,7 +194,7 @@ def _compacted_attention(step: AttentionStep, layer: int, query: torch.Tensor, s
     layout_rows = step.kv.suffix_k.shape[1] - 1
     whole = query.new_zeros(layout_rows + 1, *query.shape[1:])
     whole.index_copy_(0, step.live, query)
-    inner = replace(step, live=None, write_pos=step.write_pos[:layout_rows])
+    inner = replace(step, live=None, entries=None, write_pos=step.write_pos[:layout_rows])
     out = whole.new_zeros(whole.shape)
     out[:layout_rows] = _rows_attention(inner, layer, whole[:layout_rows], scaling)
     return out[step.live]

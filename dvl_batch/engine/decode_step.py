@@ -138,7 +138,7 @@ class DecodeStep:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.body(bucket)
             self.graphs[bucket] = graph
-        s.reset_rows()
+        s.reset_rows()  # (the row buffers now hold the smallest bucket's rows: `launch` sets them before a replay)
 
     def _first_run(self, bucket: int) -> None:
         """A warm-up step that compiles the compiled decode forward, timed as compile time.

@@ -259,6 +259,7 @@ def decode_attention(
     cfg = config or default_config(prefix_k.dtype, rows_per_group)
     rows, heads, dim = query.shape
     grouped = entries is not None
+    assert live is not None or not grouped, "group entries index a compacted batch: pass its live rows too"
     if live is not None:
         assert live.shape[0] == rows and (grouped or rows_per_group == 1), "a compacted batch of groups needs entries"
     grid_groups = entries.shape[1] if grouped else rows // rows_per_group
@@ -268,7 +269,7 @@ def decode_attention(
     assert query.stride(-1) == 1
     acc, m, l_sum = _partials(rows, heads, splits + 1, dim, query.device)
     index = live if live is not None else row_len  # (unread without INDEXED / GROUPED)
-    ent = entries if grouped else index.new_zeros(3, 1)
+    ent = entries if grouped else (index, index, index)  # (unread without GROUPED: no fill kernel per call)
     _decode_kernel[(splits + rows_per_group, heads, grid_groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, index, ent[0], ent[1], ent[2],
         acc, m, l_sum,
