@@ -7,7 +7,8 @@ bytes and text fields) and one `ShardEnd` per shard; preprocessing turns a RawSa
 into a `PreparedSample` (pixels plus one `PromptRequest` per question); the run
 assembles the engine's answers into `AnswerRow`s, which the sink writes as one part per
 shard. `ShardSupply` is what preprocessing pulls shards from: the run's shard feed.
-Every stage may import this module; it imports no stage.
+`ResolvedModel` is the model a job resolved to (weights folder or hub id, and its label).
+Every stage may import this module; it imports no stage (and no torch).
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the weights and processor are, and how to name them in outputs."""
+
+    path: str  # argument for from_pretrained
+    label: str  # recorded in job.json / parquet metadata
+    tiny: bool
+    notice: str | None = None  # shown to the user (e.g. "offline: using the tiny model")
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,17 @@ def test_rerun_with_nothing_to_do_loads_no_model(started, cache_dir):
     assert "nothing to do: all 1 shards" in again.stderr and "img/s" not in again.stderr
     assert json.loads((out / "progress.json").read_text())["state"] == "finished"
     assert time.monotonic() - started < 60
+    # a cron run that finds nothing new never imports the ML stack (torch alone took 1-4 s)
+    code = (
+        "import sys\nfrom dvl_batch.cli import run_cli\n"
+        f"sys.argv = ['dvl-batch', 'caption', {str(EXAMPLES / 'shards')!r}, '-o', {str(out)!r}, *{FAST!r}]\n"
+        "try:\n    run_cli()\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(cache_dir), capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["0", "False", "False"], result.stdout + result.stderr
+    assert "nothing to do" in result.stderr
 
 
 def test_lock_refusal_comes_before_torch_is_imported(tmp_path, cache_dir):

@@ -8,23 +8,15 @@ modules themselves stay transformers' own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..config.spec import ModelSpec
 from ..errors import UsageError
+from ..records import ResolvedModel
 
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """Where the weights and processor are, and how to name them in outputs."""
-
-    path: str  # argument for from_pretrained
-    label: str  # recorded in job.json / parquet metadata
-    tiny: bool
-    notice: str | None = None  # shown to the user (e.g. "offline: using the tiny model")
+__all__ = ["ResolvedModel", "VisionLanguageModel", "load_model", "pick_device", "pick_dtype"]
 
 
 def pick_device(name: str) -> torch.device:

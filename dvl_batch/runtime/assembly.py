@@ -24,38 +24,9 @@ from ..engine.types import Completion, EnginePrompt, WorkItem
 from ..errors import EXIT_FAILED
 from ..records import AnswerRow, PreparedSample, Shard, ShardEnd
 from ..sink.parts import ParquetSink
+from .stats import RunStats
 
 PROGRESS_SECONDS = 1.0  # how often answers (not only finished shards) reach the progress reporters
-
-
-@dataclass
-class RunStats:
-    """What a worker did; summed across workers for the summary and progress.json."""
-
-    shards_written: int = 0
-    shards_partial: int = 0
-    decoder_restarts: int = 0  # decoder processes that died and were replaced
-    duplicate_keys: int = 0  # samples whose key was taken already in their shard (renamed KEY#N)
-    samples: int = 0  # samples taken from the inputs
-    answered: int = 0  # samples with every row answered (saved or about to be)
-    images: int = 0  # images of the answered samples
-    rows: int = 0  # rows saved (in a part or a checkpoint) by this run
-    error_rows: int = 0  # of those, rows with an error
-    answers: int = 0  # rows answered by this run, saved or not yet
-    generated_tokens: int = 0
-    decode_seconds: float = 0.0
-    seconds: float = 0.0
-    engine: dict[str, float] = field(default_factory=dict)
-    unreadable: list[str] = field(default_factory=list)  # "shard: why" for shards left undone (no part)
-
-    def add(self, other: RunStats) -> None:
-        for name in ("shards_written", "shards_partial", "decoder_restarts", "duplicate_keys", "samples", "answered",
-                     "images", "rows", "error_rows", "answers", "generated_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.decode_seconds += other.decode_seconds
-        self.unreadable = [*self.unreadable, *other.unreadable]
-        for key, value in other.engine.items():
-            self.engine[key] = self.engine.get(key, 0) + value
 
 
 @dataclass

@@ -17,8 +17,7 @@ from typing import Any
 from .._version import __version__
 from ..config.launch import resolve_compile
 from ..config.spec import JobSpec
-from ..engine.model import ResolvedModel, pick_device
-from ..records import Shard
+from ..records import ResolvedModel, Shard
 from ..sink.checkpoints import Checkpoints
 from ..sink.files import atomic_write_bytes
 from ..sink.output import OutputDir
@@ -136,8 +135,11 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
         out.release()
         raise
     spec, notice = resolve_compile(spec, _input_bytes(todo))
-    if notice and todo and pick_device(spec.model.device).type == "cuda":  # (nothing compiles on a CPU)
-        notices.append(notice)
+    if notice and todo:
+        from ..engine.model import pick_device  # (torch: not for a run with nothing to do)
+
+        if pick_device(spec.model.device).type == "cuda":  # nothing compiles on a CPU
+            notices.append(notice)
     return PreparedJob(spec, model, out, mine, todo, metadata, notices)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.spec import ModelSpec
-from ..engine.model import ResolvedModel
 from ..errors import UsageError
+from ..records import ResolvedModel
 
 DEFAULT_MODEL = "deepseek-community/deepseek-vl-1.3b-chat"
 TINY_NAMES = {"tiny": False, "tiny-hybrid": True}

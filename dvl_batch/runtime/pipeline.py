@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,18 +22,11 @@ from ..preprocess.preparer import SamplePreparer
 from ..preprocess.stream import prepared_stream
 from ..records import ShardEnd
 from ..sink.parts import ParquetSink
-from .assembly import RunStats, ShardAssembler
+from .assembly import ShardAssembler
 from .feed import ShardFeed
+from .stats import RunStats, StopFlag
 
 __all__ = ["RunStats", "ShardAssembler", "StopFlag", "process_shards"]
-
-
-@dataclass
-class StopFlag:
-    """Set by a signal handler: stop taking new samples, finish what is in flight."""
-
-    requested: bool = False
-    reason: str = ""
 
 
 def _work_items(

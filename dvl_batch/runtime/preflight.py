@@ -26,9 +26,12 @@ def check_devices(spec: JobSpec) -> None:
     """The device(s) the local runners will use exist, and can run the quantization mode and KV format."""
     if spec.run.runner != "local":
         return  # Ray places engines on the cluster's machines, not this one
+    names = parse_device_list(spec.run.gpus) if spec.run.gpus else [spec.model.device]
+    model = spec.model
+    if set(names) <= {"auto", "cpu"} and (model.attn_implementation, model.kv_dtype, model.quantize) == ("sdpa", "auto", "none"):
+        return  # nothing to check for these, and no torch to import (a run with nothing to do stays quick)
     from ..engine.model import check_attention, check_kv_dtype, pick_device, pick_dtype
 
-    names = parse_device_list(spec.run.gpus) if spec.run.gpus else [spec.model.device]
     for name in names:
         device = pick_device(name)
         if spec.model.device_map:

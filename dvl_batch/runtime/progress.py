@@ -19,7 +19,7 @@ from typing import Any
 from ..records import Shard
 from ..sources.webdataset import split_member_name
 from .job import PreparedJob
-from .pipeline import RunStats
+from .stats import RunStats
 
 
 def _eta(seconds: float) -> str:

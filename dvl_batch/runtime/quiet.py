@@ -8,6 +8,8 @@ or actor; decoder processes fork from them and inherit it). `--verbose`
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 # Warnings a user can do nothing about, matched by message.
@@ -34,6 +36,11 @@ def quiet_libraries(verbose: bool = False) -> None:
         disable_progress_bars()
     except ImportError:  # pragma: no cover - a dependency
         pass
+    if "transformers" not in sys.modules:
+        # not imported yet (a run that may have nothing to do never needs it): transformers reads
+        # its verbosity from the environment when it is imported, here or in an engine process
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -22,9 +22,9 @@ from ..config.spec import JobSpec
 from ..errors import EXIT_ERROR_ROWS, EXIT_FAILED, DvlError, UsageError
 from ..sink.parts import error_rows
 from .job import PreparedJob, prepare_job
-from .pipeline import RunStats, StopFlag
 from .progress import NullReporter, ProgressFile, make_reporter
 from .quiet import quiet_libraries
+from .stats import RunStats, StopFlag
 
 
 @dataclass

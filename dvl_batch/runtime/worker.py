@@ -30,8 +30,9 @@ from ..preprocess.preparer import load_processor
 from ..sink.output import OutputDir
 from ..sink.parts import ParquetSink
 from .feed import ShardFeed
-from .pipeline import RunStats, StopFlag, process_shards
+from .pipeline import process_shards
 from .quiet import quiet_libraries
+from .stats import RunStats, StopFlag
 
 
 def quiet_transformers() -> None:

@@ -12,9 +12,9 @@ from typing import Any
 
 from ...config.launch import decoders_per_engine, usable_cpus
 from ...config.spec import JobSpec
-from ...engine.model import ResolvedModel
 from ...engine.types import START_SECONDS
-from ..pipeline import RunStats
+from ...records import ResolvedModel
+from ..stats import RunStats
 
 
 def spec_for_engines(spec: JobSpec, engines: int, cpus: int | None = None) -> JobSpec:

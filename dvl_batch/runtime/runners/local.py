@@ -7,7 +7,7 @@ from collections.abc import Callable
 from ...config.launch import parse_device_list
 from ..feed import ShardFeed
 from ..job import PreparedJob
-from ..pipeline import RunStats, StopFlag
+from ..stats import RunStats, StopFlag
 from ..worker import DeviceWorker
 
 

@@ -27,7 +27,7 @@ from ...errors import EXIT_FAILED, EXIT_USAGE, DvlError, UsageError
 from ...processes import die_with_parent
 from ..feed import ShardFeed
 from ..job import PreparedJob
-from ..pipeline import RunStats, StopFlag
+from ..stats import RunStats, StopFlag
 from .engines import EngineTask, StatsTally, snapshot, spec_for_engines, stats_from
 
 POLL_SECONDS = 0.25

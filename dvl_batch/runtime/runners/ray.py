@@ -39,7 +39,7 @@ from ...config.launch import decoders_per_engine, parse_gpus, usable_cpus
 from ...records import Shard
 from ..feed import ShardFeed
 from ..job import PreparedJob
-from ..pipeline import RunStats, StopFlag
+from ..stats import RunStats, StopFlag
 from .engines import EngineTask, StatsTally, snapshot, stats_from
 
 MAX_SHARDS_PER_CALL = 8  # a call restarts the decoder pool and drains the engine once
