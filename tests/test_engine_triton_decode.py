@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 CHECK = textwrap.dedent(
     """
     import torch
-    from dvl_batch.engine.attention import AttentionStep, SlotKV, _rows_attention
+    from dvl_batch.engine.attention import AttentionStep, SlotKV, _kernel_writes, _rows_attention, _rows_step
     from dvl_batch.engine.decode_step import entry_capacity, group_entries
     from dvl_batch.engine.triton_decode import KernelConfig, choose_splits, decode_attention
 
@@ -107,6 +107,26 @@ CHECK = textwrap.dedent(
         assert error < 1e-5, ("route", q_rows, cache, error)
         assert torch.isfinite(got).all()
 
+        # the whole layer step: new keys/values written (by the kernel itself, except into an fp8
+        # cache) and attended, against the torch route's indexed writes; spare entries excluded
+        class Layer:
+            layer_idx = 0
+
+        key = torch.randn(len(live), kv_heads, 1, dim)
+        value = torch.randn(len(live), kv_heads, 1, dim)
+        key[~real], value[~real] = 0.0, 0.0  # (padding entries all write the spare row: keep them equal)
+        saved = [t.clone() for t in (kv.suffix_k, kv.suffix_v)]
+        want = _rows_step(Layer(), torch_step, query, key, value, dim ** -0.5)
+        want_cache = [t.clone() for t in (kv.suffix_k, kv.suffix_v)]
+        kv.suffix_k.copy_(saved[0])
+        kv.suffix_v.copy_(saved[1])
+        assert _kernel_writes(triton_step, query) == (cache != FP8)
+        have = _rows_step(Layer(), triton_step, query, key, value, dim ** -0.5)
+        error = ((have[real] - want[real]).norm() / want[real].norm()).item()
+        assert error < 1e-5, ("step", q_rows, cache, error)
+        for mine, theirs in zip((kv.suffix_k, kv.suffix_v), want_cache):
+            assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)), ("cache", q_rows, cache)
+
     # suffix prefill: T question tokens per row of some groups, against their prefix and
     # their own causal suffix (the torch path is the reference)
     from dvl_batch.engine.triton_suffix import suffix_prefill_attention
@@ -159,19 +179,25 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False, GROUPED=False), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False, GROUPED=False, WRITE=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True, GROUPED=False), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True, GROUPED=False, WRITE=False), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False, GROUPED=False), "fp8e4nv"),  # --kv-dtype fp8
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False, GROUPED=False, WRITE=False), "fp8e4nv"),  # --kv-dtype fp8
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True, GROUPED=False), "fp8e4nv"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True, GROUPED=False, WRITE=False), "fp8e4nv"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                  SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
-                                 GROUPED=True), "bf16"),  # VQA decode over the live groups
+                                 GROUPED=True, WRITE=False), "bf16"),  # VQA decode over the live groups
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
                                  SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False,
-                                 GROUPED=True), "fp8e4nv"),  # ... over an fp8 cache
+                                 GROUPED=True, WRITE=False), "fp8e4nv"),  # ... over an fp8 cache
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True,
+                                 GROUPED=False, WRITE=True), "bf16"),  # caption decode storing its new keys
+        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
+                                 GROUPED=True, WRITE=True), "bf16"),
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
         (ts._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                         MMA=triton.language.bfloat16), "bf16"),
@@ -187,7 +213,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                 signature[name] = "constexpr"
             elif name in ("PK", "PV", "SK", "SV"):
                 signature[name] = f"*{kv_type}"
-            elif name in ("Q", "OUT", "X"):
+            elif name in ("Q", "OUT", "X", "KN", "VN"):
                 signature[name] = "*fp8e4nv" if (kernel is tq._quantize_rows_kernel and name == "OUT") else "*bf16"
             elif name in ("ACC", "M", "L", "SCALE"):
                 signature[name] = "*fp32"

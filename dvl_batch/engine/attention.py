@@ -252,7 +252,8 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
     return out.view(batch, heads, new, dim)
 
 
-def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scaling: float,
+                           new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     from .triton_decode import decode_attention
 
     kv, limit = step.kv, step.groups_limit or step.kv.prefix_k.shape[1]
@@ -261,7 +262,7 @@ def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor,
     out = decode_attention(
         query[:, :, 0], kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit], kv.suffix_k[layer], kv.suffix_v[layer],
         step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits, live=step.live,
-        entries=step.entries,
+        entries=step.entries, new_kv=new_kv,
     )
     return out[:, :, None]
 
@@ -307,8 +308,20 @@ def _rows_step(module, step: AttentionStep, query, key, value, scaling: float) -
     index (which would recompile past torch's limit of 8).
     """
     layer = module.layer_idx
+    if _kernel_writes(step, query):  # the decode kernel stores the new keys/values itself
+        out = _triton_rows_attention(step, layer, query, scaling, new_kv=(key[:, :, 0], value[:, :, 0]))
+        return out.transpose(1, 2).contiguous()
     _write_rows(step, layer, key, value)
     return _rows_attention(step, layer, query, scaling).transpose(1, 2).contiguous()
+
+
+def _kernel_writes(step: AttentionStep, query: torch.Tensor) -> bool:
+    """Whether this step's attention is the compacted Triton decode kernel, which can store the
+    new keys/values on its way (not into an fp8 cache, whose writes saturate in `to_cache`)."""
+    return (
+        step.live is not None and bool(step.triton_splits) and query.shape[2] == 1
+        and (step.rows_per_group == 1 or step.entries is not None) and step.kv.suffix_k.dtype.itemsize > 1
+    )
 
 
 def register_slot_attention() -> None:

@@ -118,14 +118,14 @@ def _row_part(
 
 @triton.jit
 def _decode_kernel(
-    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, ACC, M, L,
+    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, KN, VN, ACC, M, L,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-    stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
+    stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, stride_knr, stride_knh, stride_vnr, stride_vnh,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr, INDEXED: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUPED: tl.constexpr, WRITE: tl.constexpr,
 ):
     """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
     Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
@@ -137,7 +137,12 @@ def _decode_kernel(
     Axis 2 is entry b. Whole layout (neither flag): group b, rows b*Q_ROWS.. INDEXED (one-row
     groups): slot LIVE[b], query and output row b, so the grid holds only the step's live rows.
     GROUPED (groups of several rows): group ENT_G[b], whose live rows are batch rows
-    ENT_S[b]..+ENT_N[b] (slots LIVE[...]); entries past the step's groups have ENT_N 0."""
+    ENT_S[b]..+ENT_N[b] (slots LIVE[...]); entries past the step's groups have ENT_N 0.
+
+    WRITE: the step's new key and value of batch row r (KN/VN [r, kv head, D]) are stored at
+    the row's suffix position RLEN by its suffix programs before they read the suffix (every
+    head of a kv head stores the same values, so each program reads what it stored), which
+    saves the two indexed writes per layer that would come before this kernel."""
     split = tl.program_id(0)  # the fastest grid axis: suffix programs interleave with prefix ones
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets of a multi-GB layer cache overflow 32 bits
@@ -177,6 +182,15 @@ def _decode_kernel(
         else:
             key_row = row
         rlen = tl.load(RLEN + key_row).to(tl.int32) + 1
+        if WRITE:
+            kvh = h // REP
+            offs_d = tl.arange(0, D)
+            new_k = tl.load(KN + row * stride_knr + kvh * stride_knh + offs_d)
+            new_v = tl.load(VN + row * stride_vnr + kvh * stride_vnh + offs_d)
+            at = (rlen - 1).to(tl.int64)
+            tl.store(SK + key_row * stride_skr + kvh * stride_skh + at * stride_skp + offs_d, new_k.to(SK.dtype.element_ty))
+            tl.store(SV + key_row * stride_svr + kvh * stride_svh + at * stride_svp + offs_d, new_v.to(SV.dtype.element_ty))
+            tl.debug_barrier()  # the block's stores are visible to its own loads below
         _row_part(
             Q, SK, SV, ACC, M, L, row, key_row, 0, rlen, SPLITS, h,
             stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
@@ -250,6 +264,7 @@ def decode_attention(
     config: KernelConfig | None = None,
     live: torch.Tensor | None = None,  # [B] slots of the batch's rows
     entries: torch.Tensor | None = None,  # [3, E] (group, first batch row, rows) per group: groups of > 1 row
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, Hkv, D] keys, values) to store first
 ) -> torch.Tensor:
     """Attention output [R, H, D] (or [B, H, D]) of one new token per row over [group prefix | own suffix].
 
@@ -270,20 +285,25 @@ def decode_attention(
     acc, m, l_sum = _partials(rows, heads, splits + 1, dim, query.device)
     index = live if live is not None else row_len  # (unread without INDEXED / GROUPED)
     ent = entries if grouped else (index, index, index)  # (unread without GROUPED: no fill kernel per call)
+    if new_kv is not None:
+        assert suffix_k.dtype.itemsize > 1, "an fp8 cache takes its keys through to_cache (saturating), not here"
+        assert new_kv[0].shape[0] == rows and new_kv[1].shape == new_kv[0].shape
+    new_k, new_v = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (query, query)
     _decode_kernel[(splits + rows_per_group, heads, grid_groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, index, ent[0], ent[1], ent[2],
-        acc, m, l_sum,
+        new_k, new_v, acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
         scale,
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
         FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1, INDEXED=live is not None and not grouped, GROUPED=grouped,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WRITE=new_kv is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(acc, m, l_sum, query.dtype)
 
