@@ -64,3 +64,39 @@ def test_compiled_decode_forward_equals_eager_and_compiles_once_for_every_bucket
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2] == graphs[1], "a third bucket compiled again"
     assert graphs[0] <= config.text_config.num_hidden_layers, "layers did not share their compiled pieces"
+
+
+def test_compiled_question_prefill_equals_eager_and_compiles_once_for_every_admission_shape(tiny_model_dir):
+    """VQA's question prefill compiled as the slot engine runs it on CUDA (with the decode
+    forward): the same logits and stored keys as the eager pass, with the row count and the
+    question width dynamic, so admissions of other sizes and lengths compile nothing."""
+    from dvl_batch.config.spec import GenerationSpec
+    from dvl_batch.engine.planning import Layout
+    from dvl_batch.engine.questions import QuestionPrefill
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    vlm = VisionLanguageModel(AutoModelForImageTextToText.from_config(config).eval())
+    store = SlotStore(vlm, {}, Layout(4, 3, 20, 24), GenerationSpec(max_new_tokens=8), 1, 0, prefill_batch=2,
+                      compile_steps=False, cuda_graphs=False)
+    for part in (store.kv.prefix_k, store.kv.prefix_v):
+        part.normal_()
+    store.group_prefix[:4] = torch.tensor([20, 13, 7, 20])
+    eager, compiled = QuestionPrefill(store, compiled=False), QuestionPrefill(store, compiled=True)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    with torch.inference_mode():
+        for slots, width in (([0, 2], 5), ([1, 2, 3], 9), ([3], 6)):
+            questions = [[(7 * r + t) % 90 + 5 for t in range(width - r % 2)] for r in range(3 * len(slots))]
+            store.kv.suffix_k.zero_()
+            want, rows = eager(questions, slots)
+            want_keys = store.kv.suffix_k.clone()
+            store.kv.suffix_k.zero_()
+            got, rows_again = compiled(questions, slots)
+            assert torch.equal(rows, rows_again)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+            assert (store.kv.suffix_k - want_keys).abs().max() < 1e-4
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[1], "a third admission shape compiled again"

@@ -37,6 +37,7 @@ from .attention import AttentionStep, SlotKV, route_attention, scores_support_ou
 from .decode_step import DecodeStep
 from .model import VisionLanguageModel
 from .planning import Layout
+from .questions import QuestionPrefill
 from .sampling import sample_top_p
 
 NEG_INF = float("-inf")
@@ -121,6 +122,8 @@ class SlotStore:
             # the batch (the live-row bucket) is its dynamic size: it compiles at the first two
             # sizes of the graph capture's warm-ups (DecodeStep._first_run), then serves every bucket
             self.decode_fn = torch.compile(self._decode_pass)
+        self.questions = QuestionPrefill(self, compiled=self.decode_fn != self._decode_pass and layout.rows_per_group > 1)
+        self.questions.warm()
         self.compile_seconds = self._synced_since(started)
         started = time.perf_counter()
         self.decoder = DecodeStep(self, cuda_graphs)
@@ -283,33 +286,7 @@ class SlotStore:
 
     def prefill_suffixes(self, suffixes: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's question tokens against its group's prefix; (first-token logits, rows)."""
-        q = self.layout.rows_per_group
-        dev = self.device
-        lengths = [max(len(s), 1) for s in suffixes]
-        width = max(lengths)
-        padded = [(s or [self.pad_id]) + [self.pad_id] * (width - max(len(s), 1)) for s in suffixes]
-        ids_t = self.upload(padded)
-        lengths_t = self.upload(lengths)
-        group_t = self.upload(slots)
-        rows_t = (group_t[:, None] * q + torch.arange(q, device=dev)[None]).reshape(-1)
-        prefix_len = self.group_prefix[group_t]
-        offsets = torch.arange(width, device=dev)
-        positions = prefix_len.repeat_interleave(q)[:, None] + offsets[None]
-        step = AttentionStep(
-            self.kv, "rows", groups=group_t, rows=rows_t, rows_per_group=q,
-            write_pos=torch.zeros(len(padded), dtype=torch.long, device=dev), out_dtype_scores=self.out_dtype_scores,
-            prefix_lengths=self.group_prefix, triton_splits=self.triton_splits,
-        )
-        if not self.triton_splits:  # the torch path's masks
-            causal = self.suffix_range[None, :] <= offsets[:, None]
-            suffix_bias = torch.zeros(width, self.layout.suffix_cap, dtype=torch.float32, device=dev)
-            step.suffix_bias = suffix_bias.masked_fill(~causal, NEG_INF)[None, None].expand(len(padded), 1, -1, -1)
-            step.prefix_bias = self.prefix_bias(prefix_len)
-        hidden = self.vlm.language_forward(self.vlm.embed_tokens(ids_t), positions, dvl_step=step)
-        last = hidden[torch.arange(len(padded), device=dev), lengths_t - 1]
-        self.row_len[rows_t] = lengths_t
-        self.row_prefix[rows_t] = prefix_len.repeat_interleave(q)
-        return self.vlm.lm_head(last).float(), rows_t
+        return self.questions(suffixes, slots)
 
     def start_rows(self, rows_t: torch.Tensor, logits: torch.Tensor, force: list[int], rows: dict) -> Launched:
         """Pick every new row's first token and arm its state; the tokens come back later."""
