@@ -3,7 +3,8 @@
 corpus.py makes the inputs (JPEG shards, questions, the stop schedule), shapes.py the
 random-weight models of the real shapes and their FLOP counts, harness.py runs both
 engines on the same inputs and collects the numbers (with device time per phase),
-report.py prints the tables. Benchmarks are programs, not tests: they print and write JSON.
+profiling.py traces a measured run on request (cProfile of the host, the device's kernels and
+idle gaps), report.py prints the tables. Benchmarks are programs, not tests: they print and write JSON.
 """
 
 from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, stop_after

@@ -8,6 +8,7 @@
 - `worker.py`, `pipeline.py`, `assembly.py`: the device worker (one model on one device),
   the flow preprocess -> engine -> sink, and the per-shard assembly of answers into
   checkpoints and parts.
+- `stats.py`: what a run counts and its stop flag (no torch: a run with nothing to do stays quick).
 - `resume.py`: which parts, checkpoints and folder chunks a resume may trust.
 - `progress.py`: terminal bar, log lines, OUT/progress*.json.
 - `preflight.py`: the checks that find a usage error before OUT is touched;
