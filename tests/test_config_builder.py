@@ -62,6 +62,9 @@ def test_compile_auto_is_decided_by_the_input_left_to_read():
     for size in (AUTO_COMPILE_MIN_BYTES, None):
         large, notice = resolve_compile(spec, size)
         assert large.batch.compile is True and large.batch.compiles_decode and notice is None
+    shared, notice = resolve_compile(spec, 3 * 2**30, engines=2)  # each engine would read 1.5 GB
+    assert shared.batch.compile is False and "for 2 engines" in notice
+    assert resolve_compile(spec, 5 * 2**30, engines=2)[0].batch.compile is True
     for chosen in (True, False):
         explicit = JobSpec.from_recipe(None, compile=chosen)
         assert resolve_compile(explicit, 1)[0].batch.compile is chosen

@@ -203,3 +203,12 @@ def test_a_small_job_resolves_compile_auto_to_off_and_an_explicit_choice_stays(t
     job = prepared(cache_dir, [data], out, compile=True)
     assert job.spec.batch.compile is True
     job.release()
+
+
+def test_compile_auto_names_no_local_device_for_ray_or_a_gpu_list(two_shards, cache_dir):
+    """Ray places the engines elsewhere and `--gpus` names them itself: the small-job notice is
+    shown (they may be GPUs) and this machine's `--device` is never resolved for it."""
+    data, out = two_shards
+    job = prepared(cache_dir, [data], out, runner="ray", device="cuda")  # this machine may have no GPU
+    assert job.spec.batch.compile is False and any("small job" in n for n in job.notices)
+    job.release()

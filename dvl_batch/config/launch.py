@@ -76,18 +76,20 @@ def default_cache_dir() -> Path:
 AUTO_COMPILE_MIN_BYTES = 2 * 2**30
 
 
-def resolve_compile(spec: Spec, todo_bytes: int | None) -> tuple[Spec, str | None]:
-    """The job's `batch.compile` with "auto" decided by the input left to read (None: unknown,
-    e.g. remote shards, counts as large); also the notice to show when it turned compiling off."""
+def resolve_compile(spec: Spec, todo_bytes: int | None, engines: int = 1) -> tuple[Spec, str | None]:
+    """The job's `batch.compile` with "auto" decided by the input left to read per engine (each
+    engine compiles for itself; None: unknown, e.g. remote shards, counts as large); also the
+    notice to show when it turned compiling off."""
     batch = spec.batch
     if batch.compile != "auto":
         return spec, None
-    large = todo_bytes is None or todo_bytes >= AUTO_COMPILE_MIN_BYTES
+    large = todo_bytes is None or todo_bytes >= AUTO_COMPILE_MIN_BYTES * max(engines, 1)
     resolved = replace(spec, batch=replace(batch, compile=large))
     if large:
         return resolved, None
-    return resolved, (f"small job ({todo_bytes / 2**20:.0f} MB of input left): not compiling the engine's passes "
-                      f"(it pays from ~{AUTO_COMPILE_MIN_BYTES / 2**30:.0f} GB of images); --compile compiles anyway")
+    share = f" for {engines} engines" if engines > 1 else ""
+    return resolved, (f"small job ({todo_bytes / 2**20:.0f} MB of input left{share}): not compiling the engine's passes "
+                      f"(it pays from ~{AUTO_COMPILE_MIN_BYTES / 2**30:.0f} GB of images per engine); --compile compiles anyway")
 
 
 def use_compile_cache(cache: Path) -> None:

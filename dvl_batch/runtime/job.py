@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..config.launch import resolve_compile
+from ..config.launch import AUTO_COMPILE_MIN_BYTES, resolve_compile
 from ..config.spec import JobSpec
+from ..errors import UsageError
 from ..records import ResolvedModel, Shard
 from ..sink.checkpoints import Checkpoints
 from ..sink.files import atomic_write_bytes
@@ -134,21 +135,36 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
     except BaseException:
         out.release()
         raise
-    spec, notice = resolve_compile(spec, _input_bytes(todo))
-    if notice and todo:
-        from ..engine.model import pick_device  # (torch: not for a run with nothing to do)
-
-        if pick_device(spec.model.device).type == "cuda":  # nothing compiles on a CPU
+    if spec.batch.compile == "auto":
+        engines = len(spec.run.gpus.split(",")) if spec.run.gpus and spec.run.gpus != "all" else 1
+        spec, notice = resolve_compile(spec, _input_bytes(todo, AUTO_COMPILE_MIN_BYTES * engines), engines)
+        if notice and todo and _may_use_cuda(spec):
             notices.append(notice)
     return PreparedJob(spec, model, out, mine, todo, metadata, notices)
 
 
-def _input_bytes(shards: list[Shard]) -> int | None:
-    """What is left to read, in bytes (None if a shard's size is unknown: remote inputs)."""
+def _input_bytes(shards: list[Shard], enough: int) -> int | None:
+    """What is left to read, in bytes, counted up to `enough` (None if a shard's size is
+    unknown: remote inputs)."""
     total = 0
     for shard in shards:
         size = shard_bytes(shard)
         if size is None:
             return None
         total += size
+        if total >= enough:
+            break
     return total
+
+
+def _may_use_cuda(spec: JobSpec) -> bool:
+    """Whether the engines may run on a GPU (where compiling matters): the local device when
+    the local runner uses one, else (GPU lists, Ray) assume so."""
+    if spec.run.runner != "local" or spec.run.gpus:
+        return True
+    from ..engine.model import pick_device  # (torch: never for a run with nothing to do)
+
+    try:
+        return pick_device(spec.model.device).type == "cuda"
+    except UsageError:  # (check_devices has said so already where it matters)
+        return False

@@ -39,7 +39,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     if "transformers" not in sys.modules:
         # not imported yet (a run that may have nothing to do never needs it): transformers reads
         # its verbosity from the environment when it is imported, here or in an engine process
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # (what set_verbosity_error below would force)
         return
     from transformers.utils import logging as hf_logging
 
