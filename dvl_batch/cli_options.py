@@ -54,7 +54,7 @@ BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Concu
 TokenBudget = Annotated[int | None, typer.Option(help="Most prompt tokens per generate batch.", rich_help_panel="Batching")]
 PrefillBatch = Annotated[int | None, typer.Option(help="Images encoded and prefilled per step.", rich_help_panel="Batching")]
 CudaGraphs = Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
-Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA: ~2 ms less device time per image for 20-65 s of start. Default: only when the job has 2 GB or more of input left (so a cron run over a few shards starts without compiling).", rich_help_panel="Batching")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA: ~2 ms less device time per image for 20-65 s of start. Default: only when the job has 2 GB or more of input left per engine (so a cron run over a few shards starts without compiling).", rich_help_panel="Batching")]
 CompileDecode = Annotated[bool | None, typer.Option("--compile-decode/--no-compile-decode", help="When compiling, compile the decode step's forward (and VQA's question prefill) too: ~10% faster decode steps on the H200, ~10 s more start warm and ~25 s cold.", rich_help_panel="Batching")]
 Overwrite = Annotated[bool | None, typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
 Strict = Annotated[bool | None, typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
