@@ -244,3 +244,45 @@ def test_default_launch_parameters_follow_the_measured_cases_only():
     assert default_config(torch.bfloat16, 1) is BF16_ONE_ROW_CONFIG
     assert default_config(torch.float32, 1) is DEFAULT_CONFIG  # a 128-key float32 tile overflows Ada's shared memory
     assert default_config(torch.bfloat16, 5) is DEFAULT_CONFIG
+
+
+ENGINE_CHECK = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import dvl_batch.engine.slots as slots
+    from dvl_batch.config.spec import BatchSpec, GenerationSpec
+    from dvl_batch.engine.continuous import SlotEngine
+    from dvl_batch.engine.model import VisionLanguageModel
+    from tests.test_engine_parity import _items, generate_references
+
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1]).eval()
+    processor = AutoProcessor.from_pretrained(sys.argv[1])
+    eos = processor.tokenizer.eos_token_id
+    slots._triton_splits = lambda layout, vlm, device: 1  # the CUDA route, its kernels interpreted
+    for questions, batch_size in ((1, 2), (3, None)):
+        items, views = _items(processor, lambda uid: 1 + uid % questions)
+        items = items[:3]
+        refs = generate_references(model, views, items, eos, max_new=6)
+        engine = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=6),
+                            BatchSpec(batch_size=batch_size), [eos], eos)
+        got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
+        assert engine.store.decoder.grouped == (engine.layout.rows_per_group > 1)
+        bad = [k for k in refs if got.get(k) != refs[k]]
+        assert not bad, (questions, len(bad), len(refs))
+    print("ok")
+    """
+)
+
+
+def test_slot_engine_through_the_triton_route_matches_generate_in_interpreter(tiny_model_dir):
+    """The whole slot engine as it runs on CUDA (compacted caption rows, VQA group entries, the
+    kernel's own key/value writes, the Triton question prefill), its kernels in Triton's CPU
+    interpreter: every answer equals generate's (float32, greedy)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", ENGINE_CHECK, str(tiny_model_dir)], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
