@@ -56,9 +56,17 @@ def collect_status(out: Path) -> dict[str, Any]:
     """Shards done/total, rows, errors and throughput of an output folder.
 
     A part that does not read back is counted (and named) as unreadable, not trusted; a
-    job.json or progress file that does not parse is one UsageError line saying what to do.
+    job.json or progress file that does not parse, or holds values of the wrong types, is
+    one UsageError line saying what to do.
     """
-    out = Path(out)
+    try:
+        return _collect_status(Path(out))
+    except (TypeError, AttributeError, KeyError) as exc:  # valid JSON, wrong shapes (edited by hand?)
+        raise UsageError(f"{out}: job.json or a progress file holds values of the wrong type ({exc}); delete "
+                         "progress*.json (the next run writes them again) or job.json (rebuilt from OUT/parts)") from None
+
+
+def _collect_status(out: Path) -> dict[str, Any]:
     job_file = out / "job.json"
     if not job_file.exists():
         raise UsageError(f"{out} is not a dvl-batch output folder (no job.json)")

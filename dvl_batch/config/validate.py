@@ -7,6 +7,8 @@ closest valid name.
 from __future__ import annotations
 
 import difflib
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -34,6 +36,18 @@ Spec = TypeVar("Spec")  # a JobSpec, not imported: this module sits below config
 _TOP_LEVEL_SHORTCUTS = {"task": "prompt.task"}
 
 
+MAX_COUNT = 1_000_000  # batch sizes, token counts: past this a value is a typo, not a plan (and would be allocated)
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 6, 6, 6, 6
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value for an error line: a bounded repr (the full repr of a YAML anchor bomb is gigabytes)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
     """The hint " (did you mean 'X'?)" naming the closest of `choices`, or nothing."""
     close = difflib.get_close_matches(name, list(choices), n=1)
@@ -54,12 +68,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except UsageError:
                 continue
-        raise UsageError(f"{where}: {value!r} is not a valid value")
+        raise UsageError(f"{where}: {_shown(value)} is not a valid value")
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"{where}: expected a list, got {value!r}")
+            raise UsageError(f"{where}: expected a list, got {_shown(value)}")
         (item_type, _) = typing.get_args(annotation)
         return tuple(_coerce(v, item_type, where) for v in value)
     if annotation is bool:
@@ -67,24 +81,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise UsageError(f"{where}: expected true/false, got {value!r}")
+        raise UsageError(f"{where}: expected true/false, got {_shown(value)}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise UsageError(f"{where}: expected an integer, got {value!r}")
+            raise UsageError(f"{where}: expected an integer, got {_shown(value)}")
         try:
             return int(value)
         except ValueError as exc:
-            raise UsageError(f"{where}: expected an integer, got {value!r}") from exc
+            raise UsageError(f"{where}: expected an integer, got {_shown(value)}") from exc
     if annotation is float:
         if isinstance(value, bool):
-            raise UsageError(f"{where}: expected a number, got {value!r}")
+            raise UsageError(f"{where}: expected a number, got {_shown(value)}")
         try:
             return float(value)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"{where}: expected a number, got {value!r}") from exc
+            raise UsageError(f"{where}: expected a number, got {_shown(value)}") from exc
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UsageError(f"{where}: expected text, got {value!r}")
+            raise UsageError(f"{where}: expected text, got {_shown(value)}")
         return str(value)
     return value
 
@@ -120,7 +134,7 @@ def turns_from_recipe(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
     if not isinstance(value, (list, tuple)):
-        raise UsageError(f"{where}: expected a list of turns like {{role: user, content: TEXT}}, got {value!r}")
+        raise UsageError(f"{where}: expected a list of turns like {{role: user, content: TEXT}}, got {_shown(value)}")
     turns: list[tuple[str, str]] = []
     for number, turn in enumerate(value, 1):
         if isinstance(turn, Mapping) and "role" in turn:
@@ -178,8 +192,9 @@ def validate(spec: Any) -> None:
         p.max_prompt_tokens is None or p.max_prompt_tokens >= 1,
         f"prompt.max_prompt_tokens must be >= 1, got {p.max_prompt_tokens}",
     )
-    _check(g.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
-    _check(g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
+    _check(1 <= g.max_new_tokens <= MAX_COUNT, f"generation.max_new_tokens must be in 1..{MAX_COUNT}, got {g.max_new_tokens}")
+    _check(math.isfinite(g.temperature) and g.temperature >= 0, f"generation.temperature must be >= 0 and finite, got {g.temperature}")
+    _check(0 <= g.seed < 2**63, f"generation.seed must be in 0..2**63-1, got {_shown(g.seed)}")
     _check(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
     _check(d.workers is None or d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
@@ -193,11 +208,9 @@ def validate(spec: Any) -> None:
     _check(d.max_file_bytes >= 1, f"data.max_file_bytes must be >= 1, got {d.max_file_bytes}")
     _check(b.engine in ENGINES, f"batch.engine must be one of {', '.join(ENGINES)}, got '{b.engine}'")
     _check(b.compile in (True, False, "auto"), f"batch.compile must be auto, true or false, got '{b.compile}'")
-    _check(b.batch_size is None or b.batch_size >= 1, f"batch.batch_size must be >= 1, got {b.batch_size}")
-    _check(b.token_budget is None or b.token_budget >= 1, f"batch.token_budget must be >= 1, got {b.token_budget}")
-    _check(
-        b.prefill_batch is None or b.prefill_batch >= 1, f"batch.prefill_batch must be >= 1, got {b.prefill_batch}"
-    )
+    for name in ("batch_size", "token_budget", "prefill_batch"):
+        value = getattr(b, name)
+        _check(value is None or 1 <= value <= MAX_COUNT, f"batch.{name} must be in 1..{MAX_COUNT}, got {_shown(value)}")
     _check(m.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got '{m.dtype}'")
     _check(
         bool(DEVICE_PATTERN.fullmatch(m.device.strip().lower())),

@@ -80,9 +80,19 @@ def field_questions(fields: dict[str, Any], name: str) -> list[str]:
 
 
 def load_questions_file(path: Path) -> dict[str, list[str]]:
-    """JSONL ({"key":..., "question": ... or "questions": [...]}) or CSV (key,question)."""
+    """JSONL ({"key":..., "question": ... or "questions": [...]}) or CSV (key,question); a file
+    that cannot be read as such is one usage error, whatever is wrong with it."""
     if not path.is_file():
         raise UsageError(f"questions file not found: {path}")
+    try:
+        return _read_questions(path)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+    except (csv.Error, RecursionError, OverflowError) as exc:
+        raise UsageError(f"{path}: cannot be read as questions ({type(exc).__name__}: {str(exc)[:120]})") from exc
+
+
+def _read_questions(path: Path) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
@@ -116,6 +126,8 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
         questions = record.get("questions", [record.get("question")])
         if isinstance(questions, str):
             questions = [questions]
+        if not isinstance(questions, list) or not all(q is None or isinstance(q, (str, int, float)) for q in questions):
+            raise UsageError(f"{path}:{number}: 'question' must be text and 'questions' a list of texts")
         table.setdefault(str(record["key"]), []).extend(str(q).strip() for q in questions if q and str(q).strip())
     return table
 

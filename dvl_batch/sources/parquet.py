@@ -262,6 +262,8 @@ def _read_file(
                             sample.error = f"no image data in column '{layout.image_column}' (null)"
                 except OSError as exc:
                     sample.error = f"cannot read image: {exc.strerror or exc}" if exc.errno == 0 else f"cannot read image file: {exc}"
+                except (ValueError, TypeError, AttributeError) as exc:  # a cell of the wrong shape: this row only
+                    sample.error = f"cannot read image from column '{layout.image_column}': {str(exc)[:200]}"
                 yield sample
                 count += 1
     except Exception as exc:  # noqa: BLE001 - a corrupt page ends the shard, rows before it stay

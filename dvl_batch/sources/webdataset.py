@@ -28,6 +28,9 @@ from .formats import (
 HARD_LINK_BUDGET = 16 * 2**20  # bytes of recent members kept for hard links to point back at
 
 
+SAMPLE_BYTES_PER_FILE_CAP = 4  # one sample's members together hold at most this many times --max-file-bytes
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """webdataset's convention: key = path up to the first dot of the file name."""
     match = re.match(r"^((?:.*/|)[^./]+)\.([^/]*)$", name)
@@ -229,6 +232,10 @@ def _read_once(shard: Shard, image_field: str | None, max_bytes: int = DEFAULT_M
                         problems[ext] = f"hard link to '{safe_text(info.linkname)}', whose data is no longer at hand"
                 elif info.size > max_bytes:
                     problems[ext], data = too_large(info.size, max_bytes), None
+                    _skip_member(archive)
+                elif sum(map(len, members.values())) + info.size > SAMPLE_BYTES_PER_FILE_CAP * max_bytes:
+                    # many members of one key (a small .tgz of zeros can hold thousands): bounded too
+                    problems["*"], data = f"members past {SAMPLE_BYTES_PER_FILE_CAP}x the per-file cap in all, skipped", None
                     _skip_member(archive)
                 else:
                     handle = archive.extractfile(info)

@@ -1,0 +1,97 @@
+"""Hostile values a crash hunt found: each gives error rows or one clear usage error, quickly
+and in bounded memory, never a traceback or the rest of a shard lost."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dvl_batch.config.spec import JobSpec
+from dvl_batch.errors import UsageError
+from dvl_batch.inspect import collect_status
+from dvl_batch.preprocess.prompts import load_questions_file
+from dvl_batch.records import RawSample, ShardEnd
+from dvl_batch.sources import discover_shards, read_shard
+
+from .conftest import image_bytes, write_parquet, write_tar
+
+
+def test_a_brace_pattern_of_millions_of_names_is_refused_before_it_is_expanded():
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="expands to more than 1,000,000 names"):
+        discover_shards(["nope/{0..30000000}.tar"], 100)
+    with pytest.raises(UsageError, match="expands to more than"):
+        discover_shards(["nope/" + "{a,b}" * 40 + ".tar"], 100)  # 2**40 names
+    assert time.monotonic() - started < 10
+
+
+def test_many_members_of_one_key_are_bounded_per_sample(tmp_path):
+    """A tar whose members all share one key (a tiny .tgz of zeros can hold thousands) keeps at
+    most 4x the per-file cap for that sample; the rest are skipped and named in its error."""
+    shard = write_tar(tmp_path / "same.tar", [(f"a.{i}.bin", b"\0" * 90_000) for i in range(12)]
+                      + [("b.jpg", image_bytes("coffee.jpg"))])
+    (listed,) = discover_shards([str(shard)], 100)
+    items = list(read_shard(listed, max_bytes=100_000))
+    samples = [i for i in items if isinstance(i, RawSample)]
+    assert [s.key for s in samples] == ["a", "b"] and isinstance(items[-1], ShardEnd)
+    assert samples[0].error.count("past 4x the per-file cap") == 1 and samples[1].error is None
+    assert len(samples[0].fields) <= 4  # (what was kept of the 12 members)
+
+
+def test_a_bad_cell_in_a_parquet_path_column_is_that_rows_error_only(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "ok.jpg").parent.mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(image_bytes("coffee.jpg"))
+    path = write_parquet(folder / "t.parquet", {"key": [f"r{i}" for i in range(5)],
+                                                "path": ["ok.jpg", "ok.jpg", "bad\0name.jpg", "ok.jpg", "ok.jpg"]})
+    (listed,) = discover_shards([str(path)], 100)
+    items = list(read_shard(listed))
+    samples = [i for i in items if isinstance(i, RawSample)]
+    assert [s.key for s in samples] == [f"r{i}" for i in range(5)]
+    assert [s.error is None for s in samples] == [True, True, False, True, True]
+    assert "cannot read image" in samples[2].error and not items[-1].partial
+
+
+def test_a_recipe_value_that_expands_to_millions_of_items_gives_a_short_error():
+    """YAML anchors nested 9 deep stand for 9**9 items; printing the value hung for minutes."""
+    nested: list = ["x"] * 9
+    for _ in range(8):
+        nested = [nested] * 9
+    started = time.monotonic()
+    with pytest.raises(UsageError) as caught:
+        JobSpec.from_recipe(None, **{"generation.max_new_tokens": nested})
+    assert len(str(caught.value)) < 300 and time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("key,question\nastronaut,caf\u00e9\n".encode("latin-1"), "not UTF-8"),
+    (b'{"key": "astronaut", "questions": 5}\n', "must be text"),
+    (b"key,question\nastronaut," + b"x" * 200_000 + b"\n", "cannot be read as questions"),
+])
+def test_unreadable_questions_files_are_one_usage_error(tmp_path, content, expected):
+    path = tmp_path / ("q.jsonl" if content.startswith(b"{") else "q.csv")
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=expected):
+        load_questions_file(path)
+
+
+@pytest.mark.parametrize("option,value", [("seed", 10**30), ("batch_size", 10**9), ("temperature", float("inf")),
+                                          ("prefill_batch", 10**12), ("max_new_tokens", 10**9)])
+def test_out_of_range_numbers_are_refused_before_any_allocation(option, value):
+    with pytest.raises(UsageError, match=option):
+        JobSpec.from_recipe(None, **{option: value})
+
+
+def test_status_of_state_files_with_wrong_types_is_one_usage_error(tmp_path):
+    out = tmp_path / "out"
+    (out / "parts").mkdir(parents=True)
+    (out / "job.json").write_text(json.dumps({"model": "m", "spec": 5}))
+    with pytest.raises(UsageError, match="wrong type"):
+        collect_status(Path(out))
+    (out / "job.json").write_text(json.dumps({"model": "m", "spec": {}}))
+    (out / "progress.json").write_text(json.dumps({"world_size": 1, "rank": 0, "shards_total": None}))
+    with pytest.raises(UsageError, match="wrong type"):
+        collect_status(Path(out))
