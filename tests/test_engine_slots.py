@@ -188,3 +188,24 @@ def test_group_entries_cover_every_batch_row_once_with_at_most_a_group_per_entry
     covered = sorted(r for s, n in zip(starts[used], counts[used], strict=True) for r in range(s, s + n))
     assert covered == list(range(len(rows)))
     assert capacity == min(10, 3 + 4)
+
+
+def test_a_question_too_long_for_the_model_is_its_own_error_row_only(tiny_model, tiny_processor):
+    """One over-long question of an image gets the error; its sibling questions are answered
+    (the whole group was rejected, turning short questions into errors with the wrong reason)."""
+    from dvl_batch.engine.types import EnginePrompt
+
+    from .test_engine_parity import _tokenize
+
+    eos = tiny_processor.tokenizer.eos_token_id
+    items, views = _items(tiny_processor, lambda uid: 1)
+    short = _tokenize(tiny_processor, "What is this?")
+    long = _tokenize(tiny_processor, "What is this? " + "Tell me more. " * 60)
+    item = items[0]
+    item.prompts[:] = [EnginePrompt(0, *short), EnginePrompt(1, *long), EnginePrompt(2, *short)]
+    engine = SlotEngine(VisionLanguageModel(tiny_model), views, GenerationSpec(max_new_tokens=4), BatchSpec(batch_size=6),
+                        [eos], eos)
+    engine.vlm.max_positions = len(short[0]) + 4 + 10  # room for the short prompts only
+    got = {c.index: c for c in engine.run(iter([item]))}
+    assert got[1].finish_reason == "error" and "exceeds the model's" in got[1].error
+    assert got[0].finish_reason != "error" and got[2].finish_reason != "error" and got[0].tokens == got[2].tokens

@@ -301,9 +301,6 @@ class SlotEngine:
         layout = self.layout
         return len(group.prefix) <= layout.prefix_cap and max(group.suffix_lens) + self.gen.max_new_tokens <= layout.suffix_cap
 
-    def _too_long(self, group: Group) -> bool:
-        return len(group.prefix) + max(group.suffix_lens) + self.gen.max_new_tokens > self.vlm.max_positions
-
     # ------------------------------------------------------------ main loop
 
     def run(self, items: Iterator[WorkItem]) -> Iterator[Completion]:
@@ -355,12 +352,16 @@ class SlotEngine:
         return exhausted
 
     def _reject_too_long(self) -> Iterator[Completion]:
+        """Error rows for the prompts that cannot fit the model's positions; a group keeps its others."""
         kept: deque[Group] = deque()
+        message = f"prompt plus max_new_tokens exceeds the model's {self.vlm.max_positions} positions"
+        room = self.vlm.max_positions - self.gen.max_new_tokens
         for group in self.pending:
-            if self._too_long(group):
-                message = f"prompt plus max_new_tokens exceeds the model's {self.vlm.max_positions} positions"
-                yield from (self._error(p, group, message) for p in group.prompts)
-            else:
+            if any(len(p.input_ids) > room for p in group.prompts):
+                fits = [p for p in group.prompts if len(p.input_ids) <= room]
+                yield from (self._error(p, group, message) for p in group.prompts if len(p.input_ids) > room)
+                group = Group(group.item, group.prefix, fits)
+            if group.prompts:
                 kept.append(group)
         self.pending = kept
 
