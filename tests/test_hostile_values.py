@@ -95,3 +95,12 @@ def test_status_of_state_files_with_wrong_types_is_one_usage_error(tmp_path):
     (out / "progress.json").write_text(json.dumps({"world_size": 1, "rank": 0, "shards_total": None}))
     with pytest.raises(UsageError, match="wrong type"):
         collect_status(Path(out))
+
+
+def test_an_output_path_through_a_file_is_a_usage_error(tmp_path):
+    from dvl_batch.sink.output import OutputDir
+
+    (tmp_path / "afile").write_text("not a folder")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(UsageError, match="is a file, not a folder"):
+            OutputDir(str(path)).prepare()

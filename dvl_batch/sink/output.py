@@ -38,6 +38,9 @@ class OutputDir:
 
         `owns(shard_id)` says which shards this rank owns (needed when world_size > 1).
         """
+        taken = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if taken is not None and not taken.is_dir():  # a path the user can fix, not a failed write
+            raise UsageError(f"output {self.root}: {taken} is a file, not a folder; choose another --output")
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
