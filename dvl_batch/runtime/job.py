@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..config.launch import AUTO_COMPILE_MIN_BYTES, resolve_compile
+from ..config.launch import AUTO_COMPILE_MIN_BYTES, parse_gpus, resolve_compile
 from ..config.spec import JobSpec
 from ..errors import UsageError
 from ..records import ResolvedModel, Shard
@@ -136,7 +136,8 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
         out.release()
         raise
     if spec.batch.compile == "auto":
-        engines = len(spec.run.gpus.split(",")) if spec.run.gpus and spec.run.gpus != "all" else 1
+        request = parse_gpus(spec.run.gpus) if spec.run.gpus else None  # ("all": unknown here, counted as one)
+        engines = len(request.entries) if request and not request.every else 1
         spec, notice = resolve_compile(spec, _input_bytes(todo, AUTO_COMPILE_MIN_BYTES * engines), engines)
         if notice and todo and _may_use_cuda(spec):
             notices.append(notice)
