@@ -46,6 +46,7 @@ def slot_engine_entry(name: str, dvl: dict[str, Any], answers: dict, images: int
         decode_seconds=round(engine_stats.get("decode_seconds", 0.0), 3),
         decode_steps=int(engine_stats.get("decode_steps", 0)),
         slots=int(engine_stats.get("slots", 0)),
+        common_tokens=int(engine_stats.get("common_tokens", 0)),
     )
     if dvl["device"]:
         device_ms = per_image(dvl["device"], split, dvl["seconds"], images)

@@ -185,7 +185,8 @@ def run_dvl(
         worker.engine.stop_schedule = True  # the profile's stop schedule, captured in the decode step
     warm_spec = replace(spec, output=replace(spec.output, path=spec.output.path + "-warmup"))
     one(warm_spec, warm_shards)  # allocates the KV slots and captures the CUDA graph
-    worker.engine.stats = type(worker.engine.stats)(slots=worker.engine.stats.slots)
+    kept = worker.engine.stats
+    worker.engine.stats = type(kept)(slots=kept.slots, common_tokens=getattr(kept, "common_tokens", 0))
     clock = attach_clock(worker.engine)
     _reset_peak()
     label = f"{spec.prompt.task}, weights {spec.model.quantize}, KV {spec.model.kv_dtype}"

@@ -43,7 +43,8 @@ def format_table(results: dict[str, Any]) -> str:
             if not key.startswith("dvl"):
                 continue
             lines.append(
-                f"          {key}: {dvl['slots']} slots, {dvl['decode_steps']} decode steps; host (not device) time in "
+                f"          {key}: {dvl['slots']} slots, {dvl.get('common_tokens', 0)} prompt tokens shared by all "
+                f"rows, {dvl['decode_steps']} decode steps; host (not device) time in "
                 f"admissions {dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
                 f"engine waiting for input with nothing to run {dvl['idle_seconds']} s"
             )

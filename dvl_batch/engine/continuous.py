@@ -6,10 +6,10 @@ the slot is refilled at the next admission while the other rows keep decoding.
 Shapes never change between steps, so on CUDA the decode step is compiled and
 captured once as a CUDA graph (see `slots.SlotStore`, which owns the device side).
 
-This module is the scheduler: it plans work items into groups (one image prefix,
-up to Q questions), sizes the layout, decides when to admit, and turns tokens into
-completions. Work per admission: encode the new images once, prefill each image
-prefix once, then each question's suffix against it. Work per step: one token per row.
+This module is the scheduler: it plans work items into groups (one image prefix, up to
+Q questions, after the head all prompts share), sizes the layout, decides when to admit,
+and turns tokens into completions. Per admission: encode the new images once, prefill each
+image prefix once, then each question's suffix against it. Per step: one token per row.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from ..preprocess.images import ImageView
 from .attention import AttentionStep, SlotKV, route_attention
 from .device_clock import DeviceClock, phase
 from .model import VisionLanguageModel
-from .planning import Group, Layout, PhaseClock, Row, plan_groups
+from .planning import Group, Layout, PhaseClock, Row, common_head, plan_groups, starts_with
 from .slots import NO_FORCE, Launched, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
 
-# Most rows one decode step carries. Past ~1000 rows the step's matmuls are compute-bound
-# and its fixed costs (weights read, launches) are spread thin; the cap matters where memory
-# allows more: VQA groups (one image prefix for 5 rows) and fp8 KV caches.
+# Most rows one decode step carries. Past ~1000 rows its matmuls are compute-bound and its fixed
+# costs spread thin; the cap matters where memory allows more: VQA groups, fp8 KV caches.
 MAX_DECODE_ROWS = 2048
 
 
@@ -49,8 +48,10 @@ class SlotEngine:
         pad_token_id: int,
         kv_memory_fraction: float = 0.90,
         kv_dtype: torch.dtype | None = None,
+        common_head: bool = True,
     ):
         self.vlm = vlm
+        self.common_head = common_head  # store the prompts' shared head (system prompt) once
         self.views = {v.name: v for v in views}
         self.gen = generation
         self.batch = batch
@@ -89,8 +90,12 @@ class SlotEngine:
             return self.batch.prefill_batch
         return 32 if self.device.type == "cuda" else 4
 
-    def _layout_for(self, groups: list[Group]) -> Layout:
-        prefix_cap = max(len(g.prefix) for g in groups)
+    def _layout_for(self, groups: list[Group], previous: Layout | None = None) -> Layout:
+        heads = [g.prefix for g in groups]
+        common = common_head(heads, self.vlm.image_token_id, previous and previous.common) if self.common_head else ()
+        prefix_cap = max(len(g.prefix) for g in groups) - len(common)
+        if previous is not None:  # capacity only grows, so earlier prompts keep fitting
+            prefix_cap = max(prefix_cap, previous.prefix_cap + len(previous.common) - len(common))
         suffix_cap = max(max(g.suffix_lens) for g in groups) + self.gen.max_new_tokens
         suffix_cap = -(-suffix_cap // 8) * 8
         q = self.rows_per_group
@@ -100,15 +105,12 @@ class SlotEngine:
             n_groups = self._groups_from_memory(prefix_cap, suffix_cap, q)
         else:
             n_groups = 8
-        return Layout(n_groups, q, prefix_cap, suffix_cap)
+        return Layout(n_groups, q, prefix_cap, suffix_cap, common)
 
     def _groups_from_memory(self, prefix_cap: int, suffix_cap: int, q: int) -> int:
-        """As many groups as fit in free memory after a measured reserve for prefill.
-
-        The reserve is the peak of one real prefill batch (dummy inputs of the layout's
-        shapes), so models with heavy vision towers (the 7B's 1024px SAM branch) get
-        room for them; a batch that takes more than 40% of free memory is halved first.
-        """
+        """As many groups as fit in free memory after a measured reserve for prefill: the peak
+        of one real prefill batch of the layout's shapes (room for heavy vision towers such as
+        the 7B's 1024px SAM branch); a batch over 40% of free memory is halved first."""
         free, _ = torch.cuda.mem_get_info(self.device)
         rows = MAX_DECODE_ROWS
         copies = 3 if self.gen.temperature <= 0 else 6  # logits, argmax, graph pool; sampling: + its buffer, sort, cumsum
@@ -178,6 +180,7 @@ class SlotEngine:
         )
         self.layout = layout
         self.stats.slots = layout.rows
+        self.stats.common_tokens = len(layout.common)
         self.stats.compile_seconds += self.store.compile_seconds
         self.stats.graph_seconds += self.store.graph_seconds
         self.free_groups = list(range(layout.groups - 1, -1, -1))
@@ -185,8 +188,6 @@ class SlotEngine:
         self.finished_rows = []
         self.group_live = {}
         self.rows = {}
-
-    # ------------------------------------------------------------ admission
 
     @torch.inference_mode()
     def _admit(self, groups: list[Group]) -> list[Completion]:
@@ -263,8 +264,6 @@ class SlotEngine:
         self.stats.generated_tokens += len(row.tokens)
         return Completion(row.uid, row.index, row.tokens, reason, row.prompt_tokens)
 
-    # ------------------------------------------------------------ decode
-
     @torch.inference_mode()
     def _decode(self) -> list[Completion]:
         """Launch the next step, then read everything launched before it (the device always
@@ -299,7 +298,9 @@ class SlotEngine:
 
     def _fits(self, group: Group) -> bool:
         layout = self.layout
-        return len(group.prefix) <= layout.prefix_cap and max(group.suffix_lens) + self.gen.max_new_tokens <= layout.suffix_cap
+        own = len(group.prefix) - len(layout.common)
+        fits = own <= layout.prefix_cap and max(group.suffix_lens) + self.gen.max_new_tokens <= layout.suffix_cap
+        return fits and starts_with(group.prefix, layout.common)
 
     # ------------------------------------------------------------ main loop
 
@@ -325,9 +326,8 @@ class SlotEngine:
                 return
 
     def _wanted(self) -> int:
-        """Groups to have queued before the next admission: at most one prefill batch, so an
-        idle device starts on the first batch and the rest is pulled while it runs (filling
-        every free slot first, 826 in a bf16 caption layout, kept it idle until then)."""
+        """Groups to queue before the next admission: at most one prefill batch, so an idle
+        device starts on it while the rest is pulled (filling every free slot first idled it)."""
         if self.layout is None:
             return 2 * self._prefill_batch()
         return min(max(len(self.free_groups), 1), self._prefill_batch()) if not self.deferred else 0
@@ -372,9 +372,8 @@ class SlotEngine:
             return False
         previous = self.layout
         self._release()
-        layout = self._layout_for(waiting)
-        if previous is not None:  # capacity only grows, so earlier prompts keep fitting
-            layout.prefix_cap = max(layout.prefix_cap, previous.prefix_cap)
+        layout = self._layout_for(waiting, previous)
+        if previous is not None:
             layout.suffix_cap = max(layout.suffix_cap, previous.suffix_cap)
         self._allocate(layout)
         self.pending = deque(list(self.deferred) + list(self.pending))

@@ -78,13 +78,46 @@ def plan_groups(item: WorkItem, rows_per_group: int) -> list[Group]:
 
 @dataclass
 class Layout:
-    """Slot geometry: `groups` image prefixes of `rows_per_group` answer rows each."""
+    """Slot geometry: `groups` image prefixes of `rows_per_group` answer rows each, after the
+    `common` head every prompt of the layout starts with (stored once); `prefix_cap` counts
+    the positions of a group's own prefix, past that head."""
 
     groups: int
     rows_per_group: int
     prefix_cap: int
     suffix_cap: int
+    common: tuple[int, ...] = ()
 
     @property
     def rows(self) -> int:
         return self.groups * self.rows_per_group
+
+
+# A shorter shared head is not worth its extra kernel program per row and the prefill's extra
+# query rows (the DeepSeek-VL system prompt is ~38 tokens of a 616-token caption prompt).
+MIN_COMMON_TOKENS = 8
+
+
+def common_head(prefixes: list[list[int]], image_token_id: int | None, previous: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The tokens every prefix starts with, to be stored once for all of them: the system prompt
+    and the text before the first image (image tokens share an id but not their embeddings, so
+    the head ends before one), leaving every prefix at least one token of its own. A layout that
+    replaces `previous` keeps at most its head (the head only shrinks, so prompts of another
+    template cost one reallocation, not one per switch). () when shorter than MIN_COMMON_TOKENS."""
+    if not prefixes:
+        return ()
+    head = list(previous) if previous is not None else list(prefixes[0])
+    for prefix in prefixes:
+        limit = min(len(head), len(prefix) - 1)
+        same = 0
+        while same < limit and head[same] == prefix[same]:
+            same += 1
+        head = head[:same]
+    if image_token_id is not None and image_token_id in head:
+        head = head[: head.index(image_token_id)]
+    return tuple(head) if len(head) >= MIN_COMMON_TOKENS else ()
+
+
+def starts_with(prefix: list[int], head: tuple[int, ...]) -> bool:
+    """Whether a prefix begins with the layout's common head and keeps a token of its own."""
+    return len(prefix) > len(head) and tuple(prefix[: len(head)]) == head

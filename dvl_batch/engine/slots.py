@@ -93,8 +93,10 @@ class SlotStore:
         self.kv_dtype = kv_dtype or self.dtype  # fp8: keys/values stored in one byte, widened as they are read
         self.kv = SlotKV.allocate(  # one spare row past the layout: the decode step's padding
             vlm.num_layers, layout.groups + 1, layout.rows + 1, vlm.num_kv_heads, layout.prefix_cap, layout.suffix_cap,
-            vlm.head_dim, self.kv_dtype, self.device,
+            vlm.head_dim, self.kv_dtype, self.device, common_len=len(layout.common),
         )
+        self.common_len = len(layout.common)  # positions before every group's own prefix
+        self._store_common()
         dev, rows = self.device, layout.rows + 1
         self.next_tok = torch.full((rows,), pad_id, dtype=torch.long, device=dev)
         self.row_len = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -159,6 +161,20 @@ class SlotStore:
         pixels = {v.name: torch.zeros(batch, 3, v.size, v.size, dtype=self.dtype, device=self.device) for v in self.views.values()}
         self.vision_fn(pixels)
 
+    @torch.inference_mode()
+    def _store_common(self) -> None:
+        """Keys/values of the layout's common head (the system prompt), computed once, eagerly
+        (one short pass), and read by every row's prefill and decode steps after."""
+        if not self.common_len:
+            return
+        ids = torch.tensor([self.layout.common], dtype=torch.long, device=self.device)
+        step = AttentionStep(None, "prefix", collect=[])  # plain causal: the head has nothing before it
+        positions = torch.arange(self.common_len, device=self.device)[None]
+        self.vlm.language_forward(self.vlm.embed_tokens(ids), positions, dvl_step=step)
+        for layer, (key, value) in enumerate(step.collect):
+            self.kv.common_k[layer].copy_(to_cache(key[0], self.kv_dtype))
+            self.kv.common_v[layer].copy_(to_cache(value[0], self.kv_dtype))
+
     # ------------------------------------------------------------ uploads
 
     def upload(self, values, dtype=torch.long) -> torch.Tensor:
@@ -215,8 +231,10 @@ class SlotStore:
     # ------------------------------------------------------------ prefill
 
     def _prefix_pass(self, embeds: torch.Tensor, last: torch.Tensor):
-        """Causal pass over right-padded prefixes: (last-token logits, per-layer keys, values)."""
-        positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+        """Causal pass over right-padded prefixes (after the common head, whose keys/values the
+        attention reads from the cache): (last-token logits, per-layer keys, values)."""
+        positions = torch.arange(self.common_len, self.common_len + embeds.shape[1], device=embeds.device)
+        positions = positions[None].expand(embeds.shape[0], -1)
         step = AttentionStep(self.kv, "prefix", collect=[])
         hidden = self.vlm.language_forward(embeds, positions, dvl_step=step)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -246,7 +264,12 @@ class SlotStore:
     def prefill_prefixes(self, prefixes: list[list[int]], slots: list[int], features: list[torch.Tensor]):
         """Store the KV of new groups' prefixes; returns first-token logits (meaningful when
         the prefixes are whole prompts). Batches of `prefill_batch`, padded to fixed shapes
-        when compiled (padding rows write into the scratch group)."""
+        when compiled (padding rows write into the scratch group). Each prefix starts with the
+        layout's common head (the scheduler admits no other); only the rest is run and stored."""
+        head = self.layout.common
+        if any(tuple(p[: len(head)]) != head or len(p) <= len(head) for p in prefixes):
+            raise ValueError("a prefix that does not start with the layout's common head was admitted")
+        prefixes = [p[len(head) :] for p in prefixes]
         lengths = [len(p) for p in prefixes]
         self.group_prefix[self.upload(slots)] = self.upload(lengths)
         logits = []
@@ -281,7 +304,7 @@ class SlotStore:
         """Rows whose whole prompt is the prefix: nothing stored per row yet."""
         rows_t = self.upload(slots) * self.layout.rows_per_group
         self.row_len.index_fill_(0, rows_t, 0)  # (tensor[idx] = 0 would copy a scalar up and wait)
-        self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group]
+        self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group] + self.common_len
         return rows_t
 
     def prefill_suffixes(self, suffixes: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

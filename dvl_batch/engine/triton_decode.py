@@ -20,13 +20,14 @@ import triton.language as tl
 
 @triton.jit
 def _prefix_part(
-    Q, PK, PV, PLEN, ACC, M, L, g, row0, n_rows, h, split,
+    Q, PK, PV, ACC, M, L, g, row0, n_rows, h, plen, start, part,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
 ):
-    """Partial attention of query rows row0..row0+n_rows-1 over one split of group g's prefix.
+    """Partial attention of query rows row0..row0+n_rows-1 over positions start.. of group g's
+    prefix (TILES tiles, valid below `plen`), stored as partial `part`.
 
     The dots run in MMA (the query dtype, or float16 for an fp8 cache: Hopper widens e4m3
     to float16 in one instruction, to bfloat16 only through float32; measured: the bf16
@@ -42,8 +43,6 @@ def _prefix_part(
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
     q = q.to(MMA)
     # loop bounds are compile-time tile counts; masked loads past the valid length move no data
-    plen = tl.load(PLEN + g).to(tl.int32)
-    start = split * (TILES * BLOCK_N)
     m_i = tl.full([QPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QPAD], tl.float32)
     acc = tl.zeros([QPAD, D], tl.float32)
@@ -69,7 +68,7 @@ def _prefix_part(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v)
         m_i = m_new
-    out = (rows * HEADS + h) * PARTS + split
+    out = (rows * HEADS + h) * PARTS + part
     tl.store(M + out, m_i, mask=row_ok)
     tl.store(L + out, l_i, mask=row_ok)
     tl.store(ACC + out[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
@@ -118,17 +117,20 @@ def _row_part(
 
 @triton.jit
 def _decode_kernel(
-    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, KN, VN, ACC, M, L,
+    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, KN, VN, CK, CV, ACC, M, L,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, stride_knr, stride_knh, stride_vnr, stride_vnh,
+    stride_ckh, stride_ckp, stride_cvh, stride_cvp, common_len,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr, INDEXED: tl.constexpr,
-    GROUPED: tl.constexpr, WRITE: tl.constexpr,
+    GROUPED: tl.constexpr, WRITE: tl.constexpr, COMMON: tl.constexpr, CTILES: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """One launch for both levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
-    Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
+    """One launch for all levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
+    Q_ROWS take the suffix of one of the group's rows each, and with COMMON one more reads the
+    prompt head every row shares (CK/CV [kv head, common_len, D], stored once for the whole
+    layout, partial SPLITS+1; it stays in L2). Axis 0 varies fastest in the
     launch order, so the short, latency-bound suffix programs run beside the bandwidth-bound
     prefix programs instead of as a tail of their own (measured: a suffix kernel of its own
     took 136 us of a 590 us layer at 384 rows), and a VQA group's rows do not queue behind
@@ -159,20 +161,34 @@ def _decode_kernel(
         row0 = b * Q_ROWS
         n = Q_ROWS
     if split < SPLITS:
+        start = split * (TILES * BLOCK_N)
+        plen = tl.load(PLEN + g).to(tl.int32)
         if FMA_PREFIX:  # one row per group (captions): no 16-row tensor-core tile for one query
-            start = split * (TILES * BLOCK_N)
-            stop = tl.minimum(tl.load(PLEN + g).to(tl.int32), start + TILES * BLOCK_N)
             _row_part(
-                Q, PK, PV, ACC, M, L, row0, g, start, stop, split, h,
+                Q, PK, PV, ACC, M, L, row0, g, start, tl.minimum(plen, start + TILES * BLOCK_N), split, h,
                 stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-                HEADS, REP, D, BLOCK_N, SPLITS + 1,
+                HEADS, REP, D, BLOCK_N, PARTS,
             )
         elif n > 0:
             _prefix_part(
-                Q, PK, PV, PLEN, ACC, M, L, g, row0, n, h, split,
+                Q, PK, PV, ACC, M, L, g, row0, n, h, plen, start, split,
                 stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-                HEADS, REP, QPAD, D, BLOCK_N, SPLITS + 1, TILES, IEEE, MMA,
+                HEADS, REP, QPAD, D, BLOCK_N, PARTS, TILES, IEEE, MMA,
             )
+    elif split >= SPLITS + Q_ROWS:
+        if COMMON:  # the shared prompt head, for the entry's rows (group 0 of a one-group buffer)
+            if FMA_PREFIX:
+                _row_part(
+                    Q, CK, CV, ACC, M, L, row0, 0, 0, common_len, SPLITS + 1, h,
+                    stride_qr, stride_qh, 0, stride_ckh, stride_ckp, 0, stride_cvh, stride_cvp, scale,
+                    HEADS, REP, D, BLOCK_N, PARTS,
+                )
+            elif n > 0:
+                _prefix_part(
+                    Q, CK, CV, ACC, M, L, 0, row0, n, h, common_len, 0, SPLITS + 1,
+                    stride_qr, stride_qh, 0, stride_ckh, stride_ckp, 0, stride_cvh, stride_cvp, scale,
+                    HEADS, REP, QPAD, D, BLOCK_N, PARTS, CTILES, IEEE, MMA,
+                )
     elif split - SPLITS < n:
         row = row0 + split - SPLITS
         if GROUPED:
@@ -194,7 +210,7 @@ def _decode_kernel(
         _row_part(
             Q, SK, SV, ACC, M, L, row, key_row, 0, rlen, SPLITS, h,
             stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
-            HEADS, REP, D, SUFFIX_BLOCK_N, SPLITS + 1,
+            HEADS, REP, D, SUFFIX_BLOCK_N, PARTS,
         )
 
 
@@ -265,8 +281,10 @@ def decode_attention(
     live: torch.Tensor | None = None,  # [B] slots of the batch's rows
     entries: torch.Tensor | None = None,  # [3, E] (group, first batch row, rows) per group: groups of > 1 row
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, Hkv, D] keys, values) to store first
+    common: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([Hkv, S, D] keys, values) every row attends first
 ) -> torch.Tensor:
-    """Attention output [R, H, D] (or [B, H, D]) of one new token per row over [group prefix | own suffix].
+    """Attention output [R, H, D] (or [B, H, D]) of one new token per row over
+    [common head | group prefix | own suffix].
 
     A compacted batch (`live`) of one-row groups needs nothing else; one of larger groups also
     needs `entries` (`group_entries`): each group's live rows are consecutive batch rows, and
@@ -282,30 +300,45 @@ def decode_attention(
     for tensor in (prefix_k, prefix_v, suffix_k, suffix_v):
         assert tensor.stride(-1) == 1, "keys/values must be contiguous in head_dim"
     assert query.stride(-1) == 1
-    acc, m, l_sum = _partials(rows, heads, splits + 1, dim, query.device)
+    ck, cv, common_len = _common_args(common, prefix_k)
+    parts = splits + 1 + (common_len > 0)
+    acc, m, l_sum = _partials(rows, heads, parts, dim, query.device)
     index = live if live is not None else row_len  # (unread without INDEXED / GROUPED)
     ent = entries if grouped else (index, index, index)  # (unread without GROUPED: no fill kernel per call)
     if new_kv is not None:
         assert suffix_k.dtype.itemsize > 1, "an fp8 cache takes its keys through to_cache (saturating), not here"
         assert new_kv[0].shape[0] == rows and new_kv[1].shape == new_kv[0].shape
     new_k, new_v = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (query, query)
-    _decode_kernel[(splits + rows_per_group, heads, grid_groups)](
+    _decode_kernel[(parts - 1 + rows_per_group, heads, grid_groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, index, ent[0], ent[1], ent[2],
-        new_k, new_v, acc, m, l_sum,
+        new_k, new_v, ck, cv, acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
         new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
+        ck.stride(-3), ck.stride(-2), cv.stride(-3), cv.stride(-2), common_len,
         scale,
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
         FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1, INDEXED=live is not None and not grouped, GROUPED=grouped,
-        WRITE=new_kv is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WRITE=new_kv is not None, COMMON=common_len > 0, CTILES=triton.cdiv(max(common_len, 1), cfg.block_n),
+        PARTS=parts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(acc, m, l_sum, query.dtype)
+
+
+def _common_args(common: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor):
+    """(keys, values, length) of the shared prompt head for a kernel launch; without one, the
+    prefix cache stands in for the pointers (never read) and the length is 0."""
+    if common is None or common[0].shape[-2] == 0:
+        return like, like, 0
+    keys, values = common
+    assert keys.dim() == 3 and keys.shape == values.shape, "the common head is [kv heads, positions, head_dim]"
+    assert keys.stride(-1) == 1 and values.stride(-1) == 1 and keys.dtype == like.dtype
+    return keys, values, keys.shape[-2]
 
 
 def _partials(count: int, heads: int, parts: int, dim: int, device: torch.device):
