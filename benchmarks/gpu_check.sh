@@ -2,7 +2,7 @@
 # One device call: install carried wheels, check the environment, run the GPU tests,
 # profile the engine's phases and run the product benchmark. Output under $OUT.
 # The GPU box is offline and lacks webdataset/typer/torchao: first, on a machine with PyPI,
-#   pip download --no-deps -d .whl webdataset braceexpand typer annotated-doc shellingham rich markdown-it-py mdurl pygments torchao
+#   pip download --no-deps -d .whl webdataset braceexpand "typer<0.20" "click<8.3" annotated-doc shellingham rich markdown-it-py mdurl pygments torchao
 # (plus pydantic if the box lacks it; check with `python3 -c "import pydantic"`)
 # and carry .whl with the call. Usage: bash benchmarks/gpu_check.sh tests|profile|bench|all
 set -uo pipefail

@@ -94,7 +94,7 @@ class Layout:
 
 
 # A shorter shared head is not worth its extra kernel program per row and the prefill's extra
-# query rows (the DeepSeek-VL system prompt is ~38 tokens of a 616-token caption prompt).
+# query rows (the DeepSeek-VL system prompt is ~32 tokens of a 616-token caption prompt).
 MIN_COMMON_TOKENS = 8
 
 
