@@ -186,7 +186,7 @@ def run_dvl(
     warm_spec = replace(spec, output=replace(spec.output, path=spec.output.path + "-warmup"))
     one(warm_spec, warm_shards)  # allocates the KV slots and captures the CUDA graph
     kept = worker.engine.stats
-    worker.engine.stats = type(kept)(slots=kept.slots, common_tokens=getattr(kept, "common_tokens", 0))
+    worker.engine.stats = type(kept)(slots=kept.slots, common_tokens=kept.common_tokens)
     clock = attach_clock(worker.engine)
     _reset_peak()
     label = f"{spec.prompt.task}, weights {spec.model.quantize}, KV {spec.model.kv_dtype}"

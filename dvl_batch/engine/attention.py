@@ -244,8 +244,7 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
     suffix_k, suffix_v = _widen(suffix_k, query.dtype), _widen(suffix_v, query.dtype)
     prefix_bias = step.prefix_bias
     if kv.common_len:  # the common head reads as the first S positions of every group's prefix
-        heads_k, heads_v = (_widen(t, query.dtype)[None].expand(prefix_k.shape[0], -1, -1, -1) for t in kv.common(layer))
-        prefix_k, prefix_v = torch.cat([heads_k, prefix_k], dim=2), torch.cat([heads_v, prefix_v], dim=2)
+        prefix_k, prefix_v = _behind_common(kv.common(layer), prefix_k, prefix_v)
         prefix_bias = F.pad(prefix_bias, (kv.common_len, 0))
     # group-major queries: [G, Q, Hkv, rep, T, D] -> [G, Hkv, Q*rep*T, D] against the shared prefix
     q6 = query.view(n_groups, q_per_group, kv_heads, rep, new, dim)
@@ -327,12 +326,17 @@ def _after_common(query, key, value, common: tuple[torch.Tensor, torch.Tensor], 
     rows cost (S+T)^2 - T^2 of attention work (~11% more for 32 of 616), their outputs dropped."""
     batch, heads, new, dim = query.shape
     size = common[0].shape[1]
-    head_k, head_v = (_widen(t, key.dtype)[None].expand(batch, -1, -1, -1) for t in common)
-    keys, values = torch.cat([head_k, key], dim=2), torch.cat([head_v, value], dim=2)
+    keys, values = _behind_common(common, key, value)
     queries = torch.cat([query.new_zeros(batch, heads, size, dim), query], dim=2)
     rep = heads // key.shape[1]
     out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=rep > 1)
     return out[:, :, size:].transpose(1, 2).contiguous()
+
+
+def _behind_common(common: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor, values: torch.Tensor):
+    """[B, Hkv, L, D] keys and values with the common head's S positions in front, in their dtype."""
+    head_k, head_v = (_widen(t, keys.dtype)[None].expand(keys.shape[0], -1, -1, -1) for t in common)
+    return torch.cat([head_k, keys], dim=2), torch.cat([head_v, values], dim=2)
 
 
 @torch.compiler.disable

@@ -91,9 +91,9 @@ class SlotEngine:
         return 32 if self.device.type == "cuda" else 4
 
     def _layout_for(self, groups: list[Group], previous: Layout | None = None) -> Layout:
-        heads = [g.prefix for g in groups]
-        common = common_head(heads, self.vlm.image_token_id, previous and previous.common) if self.common_head else ()
-        prefix_cap = max(len(g.prefix) for g in groups) - len(common)
+        prefixes = [g.prefix for g in groups]
+        common = common_head(prefixes, self.vlm.image_token_id, previous and previous.common) if self.common_head else ()
+        prefix_cap = max(map(len, prefixes)) - len(common)
         if previous is not None:  # capacity only grows, so earlier prompts keep fitting
             prefix_cap = max(prefix_cap, previous.prefix_cap + len(previous.common) - len(common))
         suffix_cap = max(max(g.suffix_lens) for g in groups) + self.gen.max_new_tokens

@@ -36,7 +36,7 @@ from ..preprocess.images import ImageView, normalize_pixels, view_constants
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype, store_prefix, to_cache
 from .decode_step import DecodeStep
 from .model import VisionLanguageModel
-from .planning import Layout
+from .planning import Layout, starts_with
 from .questions import QuestionPrefill
 from .sampling import sample_top_p
 
@@ -267,7 +267,7 @@ class SlotStore:
         when compiled (padding rows write into the scratch group). Each prefix starts with the
         layout's common head (the scheduler admits no other); only the rest is run and stored."""
         head = self.layout.common
-        if any(tuple(p[: len(head)]) != head or len(p) <= len(head) for p in prefixes):
+        if not all(starts_with(p, head) for p in prefixes):
             raise ValueError("a prefix that does not start with the layout's common head was admitted")
         prefixes = [p[len(head) :] for p in prefixes]
         lengths = [len(p) for p in prefixes]
