@@ -186,42 +186,34 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 
     cases = [
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False, GROUPED=False, WRITE=False, COMMON=False, CTILES=1, PARTS=3), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
+                                 GROUPED=False, WRITE=False, PARTS=3), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True, GROUPED=False, WRITE=False, COMMON=False, CTILES=1, PARTS=2), "bf16"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True,
+                                 GROUPED=False, WRITE=False, PARTS=2), "bf16"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False, GROUPED=False, WRITE=False, COMMON=False, CTILES=1, PARTS=2), "fp8e4nv"),  # --kv-dtype fp8
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False,
+                                 GROUPED=False, WRITE=False, PARTS=2), "fp8e4nv"),  # --kv-dtype fp8
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True, GROUPED=False, WRITE=False, COMMON=False, CTILES=1, PARTS=3), "fp8e4nv"),
+                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True,
+                                 GROUPED=False, WRITE=False, PARTS=3), "fp8e4nv"),
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                  SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
-                                 GROUPED=True, WRITE=False, COMMON=False, CTILES=1, PARTS=2), "bf16"),  # VQA decode over the live groups
+                                 GROUPED=True, WRITE=False, PARTS=2), "bf16"),  # VQA decode over the live groups
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=2, TILES=5, IEEE=False,
                                  SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=False, INDEXED=False,
-                                 GROUPED=True, WRITE=False, COMMON=False, CTILES=1, PARTS=3), "fp8e4nv"),  # ... over an fp8 cache
+                                 GROUPED=True, WRITE=False, PARTS=3), "fp8e4nv"),  # ... over an fp8 cache
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
                                  SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True,
-                                 GROUPED=False, WRITE=True, COMMON=False, CTILES=1, PARTS=2), "bf16"),  # caption decode storing its new keys
+                                 GROUPED=False, WRITE=True, PARTS=2), "bf16"),  # caption decode storing its new keys
         (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
                                  SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
-                                 GROUPED=True, WRITE=True, COMMON=False, CTILES=1, PARTS=2), "bf16"),
-        # with the common prompt head (one more program per entry, partial SPLITS+1)
-        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=1, TILES=5, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=True,
-                                 GROUPED=False, WRITE=True, COMMON=True, CTILES=1, PARTS=3), "bf16"),
-        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=1, QPAD=16, D=128, BLOCK_N=128, SPLITS=2, TILES=3, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.float16, FMA_PREFIX=True, INDEXED=True,
-                                 GROUPED=False, WRITE=False, COMMON=True, CTILES=1, PARTS=4), "fp8e4nv"),
-        (td._decode_kernel, dict(HEADS=16, REP=1, Q_ROWS=5, QPAD=16, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                 SUFFIX_BLOCK_N=32, MMA=triton.language.bfloat16, FMA_PREFIX=False, INDEXED=False,
-                                 GROUPED=True, WRITE=True, COMMON=True, CTILES=1, PARTS=3), "bf16"),
-        (ts._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                        MMA=triton.language.bfloat16, COMMON=True, CTILES=1, PARTS=3), "bf16"),
+                                 GROUPED=True, WRITE=True, PARTS=2), "bf16"),
         (td._combine_kernel, dict(HEADS=16, D=128, PARTS=2, PARTS_PAD=2), "bf16"),
         (ts._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                        MMA=triton.language.bfloat16, COMMON=False, CTILES=1, PARTS=2), "bf16"),
+                                        MMA=triton.language.bfloat16, PARTS=2), "bf16"),
         (ts._shared_prefix_kernel, dict(HEADS=16, REP=1, QPAD=64, D=128, BLOCK_N=64, SPLITS=1, TILES=10, IEEE=False,
-                                        MMA=triton.language.float16, COMMON=False, CTILES=1, PARTS=2), "fp8e4nv"),
+                                        MMA=triton.language.float16, PARTS=2), "fp8e4nv"),
         (ts._suffix_tokens_kernel, dict(HEADS=16, REP=1, D=128, BLOCK_N=32, PARTS=2), "fp8e4nv"),
         (tq._quantize_rows_kernel, dict(BLOCK=8192), "bf16"),  # --quantize fp8: activations per row
     ]

@@ -93,7 +93,7 @@ class Layout:
         return self.groups * self.rows_per_group
 
 
-# A shorter shared head is not worth its extra kernel program per row and the prefill's extra
+# A shorter shared head is not worth its extra key tile per row (in the first split) and the prefill's extra
 # query rows (the DeepSeek-VL system prompt is ~32 tokens of a 616-token caption prompt).
 MIN_COMMON_TOKENS = 8
 

@@ -19,15 +19,61 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot_tile(q, k_base, v_base, pos, ok, stride_kp, stride_vp, m_i, l_i, acc, scale,
+              D: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr):
+    """One key tile of the online softmax on tensor cores: returns the updated (max, sum, acc)."""
+    offs_d = tl.arange(0, D)
+    k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0).to(MMA)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not make NaNs
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0).to(MMA)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fma_tile(q, k_base, v_base, pos, ok, stride_kp, stride_vp, m_i, l_i, acc, scale, D: tl.constexpr):
+    """One key tile of the online softmax for a single query on CUDA cores, in float32."""
+    offs_d = tl.arange(0, D)
+    k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0)
+    s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0)
+    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefix_part(
     Q, PK, PV, ACC, M, L, g, row0, n_rows, h, plen, start, part,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
+    CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
 ):
-    """Partial attention of query rows row0..row0+n_rows-1 over positions start.. of group g's
-    prefix (TILES tiles, valid below `plen`), stored as partial `part`.
+    """Partial attention of query rows row0..row0+n_rows-1 over the first `head_len`
+    positions of the shared prompt head (CK/CV [kv head, position, D]; 0: none) and then
+    positions start.. of group g's prefix (TILES tiles, valid below `plen`), stored as
+    partial `part`. The head rides in the first split's program rather than a program of
+    its own: measured on the H200, an extra program and partial per (row, head) made caption
+    decode attention 7% slower than reading the head from every row's slot.
 
     The dots run in MMA (the query dtype, or float16 for an fp8 cache: Hopper widens e4m3
     to float16 in one instruction, to bfloat16 only through float32; measured: the bf16
@@ -42,32 +88,22 @@ def _prefix_part(
     if MMA == tl.float16:  # noqa: SIM300 - fp8 cache: keep a (rare) huge query component finite in float16
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
     q = q.to(MMA)
-    # loop bounds are compile-time tile counts; masked loads past the valid length move no data
     m_i = tl.full([QPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QPAD], tl.float32)
     acc = tl.zeros([QPAD, D], tl.float32)
+    ck_base = CK + kvh * stride_ckh
+    cv_base = CV + kvh * stride_cvh
+    for begin in range(0, head_len, BLOCK_N):
+        pos = begin + offs_n
+        m_i, l_i, acc = _dot_tile(q, ck_base, cv_base, pos, pos < head_len, stride_ckp, stride_cvp,
+                                  m_i, l_i, acc, scale, D, IEEE, MMA)
+    # loop bounds are compile-time tile counts; masked loads past the valid length move no data
     k_base = PK + g * stride_kg + kvh * stride_kh
     v_base = PV + g * stride_vg + kvh * stride_vh
     for tile in range(TILES):
         pos = start + tile * BLOCK_N + offs_n
-        ok = pos < plen
-        k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0).to(MMA)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not make NaNs
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0).to(MMA)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v)
-        m_i = m_new
+        m_i, l_i, acc = _dot_tile(q, k_base, v_base, pos, pos < plen, stride_kp, stride_vp,
+                                  m_i, l_i, acc, scale, D, IEEE, MMA)
     out = (rows * HEADS + h) * PARTS + part
     tl.store(M + out, m_i, mask=row_ok)
     tl.store(L + out, l_i, mask=row_ok)
@@ -78,11 +114,13 @@ def _prefix_part(
 def _row_part(
     Q, SK, SV, ACC, M, L, row, key_row, start, stop, part, h,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_vr, stride_vh, stride_vp,
+    CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """Partial attention of one query row over positions start..stop-1 of `key_row`'s keys,
-    on CUDA cores in float32 (no tensor-core tile to fill), stored as partial `part`.
+    """Partial attention of one query row over the first `head_len` positions of the shared
+    prompt head (0: none) and positions start..stop-1 of `key_row`'s keys, on CUDA cores in
+    float32 (no tensor-core tile to fill), stored as partial `part`.
 
     Used for a row's own suffix (question + answer so far + new token: a dynamic bound, no
     tiles past the row's end) and, with `fma_prefix`, for a caption row's prefix split."""
@@ -93,22 +131,17 @@ def _row_part(
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([D], tl.float32)
+    ck_base = CK + kvh * stride_ckh
+    cv_base = CV + kvh * stride_cvh
+    for begin in range(0, head_len, BLOCK_N):
+        pos = begin + offs_n
+        m_i, l_i, acc = _fma_tile(q, ck_base, cv_base, pos, pos < head_len, stride_ckp, stride_cvp,
+                                  m_i, l_i, acc, scale, D)
     k_base = SK + key_row * stride_kr + kvh * stride_kh
     v_base = SV + key_row * stride_vr + kvh * stride_vh
     for begin in range(start, stop, BLOCK_N):
         pos = begin + offs_n
-        ok = pos < stop
-        k = tl.load(k_base + pos[:, None] * stride_kp + offs_d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        v = tl.load(v_base + pos[:, None] * stride_vp + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        m_i = m_new
+        m_i, l_i, acc = _fma_tile(q, k_base, v_base, pos, pos < stop, stride_kp, stride_vp, m_i, l_i, acc, scale, D)
     out = (row * HEADS + h) * PARTS + part
     tl.store(M + out, m_i)
     tl.store(L + out, l_i)
@@ -125,12 +158,12 @@ def _decode_kernel(
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr, INDEXED: tl.constexpr,
-    GROUPED: tl.constexpr, WRITE: tl.constexpr, COMMON: tl.constexpr, CTILES: tl.constexpr, PARTS: tl.constexpr,
+    GROUPED: tl.constexpr, WRITE: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """One launch for all levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
-    Q_ROWS take the suffix of one of the group's rows each, and with COMMON one more reads the
-    prompt head every row shares (CK/CV [kv head, common_len, D], stored once for the whole
-    layout, partial SPLITS+1; it stays in L2). Axis 0 varies fastest in the
+    """One launch for all levels: programs 0..SPLITS-1 of axis 0 take prefix splits (split 0
+    first reads the `common_len` positions of the prompt head every row shares, CK/CV [kv head,
+    position, D], stored once for the whole layout; it stays in L2), the next Q_ROWS take the
+    suffix of one of the group's rows each. Axis 0 varies fastest in the
     launch order, so the short, latency-bound suffix programs run beside the bandwidth-bound
     prefix programs instead of as a tail of their own (measured: a suffix kernel of its own
     took 136 us of a 590 us layer at 384 rows), and a VQA group's rows do not queue behind
@@ -163,32 +196,21 @@ def _decode_kernel(
     if split < SPLITS:
         start = split * (TILES * BLOCK_N)
         plen = tl.load(PLEN + g).to(tl.int32)
+        head_len = tl.where(split == 0, common_len, 0)  # the shared prompt head rides in split 0
         if FMA_PREFIX:  # one row per group (captions): no 16-row tensor-core tile for one query
             _row_part(
                 Q, PK, PV, ACC, M, L, row0, g, start, tl.minimum(plen, start + TILES * BLOCK_N), split, h,
-                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
+                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
+                CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len, scale,
                 HEADS, REP, D, BLOCK_N, PARTS,
             )
         elif n > 0:
             _prefix_part(
                 Q, PK, PV, ACC, M, L, g, row0, n, h, plen, start, split,
-                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
+                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
+                CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len, scale,
                 HEADS, REP, QPAD, D, BLOCK_N, PARTS, TILES, IEEE, MMA,
             )
-    elif split >= SPLITS + Q_ROWS:
-        if COMMON:  # the shared prompt head, for the entry's rows (group 0 of a one-group buffer)
-            if FMA_PREFIX:
-                _row_part(
-                    Q, CK, CV, ACC, M, L, row0, 0, 0, common_len, SPLITS + 1, h,
-                    stride_qr, stride_qh, 0, stride_ckh, stride_ckp, 0, stride_cvh, stride_cvp, scale,
-                    HEADS, REP, D, BLOCK_N, PARTS,
-                )
-            elif n > 0:
-                _prefix_part(
-                    Q, CK, CV, ACC, M, L, 0, row0, n, h, common_len, 0, SPLITS + 1,
-                    stride_qr, stride_qh, 0, stride_ckh, stride_ckp, 0, stride_cvh, stride_cvp, scale,
-                    HEADS, REP, QPAD, D, BLOCK_N, PARTS, CTILES, IEEE, MMA,
-                )
     elif split - SPLITS < n:
         row = row0 + split - SPLITS
         if GROUPED:
@@ -209,7 +231,8 @@ def _decode_kernel(
             tl.debug_barrier()  # the block's stores are visible to its own loads below
         _row_part(
             Q, SK, SV, ACC, M, L, row, key_row, 0, rlen, SPLITS, h,
-            stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
+            stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
+            CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, 0, scale,
             HEADS, REP, D, SUFFIX_BLOCK_N, PARTS,
         )
 
@@ -301,7 +324,7 @@ def decode_attention(
         assert tensor.stride(-1) == 1, "keys/values must be contiguous in head_dim"
     assert query.stride(-1) == 1
     ck, cv, common_len = _common_args(common, prefix_k)
-    parts = splits + 1 + (common_len > 0)
+    parts = splits + 1
     acc, m, l_sum = _partials(rows, heads, parts, dim, query.device)
     index = live if live is not None else row_len  # (unread without INDEXED / GROUPED)
     ent = entries if grouped else (index, index, index)  # (unread without GROUPED: no fill kernel per call)
@@ -309,7 +332,7 @@ def decode_attention(
         assert suffix_k.dtype.itemsize > 1, "an fp8 cache takes its keys through to_cache (saturating), not here"
         assert new_kv[0].shape[0] == rows and new_kv[1].shape == new_kv[0].shape
     new_k, new_v = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (query, query)
-    _decode_kernel[(parts - 1 + rows_per_group, heads, grid_groups)](
+    _decode_kernel[(splits + rows_per_group, heads, grid_groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, index, ent[0], ent[1], ent[2],
         new_k, new_v, ck, cv, acc, m, l_sum,
         query.stride(0), query.stride(1),
@@ -324,8 +347,7 @@ def decode_attention(
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, SUFFIX_BLOCK_N=cfg.suffix_block_n, MMA=_mma_type(query, prefix_k),
         FMA_PREFIX=cfg.fma_prefix and rows_per_group == 1, INDEXED=live is not None and not grouped, GROUPED=grouped,
-        WRITE=new_kv is not None, COMMON=common_len > 0, CTILES=triton.cdiv(max(common_len, 1), cfg.block_n),
-        PARTS=parts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WRITE=new_kv is not None, PARTS=parts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(acc, m, l_sum, query.dtype)
 

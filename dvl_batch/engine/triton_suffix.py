@@ -34,12 +34,12 @@ def _shared_prefix_kernel(
     scale, group_rows, tiles_m,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
-    COMMON: tl.constexpr, CTILES: tl.constexpr, PARTS: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
     """Suffix prefill, prefix level: all query tokens of a group (its Q questions x T tokens,
     `group_rows`, in tiles of QPAD) against one split of the group's prefix, read once per
-    tile instead of once per question token; with COMMON, program SPLITS of axis 0 reads the
-    prompt head every row shares (partial SPLITS+1). Axis 2 is (group in batch, row tile); the
+    tile instead of once per question token; split 0 first reads the prompt head every row
+    shares (`common_len` positions, 0: none). Axis 2 is (group in batch, row tile); the
     token counts are run-time values, so varying question lengths compile nothing new."""
     split = tl.program_id(0)
     h = tl.program_id(1)
@@ -48,19 +48,12 @@ def _shared_prefix_kernel(
     g = tl.load(GROUPS + gb)
     row0 = gb * group_rows + tile * QPAD
     n_rows = tl.minimum(QPAD, group_rows - tile * QPAD)
-    if split < SPLITS:
-        _prefix_part(
-            Q, PK, PV, ACC, M, L, g, row0, n_rows, h, tl.load(PLEN + g).to(tl.int32), split * (TILES * BLOCK_N), split,
-            stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
-            HEADS, REP, QPAD, D, BLOCK_N, PARTS, TILES, IEEE, MMA,
-        )
-    else:
-        if COMMON:
-            _prefix_part(
-                Q, CK, CV, ACC, M, L, 0, row0, n_rows, h, common_len, 0, SPLITS + 1,
-                stride_qr, stride_qh, 0, stride_ckh, stride_ckp, 0, stride_cvh, stride_cvp, scale,
-                HEADS, REP, QPAD, D, BLOCK_N, PARTS, CTILES, IEEE, MMA,
-            )
+    _prefix_part(
+        Q, PK, PV, ACC, M, L, g, row0, n_rows, h, tl.load(PLEN + g).to(tl.int32), split * (TILES * BLOCK_N), split,
+        stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
+        CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, tl.where(split == 0, common_len, 0), scale,
+        HEADS, REP, QPAD, D, BLOCK_N, PARTS, TILES, IEEE, MMA,
+    )
 
 
 @triton.jit
@@ -77,7 +70,8 @@ def _suffix_tokens_kernel(
     key_row = tl.load(ROWS + vrow // tokens)
     _row_part(
         Q, SK, SV, ACC, M, L, vrow, key_row, 0, vrow % tokens + 1, part, h,
-        stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
+        stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
+        SK, SV, 0, 0, 0, 0, 0, scale,
         HEADS, REP, D, BLOCK_N, PARTS,
     )
 
@@ -115,9 +109,9 @@ def suffix_prefill_attention(
     sm_count = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
     splits = choose_splits(n_groups * tiles_m, heads, sm_count)
     ck, cv, common_len = _common_args(common, prefix_k)
-    parts = splits + 1 + (common_len > 0)
+    parts = splits + 1
     acc, m, l_sum = _partials(batch * new, heads, parts, dim, query.device)
-    _shared_prefix_kernel[(parts - 1, heads, n_groups * tiles_m)](
+    _shared_prefix_kernel[(splits, heads, n_groups * tiles_m)](
         flat, prefix_k, prefix_v, prefix_len, groups, ck, cv, acc, m, l_sum,
         flat.stride(0), flat.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
@@ -127,7 +121,7 @@ def suffix_prefill_attention(
         HEADS=heads, REP=rep, QPAD=qpad, D=dim, BLOCK_N=cfg.block_n,
         SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
         IEEE=query.dtype == torch.float32, MMA=_mma_type(query, prefix_k),
-        COMMON=common_len > 0, CTILES=triton.cdiv(max(common_len, 1), cfg.block_n), PARTS=parts,
+        PARTS=parts,
         num_warps=8 if qpad >= 64 else cfg.num_warps, num_stages=cfg.num_stages,
     )
     _suffix_tokens_kernel[(batch * new, heads)](
