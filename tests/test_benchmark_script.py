@@ -79,6 +79,7 @@ def test_bench_command_compares_with_generate_on_the_tiny_model(started):
     assert rows and all(len(row) == len(lines[header]) for row in rows)  # columns line up with the header
     caption = json.loads(report.read_text())["profiles"]["caption"]["engines"]
     assert caption["dvl"]["images_per_s"] > 0 and caption["dvl"]["ratio_vs_best_generate"] > 0
+    assert 0 < caption["dvl"]["first_sample_seconds"] < caption["dvl"]["seconds"]  # the decoders' start-up
     if formats:
         assert caption["dvl_w_int8wo"]["ratio_vs_dvl"] > 0 and caption["dvl_w_int8wo"]["ratio_vs_best_generate"] > 0
         assert "int8wo weights" in result.stdout, "the quantized run's agreement with the bf16 run is printed"

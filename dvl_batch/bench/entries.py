@@ -40,6 +40,7 @@ def slot_engine_entry(name: str, dvl: dict[str, Any], answers: dict, images: int
     engine_stats = dvl["stats"].engine
     entry.update(
         idle_seconds=round(engine_stats.get("idle_seconds", 0.0), 3),
+        first_sample_seconds=round(dvl["stats"].first_sample_seconds, 3),
         prefill_seconds=round(engine_stats.get("prefill_seconds", 0.0), 3),
         vision_seconds=round(engine_stats.get("vision_seconds", 0.0), 3),
         prefix_seconds=round(engine_stats.get("prefix_seconds", 0.0), 3),

@@ -46,7 +46,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"          {key}: {dvl['slots']} slots, {dvl.get('common_tokens', 0)} prompt tokens shared by all "
                 f"rows, {dvl['decode_steps']} decode steps; host (not device) time in "
                 f"admissions {dvl['prefill_seconds']} s, in decode launch+collect {dvl['decode_seconds']} s; "
-                f"engine waiting for input with nothing to run {dvl['idle_seconds']} s"
+                f"engine waiting for input with nothing to run {dvl['idle_seconds']} s (the first sample "
+                f"arrived after {dvl.get('first_sample_seconds', 0.0)} s)"
             )
             if "device_ms_per_image" in dvl:
                 lines.append(f"          {device_line(dvl)}")

@@ -52,6 +52,15 @@ def _work_items(
             yield work
 
 
+def _timing_first(items: Iterator[WorkItem], started: float, stats: RunStats) -> Iterator[WorkItem]:
+    """`items`, noting when the first one arrived: the decoders' start-up, which the device
+    spends idle (forking the pool, reading the first shard, preparing the first sample)."""
+    for item in items:
+        if not stats.first_sample_seconds:
+            stats.first_sample_seconds = time.perf_counter() - started
+        yield item
+
+
 def process_shards(
     spec: JobSpec,
     model_path: str,
@@ -74,7 +83,7 @@ def process_shards(
     stop = stop or StopFlag()
     assembler = ShardAssembler(sink, decode, on_progress, spec.output.checkpoint_seconds)
     stream = prepared_stream(spec, SamplePreparer(spec, model_path, processor), feed)
-    items = _work_items(stream, assembler, feed, spec.data.limit, stop, force_eos)
+    items = _timing_first(_work_items(stream, assembler, feed, spec.data.limit, stop, force_eos), started, assembler.stats)
     try:
         with assembler.checkpointing(), assembler.watchdog(spec.run.watchdog_seconds):
             for completion in engine.run(items):

@@ -27,6 +27,7 @@ class RunStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     seconds: float = 0.0
+    first_sample_seconds: float = 0.0  # from the run's start to its first prepared sample (decoder start-up)
     engine: dict[str, float] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)  # "shard: why" for shards left undone (no part)
 
@@ -35,6 +36,7 @@ class RunStats:
                      "images", "rows", "error_rows", "answers", "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.decode_seconds += other.decode_seconds
+        self.first_sample_seconds = max(self.first_sample_seconds, other.first_sample_seconds)
         self.unreadable = [*self.unreadable, *other.unreadable]
         for key, value in other.engine.items():
             self.engine[key] = self.engine.get(key, 0) + value
