@@ -1,4 +1,5 @@
-"""The prompt head every row shares (the system prompt) is stored once and read by all rows.
+"""The prompt head every row shares (the system prompt) is computed once per layout, and its
+keys/values are stored in front of each group's own prefix as the prefill writes it.
 
 Answers must not change: the slot engine with the head equals generate and the engine
 without it (float32 on the CPU); prompts of another template shrink the head once.
@@ -53,8 +54,7 @@ def test_prefill_after_the_head_equals_causal_attention_over_the_whole_prompt():
     keys[1, :, :head_len], values[1, :, :head_len] = keys[0, :, :head_len], values[0, :, :head_len]  # one shared head
     queries = torch.randn(batch, heads, head_len + own, dim)
     whole = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
-    common = (keys[0, :, :head_len], values[0, :, :head_len])
-    got = _after_common(queries[:, :, head_len:], keys[:, :, head_len:], values[:, :, head_len:], common, dim**-0.5)
+    got = _after_common(queries[:, :, head_len:], keys, values, own, dim**-0.5)
     torch.testing.assert_close(got, whole[:, :, head_len:].transpose(1, 2))
 
 

@@ -26,21 +26,18 @@ CHECK = textwrap.dedent(
     from dvl_batch.engine.triton_decode import KernelConfig, choose_splits, decode_attention
 
     def fill(kv):
-        for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v, kv.common_k, kv.common_v):
-            if t is not None:
-                t.copy_(torch.randn(t.shape).to(t.dtype))
+        for t in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v):
+            t.copy_(torch.randn(t.shape).to(t.dtype))
 
     FP8 = torch.float8_e4m3fn  # --kv-dtype fp8: the kernels widen what they load; the torch path upcasts
     torch.manual_seed(0)
-    # (the last field: positions of a common prompt head every row reads before its group's prefix)
-    for q_rows, heads, kv_heads, groups, splits, cache, common in [
-        (1, 2, 2, 3, 1, torch.float32, 0), (3, 4, 2, 2, 2, torch.float32, 0), (5, 2, 1, 2, 4, torch.float32, 0),
-        (3, 4, 2, 3, 2, FP8, 0), (1, 4, 2, 3, 2, FP8, 0),
-        (1, 2, 2, 3, 2, torch.float32, 11), (3, 4, 2, 3, 2, torch.float32, 11), (1, 4, 2, 3, 2, FP8, 11),
+    for q_rows, heads, kv_heads, groups, splits, cache in [
+        (1, 2, 2, 3, 1, torch.float32), (3, 4, 2, 2, 2, torch.float32), (5, 2, 1, 2, 4, torch.float32),
+        (3, 4, 2, 3, 2, FP8), (1, 4, 2, 3, 2, FP8),
     ]:
         dim, prefix_cap, suffix_cap, layers = 16, 70, 20, 1
         rows = groups * q_rows
-        kv = SlotKV.allocate(layers, groups, rows, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu", common_len=common)
+        kv = SlotKV.allocate(layers, groups, rows, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu")
         fill(kv)
         prefix_len = torch.randint(1, prefix_cap + 1, (groups,))
         prefix_len[0] = prefix_cap
@@ -57,14 +54,13 @@ CHECK = textwrap.dedent(
         expected = _rows_attention(step, 0, query, dim ** -0.5)[:, :, 0]
         for config in (None, KernelConfig(fma_prefix=True)):  # the CUDA-core prefix applies to one-row groups
             got = decode_attention(query[:, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
-                                   prefix_len, row_len, q_rows, dim ** -0.5, splits, config, common=kv.common(0))
+                                   prefix_len, row_len, q_rows, dim ** -0.5, splits, config)
             error = ((got - expected).norm() / expected.norm()).item()
             assert error < 1e-5, (q_rows, heads, kv_heads, splits, config, error)
             if q_rows == 1:  # a compacted batch: entry b is slot live[b] (a slot twice: padding entries)
                 live = torch.tensor([rows - 1, 0, rows - 1][: rows])
                 got = decode_attention(query[live, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0],
-                                       kv.suffix_v[0], prefix_len, row_len, 1, dim ** -0.5, splits, config, live=live,
-                                       common=kv.common(0))
+                                       kv.suffix_v[0], prefix_len, row_len, 1, dim ** -0.5, splits, config, live=live)
                 error = ((got - expected[live]).norm() / expected[live].norm()).item()
                 assert error < 1e-5, ("indexed", heads, kv_heads, splits, config, error)
             elif config is None:  # VQA compacted: some rows of some groups live, padded with the last row
@@ -75,7 +71,7 @@ CHECK = textwrap.dedent(
                 entries = torch.from_numpy(group_entries(live.numpy(), q_rows, capacity, groups - 1))
                 got = decode_attention(query[live, :, 0], kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0],
                                        kv.suffix_v[0], prefix_len, row_len, q_rows, dim ** -0.5, splits,
-                                       live=live, entries=entries, common=kv.common(0))
+                                       live=live, entries=entries)
                 error = ((got - expected[live]).norm() / expected[live].norm()).item()
                 assert error < 1e-5, ("grouped", q_rows, heads, kv_heads, splits, error)
     assert choose_splits(436, 16, 132) == 1 and choose_splits(8, 16, 132) >= 4
@@ -83,11 +79,10 @@ CHECK = textwrap.dedent(
     # the decode step's route: a compacted batch padded with the spare row past the layout (its
     # group is the scratch group, also past the layout), caches sized groups+1 / rows+1 as the
     # store allocates them; the Triton route equals the torch route (scatter, attend, gather)
-    for q_rows, cache, common in [(1, torch.float32, 0), (3, torch.float32, 0), (1, FP8, 0), (3, FP8, 0),
-                                  (1, torch.float32, 9), (3, torch.float32, 9)]:
+    for q_rows, cache in [(1, torch.float32), (3, torch.float32), (1, FP8), (3, FP8)]:
         heads, kv_heads, groups, dim, prefix_cap, suffix_cap = 4, 2, 3, 16, 70, 20
         rows = groups * q_rows
-        kv = SlotKV.allocate(1, groups + 1, rows + 1, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu", common_len=common)
+        kv = SlotKV.allocate(1, groups + 1, rows + 1, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu")
         fill(kv)
         prefix_len = torch.randint(1, prefix_cap + 1, (groups + 1,))
         prefix_len[groups] = 0  # the scratch group: prefill padding writes there, nothing counts it
@@ -136,13 +131,12 @@ CHECK = textwrap.dedent(
     # their own causal suffix (the torch path is the reference)
     from dvl_batch.engine.triton_suffix import suffix_prefill_attention
 
-    for q_rows, heads, kv_heads, new, cache, common in [
-        (5, 2, 2, 7, torch.float32, 0), (3, 4, 2, 30, torch.float32, 0), (1, 2, 1, 4, torch.float32, 0),
-        (5, 2, 2, 7, FP8, 0), (5, 2, 2, 7, torch.float32, 13), (3, 4, 2, 30, FP8, 13),
+    for q_rows, heads, kv_heads, new, cache in [
+        (5, 2, 2, 7, torch.float32), (3, 4, 2, 30, torch.float32), (1, 2, 1, 4, torch.float32),
+        (5, 2, 2, 7, FP8), (3, 4, 2, 30, FP8),
     ]:
         dim, prefix_cap, suffix_cap, all_groups = 16, 70, 40, 4
-        kv = SlotKV.allocate(1, all_groups, all_groups * q_rows, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu",
-                             common_len=common)
+        kv = SlotKV.allocate(1, all_groups, all_groups * q_rows, kv_heads, prefix_cap, suffix_cap, dim, cache, "cpu")
         fill(kv)
         prefix_all = torch.randint(1, prefix_cap + 1, (all_groups,))
         groups = torch.tensor([2, 0])
@@ -158,7 +152,7 @@ CHECK = textwrap.dedent(
                              prefix_bias=prefix_bias[:, None, None], suffix_bias=suffix_bias)
         expected = _rows_attention(step, 0, query.contiguous(), dim ** -0.5)
         got = suffix_prefill_attention(query, kv.prefix_k[0], kv.prefix_v[0], kv.suffix_k[0], kv.suffix_v[0],
-                                       prefix_all, groups, rows, q_rows, dim ** -0.5, common=kv.common(0))
+                                       prefix_all, groups, rows, q_rows, dim ** -0.5)
         error = ((got - expected).norm() / expected.norm()).item()
         assert error < 1e-5, ("suffix", q_rows, heads, kv_heads, new, error)
     print("ok")

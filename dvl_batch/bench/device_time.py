@@ -68,7 +68,8 @@ def decode_split(engine, prompt_tokens: int, mean_answer: int) -> dict[str, Any]
     if store is None or not store.on_cuda:
         return None
     layout, vlm = store.layout, store.vlm
-    store.group_prefix.fill_(min(prompt_tokens, layout.prefix_cap))
+    width = store.kv.prefix_k.shape[3]  # the common head's positions and the layout's own prefix capacity
+    store.group_prefix.fill_(min(prompt_tokens, width))
     store.row_prefix.fill_(prompt_tokens)
     store.row_len.fill_(mean_answer // 2)
     store.decoder.body_all()
@@ -87,7 +88,7 @@ def decode_split(engine, prompt_tokens: int, mean_answer: int) -> dict[str, Any]
         return None
     element = store.kv_dtype.itemsize  # an fp8 cache moves half the bytes
     per_position = 2 * vlm.num_layers * vlm.num_kv_heads * vlm.head_dim * element
-    positions = layout.groups * min(prompt_tokens, layout.prefix_cap) + layout.rows * (mean_answer // 2 + 1)
+    positions = layout.groups * min(prompt_tokens, width) + layout.rows * (mean_answer // 2 + 1)
     seconds = attention / 1e6
     return {
         "attention_fraction": attention / total,

@@ -48,9 +48,12 @@ def _widen(cache_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class SlotKV:
-    """Per-layer key/value storage: [layers, groups, kv_heads, P, head_dim] and [layers, rows, kv_heads, Ls, head_dim],
-    and optionally the common head every prompt of the layout starts with, [layers, kv_heads, S, head_dim]
-    (the system prompt: stored and read once for all rows instead of once per group)."""
+    """Per-layer key/value storage: [layers, groups, kv_heads, S + P, head_dim] and [layers, rows, kv_heads, Ls,
+    head_dim], and optionally the common head every prompt of the layout starts with, [layers, kv_heads, S, head_dim]
+    (the system prompt): computed once instead of in every prefill, and copied into the first S positions of
+    each group's prefix as the prefill stores it, so that decode reads one contiguous prefix per group (reading
+    the head from its own copy cost more than it saved: caption decode attention on the H200 went 2.33 ms per
+    image without it to 2.49 with a kernel program of its own and 2.78 with a tile in the first split)."""
 
     prefix_k: torch.Tensor
     prefix_v: torch.Tensor
@@ -66,8 +69,8 @@ class SlotKV:
             return torch.zeros(layers, count, kv_heads, length, head_dim, dtype=dtype, device=device)
 
         common = [make(1, common_len)[:, 0] for _ in range(2)] if common_len else [None, None]
-        return cls(make(groups, prefix_len), make(groups, prefix_len), make(rows, suffix_len), make(rows, suffix_len),
-                   *common)
+        width = common_len + prefix_len
+        return cls(make(groups, width), make(groups, width), make(rows, suffix_len), make(rows, suffix_len), *common)
 
     @property
     def common_len(self) -> int:
@@ -242,15 +245,11 @@ def _rows_attention(step: AttentionStep, layer: int, query: torch.Tensor, scalin
         suffix_k, suffix_v = kv.suffix_k[layer, step.rows], kv.suffix_v[layer, step.rows]
     prefix_k, prefix_v = _widen(prefix_k, query.dtype), _widen(prefix_v, query.dtype)
     suffix_k, suffix_v = _widen(suffix_k, query.dtype), _widen(suffix_v, query.dtype)
-    prefix_bias = step.prefix_bias
-    if kv.common_len:  # the common head reads as the first S positions of every group's prefix
-        prefix_k, prefix_v = _behind_common(kv.common(layer), prefix_k, prefix_v)
-        prefix_bias = F.pad(prefix_bias, (kv.common_len, 0))
     # group-major queries: [G, Q, Hkv, rep, T, D] -> [G, Hkv, Q*rep*T, D] against the shared prefix
     q6 = query.view(n_groups, q_per_group, kv_heads, rep, new, dim)
     q_prefix = q6.permute(0, 2, 1, 3, 4, 5).reshape(n_groups, kv_heads, q_per_group * rep * new, dim)
     s_prefix = _scores(q_prefix, prefix_k, step.out_dtype_scores) * scaling
-    s_prefix = s_prefix + prefix_bias
+    s_prefix = s_prefix + step.prefix_bias
     p_len = s_prefix.shape[-1]
     s_prefix = s_prefix.view(n_groups, kv_heads, q_per_group, rep * new, p_len).permute(0, 2, 1, 3, 4)
     s_prefix = s_prefix.reshape(batch, kv_heads, rep * new, p_len)
@@ -281,7 +280,7 @@ def _triton_rows_attention(step: AttentionStep, layer: int, query: torch.Tensor,
     out = decode_attention(
         query[:, :, 0], kv.prefix_k[layer, :limit], kv.prefix_v[layer, :limit], kv.suffix_k[layer], kv.suffix_v[layer],
         step.prefix_lengths, step.write_pos, step.rows_per_group, scaling, step.triton_splits, live=step.live,
-        entries=step.entries, new_kv=new_kv, common=kv.common(layer),
+        entries=step.entries, new_kv=new_kv,
     )
     return out[:, :, None]
 
@@ -292,7 +291,7 @@ def _triton_suffix_attention(step: AttentionStep, layer: int, query: torch.Tenso
     kv = step.kv
     return suffix_prefill_attention(
         query, kv.prefix_k[layer], kv.prefix_v[layer], kv.suffix_k[layer], kv.suffix_v[layer],
-        step.prefix_lengths, step.groups, step.rows, step.rows_per_group, scaling, common=kv.common(layer),
+        step.prefix_lengths, step.groups, step.rows, step.rows_per_group, scaling,
     )
 
 
@@ -307,28 +306,31 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     if step.mode != "prefix":
         return _rows_step(module, step, query, key, value, scaling), None
     layer = module.layer_idx
+    common = step.kv.common(layer) if step.kv is not None else None
+    own = key.shape[2]
+    if common is not None:  # stored in front of the group's own keys/values, as decode reads them
+        key, value = _behind_common(common, key, value)
     if step.collect is not None:
         step.collect.append((key, value))
     else:
         _write_prefix(step, layer, key, value)
-    common = step.kv.common(layer) if step.kv is not None else None
     if common is not None:
-        return _after_common(query, key, value, common, scaling), None
+        return _after_common(query, key, value, own, scaling), None
     rep = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=rep > 1)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _after_common(query, key, value, common: tuple[torch.Tensor, torch.Tensor], scaling: float) -> torch.Tensor:
+def _after_common(query, keys, values, own: int, scaling: float) -> torch.Tensor:
     """Causal prefill of prompts whose first S tokens are the stored common head: keys and values
-    are [head | own], and S zero queries in front make plain top-left causal attention (the fused
-    kernels' fast case) let own token t see the whole head and own tokens 0..t. The S extra query
-    rows cost (S+T)^2 - T^2 of attention work (~11% more for 32 of 616), their outputs dropped."""
+    are [head | own] (the last `own` positions computed now), and S zero queries in front make
+    plain top-left causal attention (the fused kernels' fast case) let own token t see the whole
+    head and own tokens 0..t. The S extra query rows cost (S+T)^2 - T^2 of attention work (~11%
+    more for 32 of 616), their outputs dropped."""
     batch, heads, new, dim = query.shape
-    size = common[0].shape[1]
-    keys, values = _behind_common(common, key, value)
+    size = keys.shape[2] - own
     queries = torch.cat([query.new_zeros(batch, heads, size, dim), query], dim=2)
-    rep = heads // key.shape[1]
+    rep = heads // keys.shape[1]
     out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=rep > 1)
     return out[:, :, size:].transpose(1, 2).contiguous()
 

@@ -102,12 +102,12 @@ class SlotEngine:
         if self.batch.batch_size:
             n_groups = max(1, self.batch.batch_size // q)
         elif self.device.type == "cuda":
-            n_groups = self._groups_from_memory(prefix_cap, suffix_cap, q)
+            n_groups = self._groups_from_memory(prefix_cap, suffix_cap, q, len(common))
         else:
             n_groups = 8
         return Layout(n_groups, q, prefix_cap, suffix_cap, common)
 
-    def _groups_from_memory(self, prefix_cap: int, suffix_cap: int, q: int) -> int:
+    def _groups_from_memory(self, prefix_cap: int, suffix_cap: int, q: int, head: int) -> int:
         """As many groups as fit in free memory after a measured reserve for prefill: the peak
         of one real prefill batch of the layout's shapes (room for heavy vision towers such as
         the 7B's 1024px SAM branch); a batch over 40% of free memory is halved first."""
@@ -119,7 +119,7 @@ class SlotEngine:
         reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
         self.stats.probe_seconds += time.perf_counter() - started
         per_group = SlotKV.bytes_per_group(
-            self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, prefix_cap, q, suffix_cap,
+            self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, head + prefix_cap, q, suffix_cap,
             self.kv_dtype.itemsize,
         )
         budget = max(0, (free - reserve)) * self.kv_memory_fraction

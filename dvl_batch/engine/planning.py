@@ -79,8 +79,8 @@ def plan_groups(item: WorkItem, rows_per_group: int) -> list[Group]:
 @dataclass
 class Layout:
     """Slot geometry: `groups` image prefixes of `rows_per_group` answer rows each, after the
-    `common` head every prompt of the layout starts with (stored once); `prefix_cap` counts
-    the positions of a group's own prefix, past that head."""
+    `common` head every prompt of the layout starts with (computed once, stored in front of each
+    group's prefix); `prefix_cap` counts the positions of a group's own prefix, past that head."""
 
     groups: int
     rows_per_group: int
@@ -93,8 +93,8 @@ class Layout:
         return self.groups * self.rows_per_group
 
 
-# A shorter shared head is not worth its extra key tile per row (in the first split) and the prefill's extra
-# query rows (the DeepSeek-VL system prompt is ~32 tokens of a 616-token caption prompt).
+# A shorter shared head is not worth the prefill's extra query rows and the copies in front of
+# each group's keys/values (the DeepSeek-VL system prompt is ~32 tokens of a 616-token caption prompt).
 MIN_COMMON_TOKENS = 8
 
 

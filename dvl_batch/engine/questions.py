@@ -47,7 +47,7 @@ class QuestionPrefill:
         rows_t = (group_t[:, None] * q + torch.arange(q, device=dev)[None]).reshape(-1)
         prefix_len = s.group_prefix[group_t]
         offsets = torch.arange(width, device=dev)
-        positions = (prefix_len + s.common_len).repeat_interleave(q)[:, None] + offsets[None]
+        positions = prefix_len.repeat_interleave(q)[:, None] + offsets[None]
         step = AttentionStep(
             s.kv, "rows", groups=group_t, rows=rows_t, rows_per_group=q,
             write_pos=torch.zeros(len(padded), dtype=torch.long, device=dev), out_dtype_scores=s.out_dtype_scores,
@@ -61,7 +61,7 @@ class QuestionPrefill:
         hidden = self.forward(ids_t, positions, step)
         last = hidden[torch.arange(len(padded), device=dev), lengths_t - 1]
         s.row_len[rows_t] = lengths_t
-        s.row_prefix[rows_t] = (prefix_len + s.common_len).repeat_interleave(q)
+        s.row_prefix[rows_t] = prefix_len.repeat_interleave(q)
         return s.vlm.lm_head(last).float(), rows_t
 
     def warm(self) -> None:

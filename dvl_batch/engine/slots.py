@@ -95,7 +95,7 @@ class SlotStore:
             vlm.num_layers, layout.groups + 1, layout.rows + 1, vlm.num_kv_heads, layout.prefix_cap, layout.suffix_cap,
             vlm.head_dim, self.kv_dtype, self.device, common_len=len(layout.common),
         )
-        self.common_len = len(layout.common)  # positions before every group's own prefix
+        self.common_len = len(layout.common)  # positions of every group's prefix before its own tokens
         self._store_common()
         dev, rows = self.device, layout.rows + 1
         self.next_tok = torch.full((rows,), pad_id, dtype=torch.long, device=dev)
@@ -105,7 +105,7 @@ class SlotStore:
         self.row_live = torch.zeros(rows, dtype=torch.long, device=dev)  # 1 while a row holds a request
         self.force_at = torch.full((rows,), NO_FORCE, dtype=torch.long, device=dev)
         self.group_prefix = torch.zeros(layout.groups + 1, dtype=torch.long, device=dev)
-        self.prefix_range = torch.arange(layout.prefix_cap, device=dev)
+        self.prefix_range = torch.arange(self.common_len + layout.prefix_cap, device=dev)
         self.suffix_range = torch.arange(layout.suffix_cap, device=dev)
         self.out_dtype_scores = self.on_cuda and scores_support_out_dtype(self.device, self.dtype)
         self.triton_splits = _triton_splits(layout, vlm, self.device) if use_triton else 0
@@ -164,7 +164,8 @@ class SlotStore:
     @torch.inference_mode()
     def _store_common(self) -> None:
         """Keys/values of the layout's common head (the system prompt), computed once, eagerly
-        (one short pass), and read by every row's prefill and decode steps after."""
+        (one short pass): the prefix passes attend to them and store them in front of each
+        group's own keys/values, so the head is never run again but decode reads one prefix."""
         if not self.common_len:
             return
         ids = torch.tensor([self.layout.common], dtype=torch.long, device=self.device)
@@ -231,8 +232,8 @@ class SlotStore:
     # ------------------------------------------------------------ prefill
 
     def _prefix_pass(self, embeds: torch.Tensor, last: torch.Tensor):
-        """Causal pass over right-padded prefixes (after the common head, whose keys/values the
-        attention reads from the cache): (last-token logits, per-layer keys, values)."""
+        """Causal pass over right-padded prefixes after the common head (whose stored keys/values
+        the attention reads): (last-token logits, per-layer keys and values, the head's in front)."""
         positions = torch.arange(self.common_len, self.common_len + embeds.shape[1], device=embeds.device)
         positions = positions[None].expand(embeds.shape[0], -1)
         step = AttentionStep(self.kv, "prefix", collect=[])
@@ -265,13 +266,13 @@ class SlotStore:
         """Store the KV of new groups' prefixes; returns first-token logits (meaningful when
         the prefixes are whole prompts). Batches of `prefill_batch`, padded to fixed shapes
         when compiled (padding rows write into the scratch group). Each prefix starts with the
-        layout's common head (the scheduler admits no other); only the rest is run and stored."""
+        layout's common head (the scheduler admits no other); only the rest is run, and the
+        slot stores the head's keys/values in front of it."""
         head = self.layout.common
         if not all(starts_with(p, head) for p in prefixes):
             raise ValueError("a prefix that does not start with the layout's common head was admitted")
         prefixes = [p[len(head) :] for p in prefixes]
-        lengths = [len(p) for p in prefixes]
-        self.group_prefix[self.upload(slots)] = self.upload(lengths)
+        self.group_prefix[self.upload(slots)] = self.upload([len(head) + len(p) for p in prefixes])
         logits = []
         chunk = self.prefill_batch if self.fixed_shapes else len(prefixes)
         for start in range(0, len(prefixes), chunk):
@@ -304,7 +305,7 @@ class SlotStore:
         """Rows whose whole prompt is the prefix: nothing stored per row yet."""
         rows_t = self.upload(slots) * self.layout.rows_per_group
         self.row_len.index_fill_(0, rows_t, 0)  # (tensor[idx] = 0 would copy a scalar up and wait)
-        self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group] + self.common_len
+        self.row_prefix[rows_t] = self.group_prefix[rows_t // self.layout.rows_per_group]
         return rows_t
 
     def prefill_suffixes(self, suffixes: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,17 +63,12 @@ def _fma_tile(q, k_base, v_base, pos, ok, stride_kp, stride_vp, m_i, l_i, acc, s
 def _prefix_part(
     Q, PK, PV, ACC, M, L, g, row0, n_rows, h, plen, start, part,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-    CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
 ):
-    """Partial attention of query rows row0..row0+n_rows-1 over the first `head_len`
-    positions of the shared prompt head (CK/CV [kv head, position, D]; 0: none) and then
-    positions start.. of group g's prefix (TILES tiles, valid below `plen`), stored as
-    partial `part`. The head rides in the first split's program rather than a program of
-    its own: measured on the H200, an extra program and partial per (row, head) made caption
-    decode attention 7% slower than reading the head from every row's slot.
+    """Partial attention of query rows row0..row0+n_rows-1 over positions start.. of group
+    g's prefix (TILES tiles, valid below `plen`), stored as partial `part`.
 
     The dots run in MMA (the query dtype, or float16 for an fp8 cache: Hopper widens e4m3
     to float16 in one instruction, to bfloat16 only through float32; measured: the bf16
@@ -91,12 +86,6 @@ def _prefix_part(
     m_i = tl.full([QPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QPAD], tl.float32)
     acc = tl.zeros([QPAD, D], tl.float32)
-    ck_base = CK + kvh * stride_ckh
-    cv_base = CV + kvh * stride_cvh
-    for begin in range(0, head_len, BLOCK_N):
-        pos = begin + offs_n
-        m_i, l_i, acc = _dot_tile(q, ck_base, cv_base, pos, pos < head_len, stride_ckp, stride_cvp,
-                                  m_i, l_i, acc, scale, D, IEEE, MMA)
     # loop bounds are compile-time tile counts; masked loads past the valid length move no data
     k_base = PK + g * stride_kg + kvh * stride_kh
     v_base = PV + g * stride_vg + kvh * stride_vh
@@ -114,13 +103,11 @@ def _prefix_part(
 def _row_part(
     Q, SK, SV, ACC, M, L, row, key_row, start, stop, part, h,
     stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_vr, stride_vh, stride_vp,
-    CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """Partial attention of one query row over the first `head_len` positions of the shared
-    prompt head (0: none) and positions start..stop-1 of `key_row`'s keys, on CUDA cores in
-    float32 (no tensor-core tile to fill), stored as partial `part`.
+    """Partial attention of one query row over positions start..stop-1 of `key_row`'s keys,
+    on CUDA cores in float32 (no tensor-core tile to fill), stored as partial `part`.
 
     Used for a row's own suffix (question + answer so far + new token: a dynamic bound, no
     tiles past the row's end) and, with `fma_prefix`, for a caption row's prefix split."""
@@ -131,12 +118,6 @@ def _row_part(
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([D], tl.float32)
-    ck_base = CK + kvh * stride_ckh
-    cv_base = CV + kvh * stride_cvh
-    for begin in range(0, head_len, BLOCK_N):
-        pos = begin + offs_n
-        m_i, l_i, acc = _fma_tile(q, ck_base, cv_base, pos, pos < head_len, stride_ckp, stride_cvp,
-                                  m_i, l_i, acc, scale, D)
     k_base = SK + key_row * stride_kr + kvh * stride_kh
     v_base = SV + key_row * stride_vr + kvh * stride_vh
     for begin in range(start, stop, BLOCK_N):
@@ -150,20 +131,17 @@ def _row_part(
 
 @triton.jit
 def _decode_kernel(
-    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, KN, VN, CK, CV, ACC, M, L,
+    Q, PK, PV, PLEN, SK, SV, RLEN, LIVE, ENT_G, ENT_S, ENT_N, KN, VN, ACC, M, L,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
     stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, stride_knr, stride_knh, stride_vnr, stride_vnh,
-    stride_ckh, stride_ckp, stride_cvh, stride_cvp, common_len,
     scale,
     HEADS: tl.constexpr, REP: tl.constexpr, Q_ROWS: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     SUFFIX_BLOCK_N: tl.constexpr, MMA: tl.constexpr, FMA_PREFIX: tl.constexpr, INDEXED: tl.constexpr,
     GROUPED: tl.constexpr, WRITE: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """One launch for all levels: programs 0..SPLITS-1 of axis 0 take prefix splits (split 0
-    first reads the `common_len` positions of the prompt head every row shares, CK/CV [kv head,
-    position, D], stored once for the whole layout; it stays in L2), the next Q_ROWS take the
-    suffix of one of the group's rows each. Axis 0 varies fastest in the
+    """One launch for all levels: programs 0..SPLITS-1 of axis 0 take prefix splits, the next
+    Q_ROWS take the suffix of one of the group's rows each. Axis 0 varies fastest in the
     launch order, so the short, latency-bound suffix programs run beside the bandwidth-bound
     prefix programs instead of as a tail of their own (measured: a suffix kernel of its own
     took 136 us of a 590 us layer at 384 rows), and a VQA group's rows do not queue behind
@@ -196,19 +174,16 @@ def _decode_kernel(
     if split < SPLITS:
         start = split * (TILES * BLOCK_N)
         plen = tl.load(PLEN + g).to(tl.int32)
-        head_len = tl.where(split == 0, common_len, 0)  # the shared prompt head rides in split 0
         if FMA_PREFIX:  # one row per group (captions): no 16-row tensor-core tile for one query
             _row_part(
                 Q, PK, PV, ACC, M, L, row0, g, start, tl.minimum(plen, start + TILES * BLOCK_N), split, h,
-                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-                CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len, scale,
+                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
                 HEADS, REP, D, BLOCK_N, PARTS,
             )
         elif n > 0:
             _prefix_part(
                 Q, PK, PV, ACC, M, L, g, row0, n, h, plen, start, split,
-                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-                CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, head_len, scale,
+                stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
                 HEADS, REP, QPAD, D, BLOCK_N, PARTS, TILES, IEEE, MMA,
             )
     elif split - SPLITS < n:
@@ -231,8 +206,7 @@ def _decode_kernel(
             tl.debug_barrier()  # the block's stores are visible to its own loads below
         _row_part(
             Q, SK, SV, ACC, M, L, row, key_row, 0, rlen, SPLITS, h,
-            stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
-            CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, 0, scale,
+            stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
             HEADS, REP, D, SUFFIX_BLOCK_N, PARTS,
         )
 
@@ -304,10 +278,9 @@ def decode_attention(
     live: torch.Tensor | None = None,  # [B] slots of the batch's rows
     entries: torch.Tensor | None = None,  # [3, E] (group, first batch row, rows) per group: groups of > 1 row
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, Hkv, D] keys, values) to store first
-    common: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([Hkv, S, D] keys, values) every row attends first
 ) -> torch.Tensor:
     """Attention output [R, H, D] (or [B, H, D]) of one new token per row over
-    [common head | group prefix | own suffix].
+    [group prefix | own suffix].
 
     A compacted batch (`live`) of one-row groups needs nothing else; one of larger groups also
     needs `entries` (`group_entries`): each group's live rows are consecutive batch rows, and
@@ -323,7 +296,6 @@ def decode_attention(
     for tensor in (prefix_k, prefix_v, suffix_k, suffix_v):
         assert tensor.stride(-1) == 1, "keys/values must be contiguous in head_dim"
     assert query.stride(-1) == 1
-    ck, cv, common_len = _common_args(common, prefix_k)
     parts = splits + 1
     acc, m, l_sum = _partials(rows, heads, parts, dim, query.device)
     index = live if live is not None else row_len  # (unread without INDEXED / GROUPED)
@@ -334,14 +306,13 @@ def decode_attention(
     new_k, new_v = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (query, query)
     _decode_kernel[(splits + rows_per_group, heads, grid_groups)](
         query, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, row_len, index, ent[0], ent[1], ent[2],
-        new_k, new_v, ck, cv, acc, m, l_sum,
+        new_k, new_v, acc, m, l_sum,
         query.stride(0), query.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
         new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
-        ck.stride(-3), ck.stride(-2), cv.stride(-3), cv.stride(-2), common_len,
         scale,
         HEADS=heads, REP=rep, Q_ROWS=rows_per_group, QPAD=max(16, triton.next_power_of_2(rows_per_group)), D=dim,
         BLOCK_N=cfg.block_n, SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),
@@ -350,17 +321,6 @@ def decode_attention(
         WRITE=new_kv is not None, PARTS=parts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _combine(acc, m, l_sum, query.dtype)
-
-
-def _common_args(common: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor):
-    """(keys, values, length) of the shared prompt head for a kernel launch; without one, the
-    prefix cache stands in for the pointers (never read) and the length is 0."""
-    if common is None or common[0].shape[-2] == 0:
-        return like, like, 0
-    keys, values = common
-    assert keys.dim() == 3 and keys.shape == values.shape, "the common head is [kv heads, positions, head_dim]"
-    assert keys.stride(-1) == 1 and values.stride(-1) == 1 and keys.dtype == like.dtype
-    return keys, values, keys.shape[-2]
 
 
 def _partials(count: int, heads: int, parts: int, dim: int, device: torch.device):

@@ -17,7 +17,6 @@ from .triton_decode import (
     DEFAULT_CONFIG,
     KernelConfig,
     _combine,
-    _common_args,
     _mma_type,
     _partials,
     _prefix_part,
@@ -28,9 +27,8 @@ from .triton_decode import (
 
 @triton.jit
 def _shared_prefix_kernel(
-    Q, PK, PV, PLEN, GROUPS, CK, CV, ACC, M, L,
+    Q, PK, PV, PLEN, GROUPS, ACC, M, L,
     stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-    stride_ckh, stride_ckp, stride_cvh, stride_cvp, common_len,
     scale, group_rows, tiles_m,
     HEADS: tl.constexpr, REP: tl.constexpr, QPAD: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr,
@@ -38,8 +36,7 @@ def _shared_prefix_kernel(
 ):
     """Suffix prefill, prefix level: all query tokens of a group (its Q questions x T tokens,
     `group_rows`, in tiles of QPAD) against one split of the group's prefix, read once per
-    tile instead of once per question token; split 0 first reads the prompt head every row
-    shares (`common_len` positions, 0: none). Axis 2 is (group in batch, row tile); the
+    tile instead of once per question token. Axis 2 is (group in batch, row tile); the
     token counts are run-time values, so varying question lengths compile nothing new."""
     split = tl.program_id(0)
     h = tl.program_id(1)
@@ -50,8 +47,7 @@ def _shared_prefix_kernel(
     n_rows = tl.minimum(QPAD, group_rows - tile * QPAD)
     _prefix_part(
         Q, PK, PV, ACC, M, L, g, row0, n_rows, h, tl.load(PLEN + g).to(tl.int32), split * (TILES * BLOCK_N), split,
-        stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp,
-        CK, CV, stride_ckh, stride_ckp, stride_cvh, stride_cvp, tl.where(split == 0, common_len, 0), scale,
+        stride_qr, stride_qh, stride_kg, stride_kh, stride_kp, stride_vg, stride_vh, stride_vp, scale,
         HEADS, REP, QPAD, D, BLOCK_N, PARTS, TILES, IEEE, MMA,
     )
 
@@ -70,8 +66,7 @@ def _suffix_tokens_kernel(
     key_row = tl.load(ROWS + vrow // tokens)
     _row_part(
         Q, SK, SV, ACC, M, L, vrow, key_row, 0, vrow % tokens + 1, part, h,
-        stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp,
-        SK, SV, 0, 0, 0, 0, 0, scale,
+        stride_qr, stride_qh, stride_skr, stride_skh, stride_skp, stride_svr, stride_svh, stride_svp, scale,
         HEADS, REP, D, BLOCK_N, PARTS,
     )
 
@@ -91,9 +86,8 @@ def suffix_prefill_attention(
     rows_per_group: int,
     scale: float,
     config: KernelConfig | None = None,
-    common: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([Hkv, S, D] keys, values) every row attends first
 ) -> torch.Tensor:
-    """Attention output [B, H, T, D] of question tokens over [common head | group prefix | own causal suffix].
+    """Attention output [B, H, T, D] of question tokens over [group prefix | own causal suffix].
 
     The eager torch path materialises float32 scores of every question token against the
     whole prefix (launch- and memory-bound: 2.6 ms per image measured for 5 questions);
@@ -108,15 +102,13 @@ def suffix_prefill_attention(
     tiles_m = triton.cdiv(group_rows, qpad)
     sm_count = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
     splits = choose_splits(n_groups * tiles_m, heads, sm_count)
-    ck, cv, common_len = _common_args(common, prefix_k)
     parts = splits + 1
     acc, m, l_sum = _partials(batch * new, heads, parts, dim, query.device)
     _shared_prefix_kernel[(splits, heads, n_groups * tiles_m)](
-        flat, prefix_k, prefix_v, prefix_len, groups, ck, cv, acc, m, l_sum,
+        flat, prefix_k, prefix_v, prefix_len, groups, acc, m, l_sum,
         flat.stride(0), flat.stride(1),
         prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
         prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-        ck.stride(-3), ck.stride(-2), cv.stride(-3), cv.stride(-2), common_len,
         scale, group_rows, tiles_m,
         HEADS=heads, REP=rep, QPAD=qpad, D=dim, BLOCK_N=cfg.block_n,
         SPLITS=splits, TILES=triton.cdiv(triton.cdiv(prefix_k.shape[2], splits), cfg.block_n),

@@ -57,7 +57,7 @@ class EngineStats:
     oom_splits: int = 0
     generated_tokens: int = 0
     slots: int = 0
-    common_tokens: int = 0  # prompt head every row shares (the system prompt), stored and read once
+    common_tokens: int = 0  # prompt head every row shares (the system prompt), computed once per layout
     # start, wall seconds (what a cron run over a few shards pays): the worker's model load,
     # the slot engine's compile + warm-up, decode-graph capture and prefill memory probe
     load_seconds: float = 0.0
