@@ -8,8 +8,9 @@ in both engines). Random weights never choose EOS by themselves, so the schedule
 what gives answers their realistic spread of lengths.
 
 Both engines see identical inputs (the same preprocessed pixels and token ids). The
-generate baseline gets them pre-decoded in memory; dvl-batch reads and decodes the
-shards itself while it runs, and writes parquet parts. The table reports images/s,
+generate baseline gets them pre-decoded in memory (kept out of the decoder processes'
+forks, arena.py); dvl-batch reads and decodes the shards itself while it runs, and
+writes parquet parts. The table reports images/s,
 useful tokens/s, peak GPU memory, MFU and the ratio; results go to a JSON file.
 """
 
@@ -30,6 +31,7 @@ import torch
 
 from ..config.spec import BatchSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, OutputSpec, PromptSpec
 from ..errors import UsageError
+from .arena import keep_out_of_forks
 from .corpus import BENCH_SYSTEM_PROMPT, VQA_QUESTIONS, key_index, make_jpeg_shards, stop_after
 from .device_time import attach_clock, decode_split
 from .entries import compare_answers, compare_with_generate, read_answers, slot_engine_entry, summarise
@@ -217,6 +219,7 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
     n_q = len(VQA_QUESTIONS) if task == "vqa" else 1
     spec = _spec(cfg, task, shards, work_dir / f"out-{task}", worker.resolved.path, str(worker.device))
     samples, decode_seconds = _prepare_in_memory(spec, worker.resolved.path, shards)
+    keep_out_of_forks(samples)  # the measured run's decoder forks do not copy them (a job holds no decoded images)
     items = _work_items(samples, n_q)
     flops = FlopModel.of(worker.model)
     peak_tflops, _ = measured_peak()
