@@ -52,7 +52,7 @@ class SlotKV:
     head_dim], and optionally the common head every prompt of the layout starts with, [layers, kv_heads, S, head_dim]
     (the system prompt): computed once instead of in every prefill, and copied into the first S positions of
     each group's prefix as the prefill stores it, so that decode reads one contiguous prefix per group (reading
-    the head from its own copy cost more than it saved: caption decode attention on the H200 went 2.33 ms per
+    one shared copy of the head cost more than it saved: caption decode attention on the H200 went 2.33 ms per
     image without it to 2.49 with a kernel program of its own and 2.78 with a tile in the first split)."""
 
     prefix_k: torch.Tensor
