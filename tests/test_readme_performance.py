@@ -25,11 +25,17 @@ def _figure(section: str, pattern: str) -> float:
     return float(match.group(1))
 
 
+def _named_results(section: str) -> list[dict]:
+    """The bench result files the text names, in order of mention."""
+    names = re.findall(r"`(benchmarks/results/[^`]+\.json)`", section)
+    return [json.loads((REPO / name).read_text()) for name in names]
+
+
 def test_readme_performance_figures_match_the_named_bench_file():
     section = _performance_section()
-    named = re.search(r"`(benchmarks/results/[^`]+\.json)`", section)
-    assert named, "the Performance section names the bench file its numbers come from"
-    results = json.loads((REPO / named.group(1)).read_text())
+    named = _named_results(section)
+    assert len(named) == 2, "the Performance section names the bf16 run's file and the fp8 run's file"
+    results = named[0]
     caption = results["profiles"]["caption"]["engines"]
     vqa = results["profiles"]["vqa"]["engines"]
     best = max((e for n, e in caption.items() if n.startswith("hf_")), key=lambda e: e["images_per_s"])
@@ -43,3 +49,28 @@ def test_readme_performance_figures_match_the_named_bench_file():
     identical = re.search(r"(\d+)/(\d+) answers identical", section.replace("\n", " "))
     notes = " ".join(results["profiles"]["caption"]["notes"])
     assert identical and f"identical to generate: {identical.group(1)}/{identical.group(2)} answers" in notes
+
+
+def test_readme_fp8_figures_match_the_fp8_bench_file():
+    """The fp8 sentence of the Performance section and the two fp8 rows of the options table."""
+    text = (REPO / "README.md").read_text().replace("\n", " ")
+    fp8 = _named_results(_performance_section())[1]
+    engines = fp8["profiles"]["caption"]["engines"]
+    both = engines["dvl_w_fp8_kv_fp8"]
+    assert _figure(text, r"a caption run reached ([\d.]+) images/s") == round(both["images_per_s"], 1)
+    assert _figure(text, r"images/s \(([\d.]+)x bf16 in its own run") == round(both["ratio_vs_dvl"], 2)
+    differ = re.search(r"answers differ from bf16 on (\d+) of (\d+) random-weight captions", text)
+    notes = " ".join(fp8["profiles"]["caption"]["notes"])
+    same = int(differ.group(2)) - int(differ.group(1))
+    assert f"fp8 weights, fp8 KV (end to end) answers identical to dvl-batch (end to end): {same}/{differ.group(2)}" in notes
+    bf16 = round(engines["dvl"]["images_per_s"], 1)
+    weights = re.search(r"captions ([\d.]+)x faster than bf16 \(([\d.]+) vs ([\d.]+) img/s; with `--kv-dtype fp8` too, "
+                        r"([\d.]+) img/s, ([\d.]+)x", text)
+    assert weights, "the --quantize fp8 row states its measured rates"
+    assert [float(x) for x in weights.groups()] == [
+        round(engines["dvl_w_fp8"]["ratio_vs_dvl"], 2), round(engines["dvl_w_fp8"]["images_per_s"], 1), bf16,
+        round(both["images_per_s"], 1), round(both["ratio_vs_dvl"], 2)]
+    kv = re.search(r"it captions ([\d.]+)x faster than bf16 \(([\d.]+) vs ([\d.]+) img/s", text)
+    assert kv, "the --kv-dtype fp8 row states its measured rates"
+    assert [float(x) for x in kv.groups()] == [
+        round(engines["dvl_kv_fp8"]["ratio_vs_dvl"], 2), round(engines["dvl_kv_fp8"]["images_per_s"], 1), bf16]
