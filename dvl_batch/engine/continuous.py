@@ -51,7 +51,7 @@ class SlotEngine:
         common_head: bool = True,
     ):
         self.vlm = vlm
-        self.common_head = common_head  # store the prompts' shared head (system prompt) once
+        self.common_head = common_head  # compute the prompts' shared head (system prompt) once
         self.views = {v.name: v for v in views}
         self.gen = generation
         self.batch = batch

@@ -99,7 +99,7 @@ MIN_COMMON_TOKENS = 8
 
 
 def common_head(prefixes: list[list[int]], image_token_id: int | None, previous: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """The tokens every prefix starts with, to be stored once for all of them: the system prompt
+    """The tokens every prefix starts with, to be computed once for all of them: the system prompt
     and the text before the first image (image tokens share an id but not their embeddings, so
     the head ends before one), leaving every prefix at least one token of its own. A layout that
     replaces `previous` keeps at most its head (the head only shrinks, so prompts of another

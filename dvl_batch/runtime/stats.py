@@ -27,7 +27,7 @@ class RunStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     seconds: float = 0.0
-    first_sample_seconds: float = 0.0  # from the run's start to its first prepared sample (decoder start-up)
+    first_sample_seconds: float = 0.0  # from the run's start until the engine pulled its first sample (decoder start-up)
     engine: dict[str, float] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)  # "shard: why" for shards left undone (no part)
 
