@@ -4,7 +4,7 @@
 # The GPU box is offline and lacks webdataset/typer/torchao: first, on a machine with PyPI,
 #   pip download --no-deps -d .whl webdataset braceexpand "typer<0.20" "click<8.3" annotated-doc shellingham rich markdown-it-py mdurl pygments torchao
 # (plus pydantic if the box lacks it; check with `python3 -c "import pydantic"`)
-# and carry .whl with the call. Usage: bash benchmarks/gpu_check.sh tests|profile|bench|all
+# and carry .whl with the call. Usage: bash benchmarks/gpu_check.sh tests|profile|attn|bench|all
 set -uo pipefail
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 DVL_BATCH_CACHE=/tmp/dvl-cache
@@ -17,6 +17,9 @@ if [[ $STEP == all || $STEP == tests ]]; then
 fi
 if [[ $STEP == all || $STEP == profile ]]; then
   python3 benchmarks/profile_engine.py --out "$OUT/profile.json" 2>&1 | grep -v Warning | tail -60
+fi
+if [[ $STEP == all || $STEP == attn ]]; then
+  python3 benchmarks/prefill_attention.py --json "$OUT/prefill-attention.json" 2>&1 | grep -v Warning | tail -40
 fi
 if [[ $STEP == all || $STEP == bench ]]; then
   python3 -m dvl_batch bench --profile ${PROFILE:-both} --requests ${REQUESTS:-2048} --out "$OUT/bench.json" --data-dir /tmp/bench-data ${BENCH_ARGS:-} 2>&1 | tail -40

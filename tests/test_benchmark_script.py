@@ -27,7 +27,7 @@ def started(tmp_path_factory, cache_dir, tiny_model_dir, tiny_hybrid_dir):
     own folders and reports (the tiny models they read are built beforehand), so they overlap instead
     of queueing, and each test waits for and checks its own."""
     env = cli_env(cache_dir)
-    folder = {name: tmp_path_factory.mktemp(name) for name in ("quant", "bench", "pre", "start")}
+    folder = {name: tmp_path_factory.mktemp(name) for name in ("quant", "bench", "pre", "start", "attn")}
     commands = {
         "start": [sys.executable, str(REPO / "benchmarks" / "start_time.py"), "--shape", "tiny", "--device", "cpu",
                   "--images", "2", "--per-shard", "1", "--workers", "1", "--work", str(folder["start"] / "work"),
@@ -38,6 +38,8 @@ def started(tmp_path_factory, cache_dir, tiny_model_dir, tiny_hybrid_dir):
                   "--max-new-tokens", "4", "--cache-dir", str(cache_dir), "--json", str(folder["quant"] / "report.json")],
         "pre": [sys.executable, "-m", "dvl_batch", "bench", "--profile", "preprocess", "--requests", "8",
                 "--images-per-shard", "4", "--data-dir", str(folder["pre"] / "data"), "--out", str(folder["pre"] / "pre.json")],
+        "attn": [sys.executable, str(REPO / "benchmarks" / "prefill_attention.py"), "--small", "--device", "cpu",
+                 "--json", str(folder["attn"] / "attn.json")],
         # the refusals get folders of their own: the bench above may still be writing its shards
         "bench-kv-fp8": [*bench_args(folder["bench"] / "kv"), "--kv-dtype", "auto", "--kv-dtype", "fp8"],
         "bench-fp8": [*bench_args(folder["bench"] / "fp8"), "--quantize", "none", "--quantize", "fp8"],
@@ -119,3 +121,18 @@ def test_start_time_benchmark_measures_cold_warm_and_a_run_with_nothing_to_do(st
     assert runs["noop"]["first_part_s"] is None and "nothing to do" in runs["noop"]["tail"][-1]
     assert runs["noop"]["total_s"] < runs["warm"]["total_s"], "a run with nothing to do must not load the model"
     assert (folder["start"] / "work" / "cache").is_dir()
+
+
+def test_prefill_attention_program_checks_every_layout_against_the_whole_prompt(started):
+    """benchmarks/prefill_attention.py (shrunk shapes, CPU): the engine's zero-query layout and the
+    bottom-right causal one give the whole prompt's attention for the prompt's own tokens, eager
+    and compiled; a table is printed and every row lands in the JSON."""
+    commands, folder = started
+    result = commands.result("attn")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((folder["attn"] / "attn.json").read_text())["rows"]
+    variants = {row["variant"] for row in rows}
+    assert variants == {"vision tower", "LM, no shared head", "LM, zero queries in front", "LM, causal bottom-right"}
+    assert all("error" not in row and row["max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0 for row in rows), rows
+    assert {row["compiled"] for row in rows} == {False, True}
+    assert "LM, causal bottom-right" in result.stdout and "ms/image" in result.stdout
