@@ -41,7 +41,8 @@ def print_summary(err: Console, result) -> None:
     if any(seconds for _, seconds in start):
         table.add_row("start: load, compile, graphs, probe", " / ".join(f"{seconds:.1f}" for _, seconds in start) + " s")
     if engine.get("idle_seconds"):
-        table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s")
+        first = f" (first sample after {stats.first_sample_seconds:.1f} s)" if stats.first_sample_seconds else ""
+        table.add_row("device idle (waiting for data)", f"{engine['idle_seconds']:.1f} s{first}")
     err.print(table)
 
 

@@ -139,6 +139,7 @@ def test_cpu_run_stderr_holds_only_dvl_batch_lines(started):
     assert "Loading" not in result.stderr
     before_summary = result.stderr.split("dvl-batch summary")[0].splitlines()
     assert before_summary and all(line.startswith("[dvl-batch]") for line in before_summary), result.stderr
+    assert "first sample after" in result.stderr  # the summary tells a slow decoder start from a slow device
 
 
 def test_rerun_with_nothing_to_do_loads_no_model(started, cache_dir):
