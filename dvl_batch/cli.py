@@ -48,7 +48,7 @@ from .cli_options import (
     Workers,
 )
 from .cli_tables import print_summary, status_table
-from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, StopNow, UsageError, caused_by_stop
 
 
 class _Command(TyperCommand):
@@ -102,7 +102,9 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         print_summary(err, exc.result)
         err.print(f"[red]strict mode[/]: {escape(str(exc).removeprefix('strict mode: '))}")
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
+    except BaseException as exc:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
+        if not _stopped_by_signal(exc):
+            raise
         err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     print_summary(err, result)
@@ -364,7 +366,12 @@ def bench(
 
 
 def _terminate_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise StopNow
+
+
+def _stopped_by_signal(exc: BaseException) -> bool:
+    """An interrupt, or an error it caused (not an exit already decided on)."""
+    return not isinstance(exc, (SystemExit, typer.Exit)) and caused_by_stop(exc)
 
 
 def _ignore_sigterm() -> None:
@@ -392,7 +399,9 @@ def run_cli() -> None:
     except DvlError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")  # paths and messages may hold [brackets]
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _stopped_by_signal(exc):
+            raise
         err.print("[red]aborted[/]: parts already written are complete; rerun to resume")
         sys.exit(EXIT_INTERRUPTED)
     finally:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config.launch import default_cache_dir, hub_offline, parse_gpus, use_compile_cache, with_launch_defaults
 from ..config.spec import JobSpec
-from ..errors import EXIT_ERROR_ROWS, EXIT_FAILED, DvlError, UsageError
+from ..errors import EXIT_ERROR_ROWS, EXIT_FAILED, DvlError, StopNow, UsageError
 from ..sink.parts import error_rows
 from .job import PreparedJob, prepare_job
 from .progress import NullReporter, ProgressFile, make_reporter
@@ -76,7 +76,7 @@ class _Signals:
 
     def _handle(self, signum, frame) -> None:
         if self.stop.requested:
-            raise KeyboardInterrupt
+            raise StopNow
         self.stop.requested = True
         self.stop.reason = signal.Signals(signum).name
         self.say(f"{self.stop.reason} received: saving the rows answered so far, then exiting (again to abort now)")
