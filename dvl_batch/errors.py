@@ -45,7 +45,7 @@ class StopNow(KeyboardInterrupt):  # noqa: N818 - it is an interrupt, like the o
     Raised instead of KeyboardInterrupt itself: measured on the dev box, when a plain
     KeyboardInterrupt from a SIGTERM handler landed in the imports of start-up (~0.4-0.6 s after
     the lock), 13 of ~120 runs printed the "aborted" line and asked for exit 130 but then died
-    by SIGINT (-2) in the interpreter's exit; with this subclass, 0 of 70.
+    by SIGINT (-2) in the interpreter's exit; with this subclass, 0 of 120.
     """
 
 
