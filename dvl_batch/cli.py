@@ -47,8 +47,9 @@ from .cli_options import (
     Task,
     Workers,
 )
+from .cli_signals import ignore_stop_signals, stopped_by_signal, terminate_as_interrupt
 from .cli_tables import print_summary, status_table
-from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, StopNow, UsageError, caused_by_stop
+from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
 
 class _Command(TyperCommand):
@@ -103,7 +104,7 @@ def _execute(task: str | None, inputs: list[str] | None, recipe: Path | str | No
         err.print(f"[red]strict mode[/]: {escape(str(exc).removeprefix('strict mode: '))}")
         raise typer.Exit(exc.exit_code) from None
     except BaseException as exc:  # a second Ctrl-C/SIGTERM, or one outside the job's own handling
-        if not _stopped_by_signal(exc):
+        if not stopped_by_signal(exc):
             raise
         err.print(f"[red]aborted[/]: parts already in {escape(spec.output.path)}/parts are complete; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -365,27 +366,12 @@ def bench(
     err.print(f"results written to {out}")
 
 
-def _terminate_as_interrupt(signum, frame) -> None:
-    raise StopNow
-
-
-def _stopped_by_signal(exc: BaseException) -> bool:
-    """An interrupt, or an error it caused (not an exit already decided on)."""
-    return not isinstance(exc, (SystemExit, typer.Exit)) and caused_by_stop(exc)
-
-
-def _ignore_sigterm() -> None:
-    """Once a job has ended SIGTERM/SIGINT change nothing (during the summary or torch's 1-1.5 s
-    teardown they turned a finished run's exit into 130, -15 or -2); SIGKILL still works."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _run_job(run, spec):
     """api.run, with SIGTERM ignored as soon as it returns (or raises)."""
     try:
         return run(spec, say=lambda text: err.print(f"[yellow]{escape(text)}[/]"))
     finally:
-        _ignore_sigterm()
+        ignore_stop_signals()
 
 
 def run_cli() -> None:
@@ -393,17 +379,17 @@ def run_cli() -> None:
     # SIGTERM outside a job's own handling (start-up, model loading) ends the run like
     # Ctrl-C: a message and exit 130 instead of a silent death. api.run installs the
     # graceful "finish in-flight shards" handler for the job itself.
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     try:
         app()
     except DvlError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")  # paths and messages may hold [brackets]
         sys.exit(exc.exit_code)
     except BaseException as exc:
-        if not _stopped_by_signal(exc):
+        if not stopped_by_signal(exc):
             raise
         err.print("[red]aborted[/]: parts already written are complete; rerun to resume")
         sys.exit(EXIT_INTERRUPTED)
     finally:
-        _ignore_sigterm()  # every command: the interpreter's teardown is not worth a -15
+        ignore_stop_signals()  # every command: the interpreter's teardown is not worth a -15
     sys.exit(EXIT_OK)

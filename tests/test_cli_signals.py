@@ -9,6 +9,7 @@ import signal
 import pytest
 
 import dvl_batch.cli as cli
+import dvl_batch.cli_signals as cli_signals
 from dvl_batch.errors import EXIT_INTERRUPTED, StopNow, UsageError, caused_by_stop
 
 
@@ -32,7 +33,7 @@ def _interrupt_inside_class_body():
 
 
 def test_the_stop_signal_raises_a_subclass_of_keyboard_interrupt_not_the_class_itself():
-    stop = _raised(lambda: cli._terminate_as_interrupt(signal.SIGTERM, None))
+    stop = _raised(lambda: cli_signals.terminate_as_interrupt(signal.SIGTERM, None))
     assert isinstance(stop, KeyboardInterrupt) and type(stop) is not KeyboardInterrupt
 
 
