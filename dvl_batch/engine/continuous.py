@@ -116,7 +116,7 @@ class SlotEngine:
         copies = 3 if self.gen.temperature <= 0 else 6  # logits, argmax, graph pool; sampling: + its buffer, sort, cumsum
         logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * copies
         started = time.perf_counter()
-        reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(prefix_cap, free))
+        reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(head + prefix_cap, free))
         self.stats.probe_seconds += time.perf_counter() - started
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, head + prefix_cap, q, suffix_cap,
