@@ -11,7 +11,9 @@ S + T tokens, 128-dim heads):
 - each SDPA backend torch has here (cuDNN, flash, memory-efficient), eagerly and compiled;
 - for the language model, the zero-query layout against causal attention aligned bottom-right
   (`torch.nn.attention.bias.causal_lower_right`: T queries over S + T keys, no extra rows,
-  no slice) and against a prompt with no shared head (616 queries, plain causal);
+  no copy of the queries with zeros in front) and against a prompt with no shared head (616
+  queries, plain causal); the zero-query layout is timed through the engine's own function,
+  and every variant returns the [B, T, H, D] copy the engine hands back to the model;
 
 with CUDA events (median of 5 after a warm-up), as ms per image and achieved TFLOP/s of the
 useful work, and checks that every variant's output equals the reference's. It prints a
@@ -26,12 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from dvl_batch.bench.device_time import median_device_seconds
+from dvl_batch.engine.attention import _after_common
 
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
 
@@ -67,40 +71,19 @@ def variants(small: bool, head: int, own: int) -> list[Variant]:
 
 
 def attention(variant: Variant) -> Callable[..., torch.Tensor]:
-    """The computation for `variant`: q [B, H, queries, D] over k, v [B, H, keys, D] -> [B, H, queries, D]."""
-    if variant.causal == "zero-queries":  # the engine's layout today (attention._after_common)
-        def zero_queries(q, k, v):
-            size = k.shape[2] - q.shape[2]
-            full = torch.cat([q.new_zeros(q.shape[0], q.shape[1], size, q.shape[3]), q], dim=2)
-            return F.scaled_dot_product_attention(full, k, v, is_causal=True)[:, :, size:].contiguous()
-        return zero_queries
+    """The computation for `variant`: q [B, H, queries, D] over k, v [B, H, keys, D] -> a contiguous
+    [B, queries, H, D], the layout the engine's attention hands back to the model."""
+    if variant.causal == "zero-queries":  # the engine's own code for its layout today
+        return lambda q, k, v: _after_common(q, k, v, q.shape[2], q.shape[-1] ** -0.5)
     if variant.causal == "bottom-right":
         from torch.nn.attention.bias import causal_lower_right
 
         def bottom_right(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
+            mask = causal_lower_right(q.shape[2], k.shape[2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).contiguous()
         return bottom_right
     causal = variant.causal == "top-left"
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-
-def device_seconds(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    """Median seconds of fn() over 5 calls after one warm-up: CUDA events on a GPU, wall time elsewhere."""
-    fn()
-    samples = []
-    for _ in range(5):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1000)
-        else:
-            started = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - started)
-    return sorted(samples)[len(samples) // 2]
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).contiguous()
 
 
 def measure(variant: Variant, tensors, reference: torch.Tensor, backend: str | None, compiled: bool,
@@ -116,8 +99,8 @@ def measure(variant: Variant, tensors, reference: torch.Tensor, backend: str | N
     chosen = sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()  # None: torch picks
     try:
         with torch.inference_mode(), chosen:
-            out = fn(q, k, v)
-            seconds = device_seconds(lambda: fn(q, k, v), q.device)
+            out = fn(q, k, v).transpose(1, 2)  # back to [B, H, queries, D], as the reference
+            seconds = median_device_seconds(lambda: fn(q, k, v), on_cuda=q.is_cuda)
     except (RuntimeError, NotImplementedError, AssertionError) as exc:  # a backend that refuses this shape
         row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         return row

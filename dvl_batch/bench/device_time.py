@@ -28,14 +28,23 @@ def attach_clock(engine):
     return engine.device_clock
 
 
-def median_device_seconds(fn, repeats: int = 5, warmups: int = 1) -> float:
+def median_device_seconds(fn, repeats: int = 5, warmups: int = 1, on_cuda: bool = True) -> float:
     """Median device seconds of fn() after `warmups` calls (CUDA events around each call):
-    what the benchmark scripts time their pieces with."""
+    what the benchmark scripts time their pieces with. `on_cuda=False` (a CPU check of a
+    script, no GPU): wall seconds of each call instead."""
+    import time
+
     for _ in range(warmups):
         fn()
-    torch.cuda.synchronize()
+    if on_cuda:
+        torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
+        if not on_cuda:
+            started = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - started)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -10,8 +10,8 @@ what gives answers their realistic spread of lengths.
 Both engines see identical inputs (the same preprocessed pixels and token ids). The
 generate baseline gets them pre-decoded in memory (kept out of the decoder processes'
 forks, arena.py); dvl-batch reads and decodes the shards itself while it runs, and
-writes parquet parts. The table reports images/s,
-useful tokens/s, peak GPU memory, MFU and the ratio; results go to a JSON file.
+writes parquet parts. The table reports images/s, useful tokens/s, peak GPU memory, MFU
+and the ratio; results go to a JSON file.
 """
 
 from __future__ import annotations
