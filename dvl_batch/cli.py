@@ -316,6 +316,7 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
     compile_decode: Annotated[bool, typer.Option("--compile-decode/--no-compile-decode")] = True,
     triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
+    overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill/--no-overlap-prefill")] = True,
     kv_dtype: BenchKvDtypes = None,
     quantize: BenchQuantize = None,
     workers: Workers = None,
@@ -338,7 +339,7 @@ def bench(
         hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
-        compile_decode=compile_decode, triton_attention=triton_attention, kv_dtypes=tuple(kv_dtype or ["auto"]),
+        compile_decode=compile_decode, triton_attention=triton_attention, overlap_prefill=overlap_prefill, kv_dtypes=tuple(kv_dtype or ["auto"]),
         quantize=tuple(quantize or ["none"]), host_profile=host_profile, device_profile=device_profile, out=out,
     )
     from .config.sections import KV_DTYPES, QUANTIZE

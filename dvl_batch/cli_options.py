@@ -56,6 +56,7 @@ PrefillBatch = Annotated[int | None, typer.Option(help="Images encoded and prefi
 CudaGraphs = Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the decode step as a CUDA graph.", rich_help_panel="Batching")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the slot engine's passes on CUDA: ~2 ms less device time per image for 20-65 s of start. Default: only when the job has 2 GB or more of input left per engine (so a cron run over a few shards starts without compiling).", rich_help_panel="Batching")]
 CompileDecode = Annotated[bool | None, typer.Option("--compile-decode/--no-compile-decode", help="When compiling, compile the decode step's forward (and VQA's question prefill) too: ~10% faster decode steps on the H200, ~10 s more start warm and ~25 s cold.", rich_help_panel="Batching")]
+OverlapPrefill = Annotated[bool | None, typer.Option("--overlap-prefill/--no-overlap-prefill", help="Run new images' vision tower and prefill on a second CUDA stream while the decode steps continue (bandwidth-bound decode beside compute-bound prefill). Default: on.", rich_help_panel="Batching")]
 Overwrite = Annotated[bool | None, typer.Option("--overwrite", help="Discard results in OUT from a run with different settings.", rich_help_panel="Output")]
 Strict = Annotated[bool | None, typer.Option("--strict", help=f"Exit with code {EXIT_ERROR_ROWS} if any row has an error.", rich_help_panel="Output")]
 Runner = Annotated[str | None, typer.Option(help="local (default) or ray.", rich_help_panel="Scale-out")]
@@ -82,7 +83,7 @@ InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Sh
 JOB_OPTIONS: dict[str, Any] = {
     "max_new_tokens": MaxNew, "temperature": Temperature, "top_p": TopP, "seed": Seed,
     "batch_size": BatchSize, "engine": Engine, "token_budget": TokenBudget, "prefill_batch": PrefillBatch,
-    "cuda_graphs": CudaGraphs, "compile": Compile, "compile_decode": CompileDecode,
+    "cuda_graphs": CudaGraphs, "compile": Compile, "compile_decode": CompileDecode, "overlap_prefill": OverlapPrefill,
     "workers": Workers, "prefetch": Prefetch, "fast_decode": FastDecode, "image_field": ImageField,
     "key_field": KeyField, "max_image_pixels": MaxPixels, "max_file_bytes": MaxFileBytes, "limit": Limit, "shard_size": ShardSize,
     "device": Device, "dtype": Dtype, "attn_implementation": Attn, "quantize": Quantize, "kv_dtype": KvDtype, "device_map": DeviceMap,

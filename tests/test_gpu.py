@@ -20,10 +20,11 @@ from .test_engine_parity import MAX_NEW, _items
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _run(model, views, items, eos, graphs: bool, compile_steps: bool = True, batch_size=8):
+def _run(model, views, items, eos, graphs: bool, compile_steps: bool = True, batch_size=8, overlap=True, prefill_batch=None):
     engine = SlotEngine(
         VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=MAX_NEW),
-        BatchSpec(batch_size=batch_size, cuda_graphs=graphs, compile=compile_steps), [eos], eos,
+        BatchSpec(batch_size=batch_size, cuda_graphs=graphs, compile=compile_steps, overlap_prefill=overlap,
+                  prefill_batch=prefill_batch), [eos], eos,
     )
     return {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
 
@@ -49,6 +50,22 @@ def test_cuda_float32_matches_generate(tiny_model_dir, tiny_processor, questions
         assert len(differences) <= 0.1 * len(refs), differences
     else:
         assert not differences, differences
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("questions", [1, 3])
+def test_cuda_float32_small_admissions_match_generate(tiny_model_dir, tiny_processor, questions, overlap):
+    """Admissions of one image into a few slots, so most prefills run while other rows decode
+    (on the prefill stream with `overlap`): eager float32 gives generate's tokens exactly."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda().eval()
+    eos = tiny_processor.tokenizer.eos_token_id
+    items, views = _items(tiny_processor, lambda uid: questions)
+    refs = _reference_on(model, views, items, eos)
+    got = _run(model, views, items, eos, graphs=True, compile_steps=False, batch_size=2 * questions, overlap=overlap,
+               prefill_batch=1)
+    assert not _differences(got, refs)
 
 
 def test_triton_decode_matches_torch_path_on_cuda():

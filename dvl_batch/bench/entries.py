@@ -48,6 +48,8 @@ def slot_engine_entry(name: str, dvl: dict[str, Any], answers: dict, images: int
         decode_steps=int(engine_stats.get("decode_steps", 0)),
         slots=int(engine_stats.get("slots", 0)),
         common_tokens=int(engine_stats.get("common_tokens", 0)),
+        prefill_calls=int(engine_stats.get("prefill_calls", 0)),
+        overlapped_prefills=int(engine_stats.get("overlapped_prefills", 0)),
     )
     if dvl["device"]:
         device_ms = per_image(dvl["device"], split, dvl["seconds"], images)

@@ -59,6 +59,7 @@ class BenchConfig:
     compile: bool = True
     compile_decode: bool = True
     triton_attention: bool = True
+    overlap_prefill: bool = True
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
     check_outputs: bool = True
@@ -86,6 +87,7 @@ def _spec(
         batch=BatchSpec(
             batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
             compile_decode=cfg.compile_decode, triton_attention=cfg.triton_attention,
+            overlap_prefill=cfg.overlap_prefill,
         ),
         output=OutputSpec(path=str(out)),
     )

@@ -9,7 +9,8 @@ captured once as a CUDA graph (see `slots.SlotStore`, which owns the device side
 This module is the scheduler: it plans work items into groups (one image prefix, up to
 Q questions, after the head all prompts share), sizes the layout, decides when to admit,
 and turns tokens into completions. Per admission: encode the new images once, prefill each
-image prefix once, then each question's suffix against it. Per step: one token per row.
+image prefix once (beside the decode steps with `overlap_prefill`, see `overlap.py`), then
+each question's suffix against it. Per step: one token per row.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import torch
 
 from ..config.spec import BatchSpec, GenerationSpec
 from ..preprocess.images import ImageView
-from .attention import AttentionStep, SlotKV, route_attention
+from .attention import SlotKV, route_attention
 from .device_clock import DeviceClock, phase
 from .model import VisionLanguageModel
-from .planning import Group, Layout, PhaseClock, Row, common_head, plan_groups, starts_with
+from .overlap import Admission, PrefillStream
+from .planning import Group, Layout, PhaseClock, Row, common_head, plan_groups, split_too_long, starts_with
+from .sizing import groups_that_fit, prefill_peak_bytes
 from .slots import NO_FORCE, Launched, SlotStore
 from .types import Completion, EnginePrompt, EngineStats, WorkItem
 
@@ -74,14 +77,13 @@ class SlotEngine:
         self.launched: deque[Launched] = deque()  # token batches in flight, read in launch order
         self.rows_per_group = 1
         self.prefill_batch_limit: int | None = None  # set when a measured prefill batch would not fit
+        self.prefills = PrefillStream(self.device, batch.overlap_prefill)  # admissions whose rows have not started
         self.device_clock: DeviceClock | None = None  # set by the bench: device time per phase
         # Set by the bench before the first run: prompts carry a forced-EOS schedule
         # (EnginePrompt.force_eos_after), so the captured decode step applies it. A job's
         # step has no such work in it.
         self.stop_schedule = False
         route_attention(vlm.language_model)
-
-    # ------------------------------------------------------------ sizing
 
     def _prefill_batch(self) -> int:
         if self.prefill_batch_limit:
@@ -112,18 +114,15 @@ class SlotEngine:
         of one real prefill batch of the layout's shapes (room for heavy vision towers such as
         the 7B's 1024px SAM branch); a batch over 40% of free memory is halved first."""
         free, _ = torch.cuda.mem_get_info(self.device)
-        rows = MAX_DECODE_ROWS
-        copies = 3 if self.gen.temperature <= 0 else 6  # logits, argmax, graph pool; sampling: + its buffer, sort, cumsum
-        logits = rows * self.vlm.lm_head.weight.shape[0] * 4 * copies
         started = time.perf_counter()
-        reserve = 2 * 2**30 + logits + int(1.25 * self._prefill_peak(head + prefix_cap, free))
+        peak = self._prefill_peak(head + prefix_cap, free)
         self.stats.probe_seconds += time.perf_counter() - started
         per_group = SlotKV.bytes_per_group(
             self.vlm.num_layers, self.vlm.num_kv_heads, self.vlm.head_dim, head + prefix_cap, q, suffix_cap,
             self.kv_dtype.itemsize,
         )
-        budget = max(0, (free - reserve)) * self.kv_memory_fraction
-        return int(max(1, min(rows // q, budget // per_group - 1)))
+        return groups_that_fit(self.vlm, free, peak, per_group, MAX_DECODE_ROWS, q, self.gen.temperature > 0,
+                               self.kv_memory_fraction)
 
     @torch.inference_mode()
     def _prefill_peak(self, prefix_cap: int, free: int) -> int:
@@ -142,21 +141,7 @@ class SlotEngine:
             self.prefill_batch_limit = max(1, batch // 2)
 
     def _measure_prefill(self, batch: int, prefix_cap: int) -> int:
-        vlm, dev = self.vlm, self.device
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        roots = {v.name: v for v in self.views.values()}
-        pixels = {name: torch.zeros(batch, 3, v.size, v.size, dtype=vlm.dtype, device=dev) for name, v in roots.items()}
-        features = vlm.image_features(pixels)
-        ids = torch.full((batch, prefix_cap), self.pad_id, dtype=torch.long, device=dev)
-        positions = torch.arange(prefix_cap, device=dev)[None].expand(batch, -1)
-        step = AttentionStep(None, "prefix", collect=[])  # keys/values come back, as from the compiled pass
-        hidden = vlm.language_forward(vlm.embed_tokens(ids), positions, dvl_step=step)
-        vlm.lm_head(hidden[:, -1]).float()
-        torch.cuda.synchronize(dev)
-        del features, hidden, step
-        return torch.cuda.max_memory_allocated(dev) - base
+        return prefill_peak_bytes(self.vlm, {v.name: v for v in self.views.values()}, self.pad_id, batch, prefix_cap)
 
     def close(self) -> None:
         """Free the KV cache and the captured graph (the engine allocates again when reused)."""
@@ -165,6 +150,7 @@ class SlotEngine:
 
     def _release(self) -> None:
         self.store = None
+        self.prefills.waiting.clear()
         self.launched.clear()
         if self.device.type == "cuda":
             gc.collect()  # the store's compiled callables form reference cycles; free its KV now
@@ -191,59 +177,83 @@ class SlotEngine:
 
     @torch.inference_mode()
     def _admit(self, groups: list[Group]) -> list[Completion]:
-        """Prefill new groups into free slots; OOM splits the batch and retries."""
+        """Enqueue the prefill of new groups into free slots; their rows start decoding once it
+        has run (at once unless overlapping, see `overlap.py`). OOM splits the batch and retries."""
         slots = [self.free_groups.pop() for _ in groups]
         try:
-            started = time.perf_counter()
             self._prefill(groups, slots)
-            self.stats.prefill_seconds += time.perf_counter() - started
-            self.stats.prefill_calls += 1
-            return []
         except torch.OutOfMemoryError:
-            self.free_groups.extend(reversed(slots))
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.stats.oom_splits += 1
-            if len(groups) == 1:
-                return [self._error(p, g, "out of memory on the device during prefill") for g in groups for p in g.prompts]
-            half = len(groups) // 2
-            return self._admit(groups[:half]) + self._admit(groups[half:])
+            return self._after_oom(groups, slots)
+        return [] if self.prefills.overlapping else self._start_ready(wait=True)
+
+    def _after_oom(self, groups: list[Group], slots: list[int]) -> list[Completion]:
+        """Give the slots back and retry in halves; one group that does not fit gets error rows."""
+        self.free_groups.extend(reversed(slots))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats.oom_splits += 1
+        if len(groups) == 1:
+            return [self._error(p, g, "out of memory on the device during prefill") for g in groups for p in g.prompts]
+        half = len(groups) // 2
+        return self._admit(groups[:half]) + self._admit(groups[half:])
 
     def _prefill(self, groups: list[Group], slots: list[int]) -> None:
-        """Enqueue the prefill of new groups; their first tokens are read with the next step."""
-        store, q = self.store, self.layout.rows_per_group
+        """Enqueue the vision tower and prefix prefill of new groups (on the prefill stream when
+        overlapping); `_start` arms their rows once it has run."""
+        store = self.store
         if not store.stop_schedule and any(p.force_eos_after for g in groups for p in g.prompts):
             raise ValueError("prompts with a forced-EOS schedule need an engine with stop_schedule set before its first run")
         items = list({id(g.item): g.item for g in groups}.values())
+        started = time.perf_counter()
         clock = PhaseClock(self.device, self.batch.phase_timing)
-        with phase(self.device_clock, "vision"):
-            features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
-        self.stats.vision_seconds += clock.lap()
-        with phase(self.device_clock, "prefix"):
-            logits = store.prefill_prefixes([g.prefix for g in groups], slots, [features.get(g.item.uid) for g in groups])
-        self.stats.prefix_seconds += clock.lap()
-        with phase(self.device_clock, "suffix"):
-            if q == 1:
-                rows_t = store.start_whole_prompt_rows(slots)
-            else:
-                logits, rows_t = store.prefill_suffixes([g.suffix(j) for g in groups for j in range(q)], slots)
-        force = [
-            (g.prompts[j].force_eos_after or NO_FORCE) if j < len(g.prompts) else NO_FORCE
-            for g in groups
-            for j in range(q)
-        ]
-        new_rows = {}
-        for gi, (group, slot) in enumerate(zip(groups, slots, strict=True)):
-            self.group_live[slot] = len(group.prompts)
-            for j, prompt in enumerate(group.prompts):
-                row = Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens)
-                self.rows[slot * q + j] = row
-                new_rows[slot * q + j] = (row, gi * q + j)
+        with self.prefills.enqueue():
+            with phase(self.device_clock, "vision"):
+                features = store.encode_images([(it.uid, it.pixels) for it in items if it.pixels])
+            self.stats.vision_seconds += clock.lap()
+            with phase(self.device_clock, "prefix"):
+                logits = store.prefill_prefixes([g.prefix for g in groups], slots, [features.get(g.item.uid) for g in groups])
+            self.stats.prefix_seconds += clock.lap()
+        self.prefills.hold(groups, slots, logits)
+        self.stats.prefill_seconds += time.perf_counter() - started
+        self.stats.prefill_calls += 1
+
+    @torch.inference_mode()
+    def _start_ready(self, wait: bool) -> list[Completion]:
+        """Start the rows of every admission whose prefill has finished (`wait`: the oldest,
+        waiting for it, when nothing else is decoding)."""
+        done: list[Completion] = []
+        while (admission := self.prefills.ready(wait)) is not None:
+            self.stats.overlapped_prefills += self.prefills.overlapping and not wait
+            wait = False
+            try:
+                self._start(admission)
+            except torch.OutOfMemoryError:
+                done.extend(self._after_oom(admission.groups, admission.slots))
+        return done
+
+    def _start(self, admission: Admission) -> None:
+        """Arm admitted groups' rows on the decode stream (VQA: after each question's prefill
+        against its group's prefix); their first tokens are read with the next step. The host's
+        bookkeeping changes last, so an OOM here leaves it as it was."""
+        store, q, groups, slots = self.store, self.layout.rows_per_group, admission.groups, admission.slots
+        new_rows = {  # row id -> (its request, its index in the admission's first tokens)
+            slot * q + j: (Row(group.item.uid, prompt.index, len(prompt.input_ids), self.gen.max_new_tokens), gi * q + j)
+            for gi, (group, slot) in enumerate(zip(groups, slots, strict=True)) for j, prompt in enumerate(group.prompts)
+        }
+        force = [(g.prompts[j].force_eos_after or NO_FORCE) if j < len(g.prompts) else NO_FORCE for g in groups for j in range(q)]
         padding = [slot * q + j for group, slot in zip(groups, slots, strict=True) for j in range(len(group.prompts), q)]
         with phase(self.device_clock, "suffix"):
+            store.arm_groups(slots, [len(g.prefix) for g in groups])
+            if q == 1:
+                logits, rows_t = admission.logits, store.start_whole_prompt_rows(slots)
+            else:
+                logits, rows_t = store.prefill_suffixes([g.suffix(j) for g in groups for j in range(q)], slots)
             self.launched.append(store.start_rows(rows_t, logits, force, new_rows))
             if padding:  # rows of groups with fewer than Q questions: never live, so they read no keys
                 store.release([], padding)
+        for group, slot in zip(groups, slots, strict=True):
+            self.group_live[slot] = len(group.prompts)
+        self.rows.update({row_id: row for row_id, (row, _) in new_rows.items()})
 
     def _append(self, row_id: int, row: Row, token: int) -> Completion | None:
         row.tokens.append(token)
@@ -302,8 +312,6 @@ class SlotEngine:
         fits = own <= layout.prefix_cap and max(group.suffix_lens) + self.gen.max_new_tokens <= layout.suffix_cap
         return fits and starts_with(group.prefix, layout.common)
 
-    # ------------------------------------------------------------ main loop
-
     def run(self, items: Iterator[WorkItem]) -> Iterator[Completion]:
         source = iter(items)
         exhausted = False
@@ -313,16 +321,17 @@ class SlotEngine:
                 self.pending.extend(plan_groups(item, self.rows_per_group))
             self.unplanned.clear()
             yield from self._reject_too_long()
-            busy = self.rows or self.launched
+            busy = self.rows or self.launched or self.prefills.waiting
             needs_layout = self.layout is None or (not busy and self.deferred and not self.pending)
             if needs_layout and not self._reallocate():
                 if exhausted:
                     return
                 continue
             yield from self._admit_ready(exhausted)
+            yield from self._start_ready(wait=not self.rows)
             if self.rows or self.launched:
                 yield from self._decode()
-            elif exhausted and not self.pending and not self.deferred:
+            elif exhausted and not self.pending and not self.deferred and not self.prefills.waiting:
                 return
 
     def _wanted(self) -> int:
@@ -353,17 +362,9 @@ class SlotEngine:
 
     def _reject_too_long(self) -> Iterator[Completion]:
         """Error rows for the prompts that cannot fit the model's positions; a group keeps its others."""
-        kept: deque[Group] = deque()
+        self.pending, rejected = split_too_long(self.pending, self.vlm.max_positions - self.gen.max_new_tokens)
         message = f"prompt plus max_new_tokens exceeds the model's {self.vlm.max_positions} positions"
-        room = self.vlm.max_positions - self.gen.max_new_tokens
-        for group in self.pending:
-            if any(len(p.input_ids) > room for p in group.prompts):
-                fits = [p for p in group.prompts if len(p.input_ids) <= room]
-                yield from (self._error(p, group, message) for p in group.prompts if len(p.input_ids) > room)
-                group = Group(group.item, group.prefix, fits)
-            if group.prompts:
-                kept.append(group)
-        self.pending = kept
+        yield from (self._error(p, group, message) for group, p in rejected)
 
     def _reallocate(self) -> bool:
         """First allocation, or a larger one when queued prompts outgrew the layout."""

@@ -4,6 +4,7 @@ being answered, and the host clock of admission phases (pure host-side bookkeepi
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,20 @@ def plan_groups(item: WorkItem, rows_per_group: int) -> list[Group]:
         for start in range(0, len(prompts), rows_per_group):
             groups.append(Group(item, list(prefix), prompts[start : start + rows_per_group]))
     return groups
+
+
+def split_too_long(groups: deque[Group], room: int) -> tuple[deque[Group], list[tuple[Group, EnginePrompt]]]:
+    """(the groups with every prompt longer than `room` tokens taken out, those prompts with
+    their group): a group keeps its other prompts, and one left with none is dropped."""
+    kept: deque[Group] = deque()
+    rejected = []
+    for group in groups:
+        if any(len(p.input_ids) > room for p in group.prompts):
+            rejected.extend((group, p) for p in group.prompts if len(p.input_ids) > room)
+            group = Group(group.item, group.prefix, [p for p in group.prompts if len(p.input_ids) <= room])
+        if group.prompts:
+            kept.append(group)
+    return kept, rejected
 
 
 @dataclass

@@ -264,7 +264,7 @@ class SlotStore:
 
     def prefill_prefixes(self, prefixes: list[list[int]], slots: list[int], features: list[torch.Tensor]):
         """Store the KV of new groups' prefixes; returns first-token logits (meaningful when
-        the prefixes are whole prompts). Batches of `prefill_batch`, padded to fixed shapes
+        the prefixes are whole prompts). `arm_groups` makes them readable. Batches of `prefill_batch`, padded to fixed shapes
         when compiled (padding rows write into the scratch group). Each prefix starts with the
         layout's common head (the scheduler admits no other); only the rest is run, and the
         slot stores the head's keys/values in front of it."""
@@ -272,7 +272,6 @@ class SlotStore:
         if not all(starts_with(p, head) for p in prefixes):
             raise ValueError("a prefix that does not start with the layout's common head was admitted")
         prefixes = [p[len(head) :] for p in prefixes]
-        self.group_prefix[self.upload(slots)] = self.upload([len(head) + len(p) for p in prefixes])
         logits = []
         chunk = self.prefill_batch if self.fixed_shapes else len(prefixes)
         for start in range(0, len(prefixes), chunk):
@@ -300,6 +299,12 @@ class SlotStore:
         slot_t = self.upload(slots + [self.scratch] * (count - len(slots)))
         last = self.upload([max(len(p), 1) - 1 for p in prefixes] + [0] * (count - len(prefixes)))
         return self._store_prefix_kv(slot_t, *self.prefix_fn(embeds, last))
+
+    def arm_groups(self, slots: list[int], prefix_lengths: list[int]) -> None:
+        """Give prefilled groups their prefix lengths (head included), which decode and the
+        question prefill read; set on the decode stream when the prefill ran on another, so
+        that it lands after the `release` of the slots' previous groups."""
+        self.group_prefix[self.upload(slots)] = self.upload(prefix_lengths)
 
     def start_whole_prompt_rows(self, slots: list[int]) -> torch.Tensor:
         """Rows whose whole prompt is the prefix: nothing stored per row yet."""

@@ -55,6 +55,7 @@ class EngineStats:
     decode_steps: int = 0
     prefill_calls: int = 0
     oom_splits: int = 0
+    overlapped_prefills: int = 0  # admissions started after their prefill ran beside decode steps
     generated_tokens: int = 0
     slots: int = 0
     common_tokens: int = 0  # prompt head every row shares (the system prompt), computed once per layout
