@@ -20,6 +20,7 @@ Without CUDA (or with overlap off) an admission is ready as soon as it is enqueu
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,9 +100,21 @@ def _prefill_stream(device: torch.device, priority: int) -> torch.cuda.Stream:
     """The second stream; on `PREFILL_SMS` SMs of a green context where this torch has them."""
     if PREFILL_SMS:
         try:
-            from torch.cuda.green_contexts import GreenContext
-
-            return GreenContext.create(num_sms=PREFILL_SMS, device_id=device.index or 0).Stream()
+            return green_stream(PREFILL_SMS, device.index or 0)
         except (ImportError, AttributeError, RuntimeError, TypeError) as exc:
-            print(f"no green context ({exc}); the prefill stream uses every SM")
+            warnings.warn(f"no green context ({exc}); the prefill stream uses every SM", stacklevel=2)
     return torch.cuda.Stream(device, priority=priority)
+
+
+def green_stream(sms: int, device_index: int = 0) -> torch.cuda.Stream:
+    """A stream confined to `sms` SMs by a CUDA green context (torch >= 2.10; the signature of
+    `GreenContext.create` changed between releases). The stream keeps its context alive."""
+    from torch.cuda.green_contexts import GreenContext
+
+    try:
+        context = GreenContext.create(num_sms=sms, device_id=device_index)
+    except TypeError:
+        context = GreenContext.create(sms, device_index)
+    stream = context.Stream()
+    stream._green_context = context
+    return stream
