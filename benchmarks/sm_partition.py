@@ -25,7 +25,19 @@ from pathlib import Path
 
 import torch
 
-from dvl_batch.engine.overlap import green_stream
+
+def green_stream(sms: int, device_index: int = 0) -> torch.cuda.Stream:
+    """A stream confined to `sms` SMs by a CUDA green context (torch >= 2.10; the signature of
+    `GreenContext.create` changed between releases). The stream keeps its context alive."""
+    from torch.cuda.green_contexts import GreenContext
+
+    try:
+        context = GreenContext.create(num_sms=sms, device_id=device_index)
+    except TypeError:
+        context = GreenContext.create(sms, device_index)
+    stream = context.Stream()
+    stream._green_context = context
+    return stream
 
 
 def together_seconds(work: list[tuple[torch.cuda.Stream | None, object]], repeats: int = 5) -> float:

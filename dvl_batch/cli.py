@@ -26,6 +26,7 @@ from .cli_options import (
     JOB_OPTIONS,
     BatchSize,
     BenchKvDtypes,
+    BenchPaired,
     BenchQuantize,
     Device,
     DeviceProfile,
@@ -319,6 +320,7 @@ def bench(
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill/--no-overlap-prefill")] = True,
     kv_dtype: BenchKvDtypes = None,
     quantize: BenchQuantize = None,
+    paired: BenchPaired = False,
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
@@ -340,14 +342,11 @@ def bench(
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
         compile_decode=compile_decode, triton_attention=triton_attention, overlap_prefill=overlap_prefill, kv_dtypes=tuple(kv_dtype or ["auto"]),
-        quantize=tuple(quantize or ["none"]), host_profile=host_profile, device_profile=device_profile, out=out,
+        quantize=tuple(quantize or ["none"]), paired=paired, host_profile=host_profile, device_profile=device_profile, out=out,
     )
-    from .config.sections import KV_DTYPES, QUANTIZE
+    from .bench.variants import check_variant_options
 
-    if any(k not in KV_DTYPES for k in cfg.kv_dtypes):
-        raise UsageError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
-    if any(q not in QUANTIZE for q in cfg.quantize):
-        raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}")
+    check_variant_options(cfg.quantize, cfg.kv_dtypes, cfg.paired)
     if profile != "preprocess":
         from .engine.model import check_kv_dtype, pick_device, pick_dtype
         from .engine.quantize import check_engine_quantize, check_quantize

@@ -74,6 +74,7 @@ MaxPromptTokens = Annotated[int | None, typer.Option(help="Longest prompt in tok
 Task = Annotated[str | None, typer.Option(help="caption or vqa (default: the recipe's).", rich_help_panel="Prompt")]
 BenchKvDtypes = Annotated[list[str] | None, typer.Option("--kv-dtype", help="KV cache of the slot-engine runs: auto (bf16) and/or fp8; repeat to run both side by side.")]
 BenchQuantize = Annotated[list[str] | None, typer.Option("--quantize", help="Weights of the slot-engine runs: none (bf16) and/or fp8; repeat to run both (times each --kv-dtype).")]
+BenchPaired = Annotated[bool, typer.Option("--paired", help="With as many --quantize as --kv-dtype values: run the first weights with the first KV type and so on, not every combination.")]
 HostProfile = Annotated[str | None, typer.Option(help="Write a cProfile of dvl-batch's host side to this file.")]
 DeviceProfile = Annotated[str | None, typer.Option(help="Trace the measured dvl-batch runs (GPU) and write their kernels by kind, top kernels and idle gaps between kernels to this file (the traced runs' rates include the tracing).")]
 InputOption = Annotated[list[str] | None, typer.Option("--input", "-i", help="Shards, parquet files, image folders or brace patterns (repeatable; default: the recipe's data.inputs).", show_default=False)]

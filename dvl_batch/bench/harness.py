@@ -62,6 +62,7 @@ class BenchConfig:
     overlap_prefill: bool = True
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
+    paired: bool = False  # ... or the i-th weight format with the i-th KV type only
     check_outputs: bool = True
     host_profile: str | None = None  # write a cProfile of the dvl-batch runs' host side here
     device_profile: str | None = None  # write the measured runs' kernel and idle-gap report here
@@ -242,7 +243,7 @@ def bench_profile(cfg: BenchConfig, task: str, worker, shards, warm_shards, work
     from .variants import variant_name, variants
 
     bf16_model = worker.model
-    for quantize, kv_dtype in variants(cfg.quantize, cfg.kv_dtypes):
+    for quantize, kv_dtype in variants(cfg.quantize, cfg.kv_dtypes, cfg.paired):
         name, label = variant_name(quantize, kv_dtype)
         run_spec = _spec(cfg, task, shards, work_dir / f"out-{task}-{name}", worker.resolved.path, str(worker.device),
                          kv_dtype, quantize)

@@ -8,10 +8,26 @@ for the remaining runs and for transformers' generate.
 from __future__ import annotations
 
 
-def variants(quantize: tuple[str, ...], kv_dtypes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(weights, KV cache) of each slot-engine run, the bf16/bf16 one first when asked for."""
-    runs = [(q, kv) for q in quantize for kv in kv_dtypes]
-    return sorted(runs, key=lambda run: run != ("none", "auto"))
+def variants(quantize: tuple[str, ...], kv_dtypes: tuple[str, ...], paired: bool = False) -> list[tuple[str, str]]:
+    """(weights, KV cache) of each slot-engine run, the bf16/bf16 one first when asked for:
+    every combination, or (`paired`) the i-th weights with the i-th KV type, which compares
+    e.g. all-bf16 with all-fp8 without paying for the mixed runs in between."""
+    runs = list(zip(quantize, kv_dtypes, strict=True)) if paired else [(q, kv) for q in quantize for kv in kv_dtypes]
+    return sorted(dict.fromkeys(runs), key=lambda run: run != ("none", "auto"))
+
+
+def check_variant_options(quantize: tuple[str, ...], kv_dtypes: tuple[str, ...], paired: bool) -> None:
+    """One clear usage error for a bench's weight and KV options, before anything is built."""
+    from ..config.sections import KV_DTYPES, QUANTIZE
+    from ..errors import UsageError
+
+    if any(k not in KV_DTYPES for k in kv_dtypes):
+        raise UsageError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}")
+    if any(q not in QUANTIZE for q in quantize):
+        raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}")
+    if paired and len(quantize) != len(kv_dtypes):
+        raise UsageError(f"--paired runs the i-th --quantize with the i-th --kv-dtype: give as many of each "
+                         f"(got {len(quantize)} and {len(kv_dtypes)})")
 
 
 def variant_name(quantize: str, kv_dtype: str) -> tuple[str, str]:

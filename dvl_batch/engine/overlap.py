@@ -20,7 +20,6 @@ Without CUDA (or with overlap off) an admission is ready as soon as it is enqueu
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from .planning import Group
 
 # The prefill stream's priority (CUDA: lower is more urgent; 0 is the decode stream's).
 PREFILL_PRIORITY = 0
-# SMs the prefill stream may use (a CUDA green context), or None: all of them.
-PREFILL_SMS: int | None = None
 
 
 @dataclass
@@ -52,7 +49,7 @@ class PrefillStream:
     def __init__(self, device: torch.device, enabled: bool, priority: int | None = None):
         self.device = device
         on = enabled and device.type == "cuda"
-        self.stream = _prefill_stream(device, PREFILL_PRIORITY if priority is None else priority) if on else None
+        self.stream = torch.cuda.Stream(device, priority=PREFILL_PRIORITY if priority is None else priority) if on else None
         self.waiting: deque[Admission] = deque()
 
     @property
@@ -94,27 +91,3 @@ class PrefillStream:
                 return None
             self._decode_waits_for(head.done)
         return self.waiting.popleft()
-
-
-def _prefill_stream(device: torch.device, priority: int) -> torch.cuda.Stream:
-    """The second stream; on `PREFILL_SMS` SMs of a green context where this torch has them."""
-    if PREFILL_SMS:
-        try:
-            return green_stream(PREFILL_SMS, device.index or 0)
-        except (ImportError, AttributeError, RuntimeError, TypeError) as exc:
-            warnings.warn(f"no green context ({exc}); the prefill stream uses every SM", stacklevel=2)
-    return torch.cuda.Stream(device, priority=priority)
-
-
-def green_stream(sms: int, device_index: int = 0) -> torch.cuda.Stream:
-    """A stream confined to `sms` SMs by a CUDA green context (torch >= 2.10; the signature of
-    `GreenContext.create` changed between releases). The stream keeps its context alive."""
-    from torch.cuda.green_contexts import GreenContext
-
-    try:
-        context = GreenContext.create(num_sms=sms, device_id=device_index)
-    except TypeError:
-        context = GreenContext.create(sms, device_index)
-    stream = context.Stream()
-    stream._green_context = context
-    return stream
