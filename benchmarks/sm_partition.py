@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -121,8 +122,11 @@ def main() -> None:
     parser.add_argument("--live-rows", type=int, default=640)
     parser.add_argument("--prefill-batch", type=int, default=32)
     parser.add_argument("--attn-calls", type=int, default=96, help="decode attention calls per measurement (~1 per layer-step)")
-    parser.add_argument("--sms", default="16,32,48,64,80,96,112", type=lambda v: [int(s) for s in v.split(",")])
+    parser.add_argument("--sms", default="32,64,80,96,112", type=lambda v: [int(s) for s in v.split(",")])
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: sm_partition.py shares a GPU's SMs out; no CUDA device here", file=sys.stderr)
+        raise SystemExit(2)
     total = torch.cuda.get_device_properties(0).multi_processor_count
     work = Workloads(args.live_rows, args.prefill_batch, args.attn_calls)
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sms": total, "rows": []}

@@ -136,3 +136,15 @@ def test_prefill_attention_program_checks_every_layout_against_the_whole_prompt(
     assert all("error" not in row and row["max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0 for row in rows), rows
     assert {row["compiled"] for row in rows} == {False, True}
     assert "LM, causal bottom-right" in result.stdout and "ms/image" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["sm_partition.py", "read_bandwidth.py"])
+def test_gpu_only_benchmarks_refuse_a_machine_without_cuda_in_one_line(script, cache_dir):
+    """They time CUDA streams and memory and have nothing to measure on a CPU."""
+    import subprocess
+
+    env = {**cli_env(cache_dir), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script)], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "no CUDA device" in errors[0], done.stderr
