@@ -72,10 +72,12 @@ def device_line(dvl: dict[str, Any]) -> str:
         text += (f" (attention {ms['decode_attention']:.2f} at {split['attention_TBps']:.2f} TB/s, copy "
                  f"{split['copy_TBps']:.2f}; rest {ms['decode_rest']:.2f})")
     if dvl.get("overlapped_prefills"):
-        text += (f"; {dvl['overlapped_prefills']} of {dvl.get('prefill_calls', '?')} prefills ran beside decode, so the "
-                 f"phases overlap: their sum {ms['busy']:.2f}, wall {ms.get('wall', 0.0):.2f}")
-    else:
-        text += f"; busy {ms['busy']:.2f}, idle {ms['idle']:.2f}"
+        # Each phase's time then includes the other stream's kernels it waited behind: neither
+        # their sum nor an MFU from them is a per-image cost.
+        return text + (f"; {dvl['overlapped_prefills']} of {dvl.get('prefill_calls', '?')} prefills ran beside decode, "
+                       f"so each phase's time includes waiting for the other's kernels (their sum {ms['busy']:.2f}, "
+                       f"wall {ms.get('wall', 0.0):.2f}); per-phase costs: --no-overlap-prefill")
+    text += f"; busy {ms['busy']:.2f}, idle {ms['idle']:.2f}"
     vision_prefix = ms.get("vision", 0.0) + ms.get("prefix", 0.0)
     text += f"; vision+prefix {vision_prefix:.2f}"
     if dvl.get("prefill_mfu") is not None:
