@@ -103,7 +103,6 @@ class Workloads:
         q = torch.randn(live_rows, heads, dim, device=dev, dtype=bf16)
         self._attn = lambda: decode_attention(q, pk, pv, sk, sv, plen, rlen, 1, dim**-0.5, 1, BF16_ONE_ROW_CONFIG, live=live)
         self.attn_calls = attn_calls
-        self.prefill_flops = 0.0
 
     @torch.inference_mode()
     def prefill(self) -> None:
