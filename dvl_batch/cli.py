@@ -318,6 +318,7 @@ def bench(
     compile_decode: Annotated[bool, typer.Option("--compile-decode/--no-compile-decode")] = True,
     triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill/--no-overlap-prefill")] = True,
+    fuse_projections: Annotated[bool, typer.Option("--fuse-projections/--no-fuse-projections")] = True,
     kv_dtype: BenchKvDtypes = None,
     quantize: BenchQuantize = None,
     paired: BenchPaired = False,
@@ -342,6 +343,7 @@ def bench(
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
         compile_decode=compile_decode, triton_attention=triton_attention, overlap_prefill=overlap_prefill, kv_dtypes=tuple(kv_dtype or ["auto"]),
+        fuse_projections=fuse_projections,
         quantize=tuple(quantize or ["none"]), paired=paired, host_profile=host_profile, device_profile=device_profile, out=out,
     )
     from .bench.variants import check_variant_options

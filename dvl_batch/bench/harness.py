@@ -60,6 +60,7 @@ class BenchConfig:
     compile_decode: bool = True
     triton_attention: bool = True
     overlap_prefill: bool = True
+    fuse_projections: bool = True  # the slot engine's one-product Q/K/V and gate/up (engine/fused_layers.py)
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
     paired: bool = False  # ... or the i-th weight format with the i-th KV type only
@@ -88,7 +89,7 @@ def _spec(
         batch=BatchSpec(
             batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
             compile_decode=cfg.compile_decode, triton_attention=cfg.triton_attention,
-            overlap_prefill=cfg.overlap_prefill,
+            overlap_prefill=cfg.overlap_prefill, fuse_projections=cfg.fuse_projections,
         ),
         output=OutputSpec(path=str(out)),
     )

@@ -99,6 +99,7 @@ class BatchSpec:
     compile_decode: bool = True  # ... the decode step's forward too (faster steps, ~10-25 s more start)
     triton_attention: bool = True  # Triton decode attention reading only valid keys (CUDA only)
     overlap_prefill: bool = True  # new images' prefill on a second CUDA stream, beside decode (engine/overlap.py)
+    fuse_projections: bool = True  # one product for Q/K/V and one for gate/up in the slot engine (engine/fused_layers.py)
     phase_timing: bool = False  # synchronise to time vision/prefill phases (diagnosis; slower)
 
     @property

@@ -35,6 +35,7 @@ from ..errors import UsageError
 from ..preprocess.images import ImageView, normalize_pixels, view_constants
 from .attention import AttentionStep, SlotKV, route_attention, scores_support_out_dtype, store_prefix, to_cache
 from .decode_step import DecodeStep
+from .fused_layers import fuse_projections
 from .model import VisionLanguageModel
 from .planning import Layout, starts_with
 from .questions import QuestionPrefill
@@ -81,8 +82,10 @@ class SlotStore:
         stop_schedule: bool = False,
         kv_dtype: torch.dtype | None = None,
         compile_decode: bool | None = None,
+        fuse: bool = True,
     ):
         route_attention(vlm.language_model)
+        fuse_projections(vlm.language_model, fuse)
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
         self.device, self.dtype = vlm.device, vlm.dtype

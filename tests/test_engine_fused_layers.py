@@ -1,0 +1,105 @@
+"""The slot engine's fused projections: no extra memory, generate untouched, same answers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dvl_batch.config.spec import BatchSpec, GenerationSpec
+from dvl_batch.engine.continuous import SlotEngine
+from dvl_batch.engine.fp8_linear import Fp8Linear
+from dvl_batch.engine.fused_layers import FusedProjectionsLayer, fuse_projections
+from dvl_batch.engine.model import VisionLanguageModel
+
+from .test_engine_parity import MAX_NEW, _items, generate_references
+
+
+def _fresh(tiny_model):
+    """A private copy: fusing changes the layers' classes, which other tests' model must not see."""
+    model = copy.deepcopy(tiny_model)
+    fuse_projections(model.model.language_model, enabled=False)
+    return model
+
+
+def test_fused_weights_are_the_originals_and_add_no_memory(tiny_model):
+    model = _fresh(tiny_model)
+    lm = model.model.language_model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    keys = set(model.state_dict())
+    assert fuse_projections(lm) == len(lm.layers)
+    layer = lm.layers[0]
+    assert isinstance(layer, FusedProjectionsLayer)
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = layer.dvl_qkv_weight
+    assert qkv.shape[0] == attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
+    for module in (attn.q_proj, attn.k_proj, attn.v_proj):  # views of the fused weight, not copies
+        assert module.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == layer.dvl_gate_up_weight.untyped_storage().data_ptr()
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+    assert set(model.state_dict()) == keys, "the fused buffers must not be saved with the model"
+    assert fuse_projections(lm) == len(lm.layers)  # idempotent
+
+
+def test_fused_engine_matches_generate_and_the_unfused_engine(tiny_model, tiny_processor):
+    model = _fresh(tiny_model)
+    eos = tiny_processor.tokenizer.eos_token_id
+    items, views = _items(tiny_processor, lambda uid: 1 + uid % 3)
+    refs = generate_references(model, views, items, eos)
+
+    def run(fuse: bool):
+        engine = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=MAX_NEW),
+                            BatchSpec(batch_size=4, fuse_projections=fuse), [eos], eos)
+        got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
+        fused = isinstance(model.model.language_model.layers[0], FusedProjectionsLayer)
+        return got, fused
+
+    fused_tokens, was_fused = run(True)
+    assert was_fused
+    plain_tokens, was_fused = run(False)
+    assert not was_fused
+    assert fused_tokens == plain_tokens == refs
+    # generate after the fused engine ran: transformers' forward on the re-pointed weights
+    assert generate_references(model, views, items, eos) == refs
+
+
+def test_fused_layer_forward_equals_transformers_forward(tiny_model):
+    """Prefix mode collects the layer's keys/values: the fused products give the same ones."""
+    from dvl_batch.engine.attention import AttentionStep, route_attention
+
+    model = _fresh(tiny_model)
+    lm = model.model.language_model
+    route_attention(lm)
+    embeds = torch.randn(2, 7, lm.config.hidden_size)
+    positions = torch.arange(7)[None].expand(2, -1)
+
+    def forward():
+        step = AttentionStep(None, "prefix", collect=[])
+        hidden = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False, dvl_step=step).last_hidden_state
+        return hidden, step.collect
+
+    with torch.no_grad():
+        plain, plain_kv = forward()
+        fuse_projections(lm)
+        fused, fused_kv = forward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for (k1, v1), (k2, v2) in zip(fused_kv, plain_kv, strict=True):
+        torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_projections_are_not_fused(tiny_model):
+    """A copy whose projections became float8 goes back to transformers' forward, so the float8
+    products are what runs (not the bf16 fused weights it inherited)."""
+    model = _fresh(tiny_model)
+    lm = model.model.language_model
+    fuse_projections(lm)
+    quantized = copy.deepcopy(model)
+    layer = quantized.model.language_model.layers[0]
+    layer.self_attn.q_proj = Fp8Linear.from_linear(layer.self_attn.q_proj, min_rows=1)
+    count = fuse_projections(quantized.model.language_model)
+    assert count == len(lm.layers) - 1
+    assert not isinstance(layer, FusedProjectionsLayer)
+    assert not hasattr(layer, "dvl_qkv_weight")
+    assert type(layer) is type(lm.layers[0]).__mro__[2]
