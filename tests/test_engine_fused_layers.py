@@ -31,14 +31,15 @@ def test_fused_weights_are_the_originals_and_add_no_memory(tiny_model):
     layer = lm.layers[0]
     assert isinstance(layer, FusedProjectionsLayer)
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = layer.dvl_qkv_weight
+    qkv = layer.dvl_qkv.weight
     assert qkv.shape[0] == attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
     for module in (attn.q_proj, attn.k_proj, attn.v_proj):  # views of the fused weight, not copies
         assert module.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == layer.dvl_gate_up_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == layer.dvl_gate_up.weight.untyped_storage().data_ptr()
     after = dict(model.named_parameters())
     assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
-    assert set(model.state_dict()) == keys, "the fused buffers must not be saved with the model"
+    assert set(model.state_dict()) == keys, "the fused products must not be saved with the model"
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in before.values())
     assert fuse_projections(lm) == len(lm.layers)  # idempotent
 
 
@@ -89,17 +90,27 @@ def test_fused_layer_forward_equals_transformers_forward(tiny_model):
         torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_projections_are_not_fused(tiny_model):
-    """A copy whose projections became float8 goes back to transformers' forward, so the float8
-    products are what runs (not the bf16 fused weights it inherited)."""
+def test_a_replaced_projection_is_fused_again_from_the_new_modules(tiny_model):
+    """A copy of a fused model whose projections became float8 is fused from the float8 ones
+    (not left on the bf16 products it inherited); one projection in another format keeps
+    transformers' forward."""
     model = _fresh(tiny_model)
     lm = model.model.language_model
     fuse_projections(lm)
     quantized = copy.deepcopy(model)
-    layer = quantized.model.language_model.layers[0]
-    layer.self_attn.q_proj = Fp8Linear.from_linear(layer.self_attn.q_proj, min_rows=1)
-    count = fuse_projections(quantized.model.language_model)
-    assert count == len(lm.layers) - 1
-    assert not isinstance(layer, FusedProjectionsLayer)
-    assert not hasattr(layer, "dvl_qkv_weight")
-    assert type(layer) is type(lm.layers[0]).__mro__[2]
+    layers = quantized.model.language_model.layers
+    for layer in layers:
+        for parent, name in ((layer.self_attn, "q_proj"), (layer.self_attn, "k_proj"), (layer.self_attn, "v_proj"),
+                             (layer.mlp, "gate_proj"), (layer.mlp, "up_proj")):
+            setattr(parent, name, Fp8Linear.from_linear(getattr(parent, name), min_rows=1))
+    layers[0].self_attn.q_proj = layers[0].self_attn.q_proj.linear  # mixed formats: not fusable
+    assert fuse_projections(quantized.model.language_model) == len(layers) - 1
+    assert not isinstance(layers[0], FusedProjectionsLayer) and "dvl_qkv" not in layers[0].__dict__
+    assert type(layers[0]) is type(lm.layers[0]).__mro__[2]
+    fused = layers[1]
+    assert isinstance(fused.dvl_qkv, Fp8Linear) and isinstance(fused.dvl_gate_up, Fp8Linear)
+    rows = torch.randn(5, lm.config.hidden_size)
+    attn = fused.self_attn
+    separate = torch.cat([attn.q_proj(rows), attn.k_proj(rows), attn.v_proj(rows)], dim=-1)
+    torch.testing.assert_close(fused.dvl_qkv(rows), separate)  # per-row scales: concatenation is exact
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.dvl_qkv.weight.untyped_storage().data_ptr()

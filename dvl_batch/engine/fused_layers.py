@@ -1,29 +1,31 @@
 """The slot engine's own forward for transformers' Llama decoder layers, with fused projections.
 
-transformers' Llama layer multiplies the same normalised hidden states by four weights one
+transformers' Llama layer multiplies the same normalised hidden states by several weights one
 after the other: query, key and value (three products of N = 2048 on the 1.3B model) and
 gate and up (two of N = 5632). Concatenating each set into one weight makes them one product
-each: the input is read once, and the decode step's few hundred rows fill the GPU, which a
-2048-wide product of ~800 rows does not (112 output tiles of 128 x 128 for 132 SMs).
-Measured on the H200 in isolation (one layer's products): QKV 7% and gate/up 2% faster at a
-prefill's 19712 rows.
+each: the input is read (and, with `--quantize fp8`, quantised) once, and the decode step's
+few hundred rows fill the GPU, which a 2048-wide product of ~800 rows does not (112 output
+tiles of 128 x 128 for 132 SMs). Measured on the H200 in isolation (one layer's products):
+QKV 7% and gate/up 2% faster at a prefill's 19712 rows.
 
 Only the slot engine's calls (those that carry a `dvl_step`) take the fused path; any other
 call, e.g. transformers' `generate` on the same loaded model, runs the layer's own forward.
-The original Linear modules are re-pointed at row slices of the concatenated weights, so
-the fusion adds no memory and the original forward multiplies exactly the same numbers.
+The original modules are re-pointed at row slices of the concatenated weights, so fusing
+adds no memory and the original forward multiplies exactly the same numbers. float8
+projections (`fp8_linear.Fp8Linear`, one scale per output row) concatenate exactly too.
+The fused products are plain attributes, not registered submodules: they are not saved with
+the model and not counted twice among its parameters.
 
-Layers whose projections are not plain `nn.Linear` with ordinary weights (`--quantize`
-replaced them, or torchao made their weights tensor subclasses) keep transformers' forward:
-fusing them would mean re-quantising, not concatenating.
+Layers with other projections (torchao's tensor-subclass weights, mixed formats) keep
+transformers' forward: fusing them would mean re-quantising, not concatenating.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .attention import slot_attention
+from .fp8_linear import Fp8Linear
 
 _FUSED_CLASSES: dict[type, type] = {}
 
@@ -38,7 +40,7 @@ class FusedProjectionsLayer:
         attn, mlp = self.self_attn, self.mlp
         shape = hidden_states.shape[:-1]
         normed = self.input_layernorm(hidden_states)
-        qkv = F.linear(normed, self.dvl_qkv_weight, self.dvl_qkv_bias)
+        qkv = self.dvl_qkv(normed)
         query, key, value = (
             part.view(*shape, -1, attn.head_dim).transpose(1, 2) for part in qkv.split(self.dvl_qkv_sizes, dim=-1)
         )
@@ -46,8 +48,7 @@ class FusedProjectionsLayer:
         query, key = self.dvl_rotate(query, key, cos, sin)
         out, _ = slot_attention(attn, query, key, value, None, scaling=attn.scaling, dvl_step=step)
         hidden_states = hidden_states + attn.o_proj(out.reshape(*shape, -1))
-        gate, up = F.linear(self.post_attention_layernorm(hidden_states), self.dvl_gate_up_weight,
-                            self.dvl_gate_up_bias).chunk(2, dim=-1)
+        gate, up = self.dvl_gate_up(self.post_attention_layernorm(hidden_states)).chunk(2, dim=-1)
         return hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
@@ -67,46 +68,61 @@ def fuse_projections(language_model: torch.nn.Module, enabled: bool = True) -> i
     away again, for a run that measures without it); returns how many layers have it.
 
     A layer fused earlier whose projections were replaced since (a quantized copy of a model
-    the bf16 engine ran on) goes back to transformers' forward, so its new products are used."""
+    the bf16 engine ran on) is fused again from its new ones, or goes back to transformers'
+    forward if they cannot be fused."""
     fused = 0
     for layer in getattr(language_model, "layers", ()):
-        if not enabled or not _eligible(layer):
-            if isinstance(layer, FusedProjectionsLayer):
-                _unfuse(layer)
-            continue
-        if not isinstance(layer, FusedProjectionsLayer):
-            _fuse(layer)
-        fused += 1
+        sources = _projections(layer)
+        current = isinstance(layer, FusedProjectionsLayer) and _same(layer.dvl_sources, sources)
+        if isinstance(layer, FusedProjectionsLayer) and not (current and enabled):
+            _unfuse(layer)
+        if enabled and not isinstance(layer, FusedProjectionsLayer) and sources and _fusable(sources[:3]) and _fusable(sources[3:5]):
+            _fuse(layer, sources)
+        fused += isinstance(layer, FusedProjectionsLayer)
     return fused
 
 
-def _eligible(layer: torch.nn.Module) -> bool:
+def _projections(layer: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """q, k, v, gate, up of a Llama-shaped layer, or None for any other layer."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))
+    names = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     if attn is None or mlp is None or not all(hasattr(attn, n) for n in names[0]) or not all(hasattr(mlp, n) for n in names[1]):
-        return False
-    linears = [getattr(attn, n) for n in names[0]] + [getattr(mlp, n) for n in names[1]]
-    if not all(type(m) is torch.nn.Linear and _plain(m.weight) and (m.bias is None or _plain(m.bias)) for m in linears):
-        return False
-    norms = hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
-    return norms and hasattr(attn, "head_dim") and hasattr(attn, "scaling") and hasattr(mlp, "act_fn")
+        return None
+    if not (hasattr(attn, "head_dim") and hasattr(attn, "scaling") and hasattr(mlp, "act_fn")):
+        return None
+    if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")):
+        return None
+    return [getattr(attn, n) for n in names[0]] + [getattr(mlp, n) for n in names[1]]
 
 
-def _plain(tensor: torch.Tensor) -> bool:
-    """An ordinary floating-point tensor (torchao's quantized weights are tensor subclasses)."""
-    return type(tensor) in (torch.nn.Parameter, torch.Tensor) and tensor.dtype.is_floating_point and tensor.dtype.itemsize > 1
+def _same(first: list, second: list | None) -> bool:
+    return second is not None and len(first) == len(second) and all(a is b for a, b in zip(first, second, strict=True))
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    """An nn.Linear with ordinary floating-point tensors (torchao's weights are tensor subclasses)."""
+    tensors = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+    return type(module) is torch.nn.Linear and all(
+        type(t) in (torch.nn.Parameter, torch.Tensor) and t.dtype.is_floating_point and t.dtype.itemsize > 1 for t in tensors
+    )
+
+
+def _fusable(modules: list[torch.nn.Module]) -> bool:
+    if all(_plain_linear(m) for m in modules):
+        return True
+    return (
+        all(type(m) is Fp8Linear and _plain_linear(m.linear) for m in modules)
+        and len({m.min_rows for m in modules}) == 1
+    )
 
 
 @torch.no_grad()
-def _fuse(layer: torch.nn.Module) -> None:
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    layer.register_buffer("dvl_qkv_weight", _concatenate(qkv), persistent=False)
-    layer.register_buffer("dvl_qkv_bias", _concatenate_bias(qkv), persistent=False)
-    layer.dvl_qkv_sizes = [m.out_features for m in qkv]
-    gate_up = [mlp.gate_proj, mlp.up_proj]
-    layer.register_buffer("dvl_gate_up_weight", _concatenate(gate_up), persistent=False)
-    layer.register_buffer("dvl_gate_up_bias", _concatenate_bias(gate_up), persistent=False)
+def _fuse(layer: torch.nn.Module, sources: list[torch.nn.Module]) -> None:
+    # plain attributes (object.__setattr__): not submodules, so not in state_dict or parameters()
+    object.__setattr__(layer, "dvl_qkv", _concatenated(sources[:3]))
+    object.__setattr__(layer, "dvl_gate_up", _concatenated(sources[3:5]))
+    object.__setattr__(layer, "dvl_sources", list(sources))
+    layer.dvl_qkv_sizes = [m.out_features for m in sources[:3]]
     cls = type(layer)
     if cls not in _FUSED_CLASSES:
         _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedProjectionsLayer, cls), {"dvl_rotate": _rotary_of(cls)})
@@ -114,29 +130,39 @@ def _fuse(layer: torch.nn.Module) -> None:
 
 
 def _unfuse(layer: torch.nn.Module) -> None:
-    for name in ("dvl_qkv_weight", "dvl_qkv_bias", "dvl_gate_up_weight", "dvl_gate_up_bias"):
-        delattr(layer, name)
+    for name in ("dvl_qkv", "dvl_gate_up", "dvl_sources", "dvl_qkv_sizes"):
+        layer.__dict__.pop(name, None)
     layer.__class__ = type(layer).__mro__[2]  # (Fused..., FusedProjectionsLayer, the original class, ...)
 
 
-def _concatenate(linears: list[torch.nn.Linear]) -> torch.Tensor:
-    """One weight [sum of outputs, inputs]; each Linear's weight becomes a view of its rows."""
-    weight = torch.cat([m.weight.detach() for m in linears], dim=0)
-    start = 0
-    for m in linears:
-        m.weight = torch.nn.Parameter(weight[start:start + m.out_features], requires_grad=False)
-        start += m.out_features
-    return weight
+def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """One product for `modules` (all nn.Linear, or all Fp8Linear), whose tensors become views of its rows."""
+    if type(modules[0]) is Fp8Linear:
+        bf16 = _concatenated([m.linear for m in modules])
+        weight = _stacked(modules, "weight", dim=0)
+        scale = _stacked(modules, "weight_scale", dim=1)  # [1, out]: one scale per output row
+        return Fp8Linear(bf16, weight, scale, modules[0].min_rows)
+    weight = _stacked(modules, "weight", dim=0)
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if any(m.bias is not None for m in modules):  # a missing bias counts as zeros, the module left without one
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+        start = 0
+        for m in modules:
+            if m.bias is not None:
+                m.bias = torch.nn.Parameter(bias[start:start + m.out_features], requires_grad=False)
+            start += m.out_features
+        fused.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return fused
 
 
-def _concatenate_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
-    if all(m.bias is None for m in linears):
-        return None
-    parts = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
-    bias = torch.cat(parts)
+def _stacked(modules: list[torch.nn.Module], name: str, dim: int) -> torch.Tensor:
+    """The modules' tensors `name` concatenated along `dim`; each module's becomes a view of its slice."""
+    whole = torch.cat([getattr(m, name).detach() for m in modules], dim=dim)
     start = 0
-    for m in linears:
-        if m.bias is not None:
-            m.bias = torch.nn.Parameter(bias[start:start + m.out_features], requires_grad=False)
-        start += m.out_features
-    return bias
+    for m in modules:
+        size = getattr(m, name).shape[dim]
+        part = whole.narrow(dim, start, size)
+        setattr(m, name, torch.nn.Parameter(part, requires_grad=False) if name in m._parameters else part)
+        start += size
+    return whole
