@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from dvl_batch.cli import app
 from dvl_batch.config.sections import DEVICE_PATTERN, ENGINES, QUANTIZE
 
+REPO = Path(__file__).resolve().parents[1]
 COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
@@ -21,7 +24,7 @@ def help_rows(command: str) -> dict[str, str]:
     rows: list[list[str]] = []
     for line in result.output.splitlines():
         cell = line.strip().strip("│").strip()
-        if re.match(r"│ +-", line.strip()):
+        if re.match(r"│ -", line.strip()):  # an option's first line; wrapped ones are indented further
             rows.append([cell])
         elif rows and line.strip().startswith("│") and cell:
             rows[-1].append(cell)
@@ -57,3 +60,55 @@ def test_engine_and_device_help_list_every_value_the_code_accepts():
     assert set(devices) >= {"auto", "cpu", "cuda", "cuda:N", "mps"}, rows["--device"]
     for device in ("auto", "cpu", "cuda", "cuda:0", "mps"):
         assert DEVICE_PATTERN.fullmatch(device)  # each value the help offers is one validation takes
+
+
+# Options that do nothing unless given, so have no default to show (the README names them).
+NO_DEFAULT = {"output", "recipe", "question", "questions_file", "question_field", "host_profile", "device_profile"}
+
+
+def _shown_options(command: str) -> list:
+    """A command's options that must show a default: all but --help, the exceptions above and
+    on/off flags that are off unless given (`--strict`); --x/--no-x pairs do show theirs."""
+    params = typer.main.get_command(app).commands[command].params
+    return [p for p in params if p.param_type_name == "option" and p.name != "help" and p.name not in NO_DEFAULT
+            and not (p.is_flag and not p.secondary_opts)]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_every_option_default(command):
+    """The README promises `COMMAND --help` shows each option's default: job options default to
+    None (a recipe's value stays), so their help must state the default the job gets."""
+    rows = help_rows(command)
+    missing = [p.opts[0] for p in _shown_options(command) if "[default: " not in rows[p.opts[0]]]
+    assert not missing, f"{command} --help shows no default for {', '.join(missing)}"
+
+
+def test_shown_job_defaults_are_the_specs_own():
+    """Each plain default a job option shows is the JobSpec's default for its field."""
+    from dvl_batch.cli_options import JOB_OPTIONS
+    from dvl_batch.config.spec import JobSpec, option_path
+
+    rows = help_rows("caption")
+    params = {p.name: p for p in typer.main.get_command(app).commands["caption"].params}
+    spec = JobSpec()
+    checked = 0
+    for name in JOB_OPTIONS:
+        section, field = option_path(name).split(".")
+        value = getattr(getattr(spec, section), field)
+        param = params[name]
+        if value in (None, ()) or (param.is_flag and not param.secondary_opts):
+            continue
+        if isinstance(value, bool):
+            value = (param.opts if value else param.secondary_opts)[0].removeprefix("--")
+        assert f"[default: {value}" in rows[param.opts[0]], (name, value, rows[param.opts[0]])
+        checked += 1
+    assert checked >= 20
+
+
+def test_readme_names_the_options_that_show_no_default():
+    readme = (REPO / "README.md").read_text()
+    sentence = " ".join(readme[readme.index("COMMAND --help` shows each option's default"):].split("\n\n", 1)[0].split())
+    params = {p.name: p for c in COMMANDS for p in typer.main.get_command(app).commands[c].params
+              if p.param_type_name == "option"}
+    for name in NO_DEFAULT:
+        assert any(f"`{opt}`" in sentence for opt in params[name].opts), (name, sentence)
