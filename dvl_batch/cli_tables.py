@@ -63,6 +63,8 @@ def status_table(output: Path, report: dict[str, Any]) -> Table:
     if report["checkpoint_files"]:
         table.add_row("checkpointed", f"{report['checkpoint_rows']} rows of unfinished shards "
                       f"({report['checkpoint_files']} checkpoint files)")
+    for note in report["notes"]:
+        table.add_row("note", note)
     if report["world_size"] > 1:
         table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
     for run_info in report["runs"]:
