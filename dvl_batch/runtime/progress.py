@@ -91,14 +91,29 @@ class SampleTotal:
 
 
 class _Clock:
+    """Rate and ETA of a run, timed from the first report of a sample taken by an engine.
+
+    The reporter starts before the model loads (and the engines of --gpus or Ray load
+    theirs in their own processes); counting from then, the first lines showed a rate
+    diluted by the load, far below what the engine does. The engines report their first
+    sample at once (runtime/assembly.py), so the clock starts when they start producing.
+    """
+
     def __init__(self) -> None:
-        self.started = time.monotonic()
+        self.started: float | None = None  # set by the first report with a sample taken
         self.total = 0
         self.done_before = 0
         self.samples: SampleTotal | None = None
 
+    def observe(self, stats: RunStats) -> None:
+        if self.started is None and stats.samples:
+            self.started = time.monotonic()
+
     def rates(self, stats: RunStats) -> tuple[float, float, str]:
         """Seconds so far, images per second, and the ETA from the images still to answer."""
+        self.observe(stats)
+        if self.started is None:  # nothing taken yet: the model is loading or the decoders are starting
+            return 0.0, 0.0, "?"
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = stats.images / elapsed
         remaining_shards = self.total - self.done_before - stats.shards_written
@@ -155,6 +170,7 @@ class LogReporter(NullReporter):
         )
 
     def update(self, stats: RunStats) -> None:
+        self.observe(stats)  # every report, not only those that print a line
         now = time.monotonic()
         if now - self.last < self.interval:
             return
