@@ -25,6 +25,8 @@ from ._version import __version__
 from .cli_options import (
     JOB_OPTIONS,
     BatchSize,
+    BenchDataDir,
+    BenchHfBatchSizes,
     BenchKvDtypes,
     BenchPaired,
     BenchQuantize,
@@ -256,7 +258,7 @@ def inspect(
     image_field: ImageField = None,
     key_field: KeyField = None,
     shard_size: Annotated[int, typer.Option(help="Images per shard for plain folders.")] = 1000,
-    max_shards: Annotated[int | None, typer.Option(help="Read only the first N shards (default: all).")] = None,
+    max_shards: Annotated[int | None, typer.Option(help="Read only the first N shards. \\[default: all]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List shards, sample counts and fields of the inputs, without loading a model."""
@@ -308,7 +310,7 @@ def bench(
     shape: Annotated[str, typer.Option(help="real-1.3b (random weights of the checkpoint's shape) or tiny.")] = "real-1.3b",
     requests: Annotated[int, typer.Option(help="Images in the run (>= 2048 for the reference numbers).")] = 2048,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap; the stop schedule ends most answers earlier.")] = 128,
-    hf_batch_size: Annotated[list[int] | None, typer.Option(help="generate batch sizes to try (best is reported; repeatable).")] = None,
+    hf_batch_size: BenchHfBatchSizes = None,
     hf_cache: Annotated[str, typer.Option(help="static (compiled decode) or dynamic cache for the generate baseline.")] = "static",
     skip_hf: Annotated[bool, typer.Option("--skip-hf", help="Only run dvl-batch.")] = False,
     batch_size: BatchSize = None,
@@ -325,7 +327,7 @@ def bench(
     workers: Workers = None,
     images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
     image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
-    data_dir: Annotated[str | None, typer.Option(help="Where to write (or reuse) the generated shards.")] = None,
+    data_dir: BenchDataDir = None,
     device: Device = None,
     out: Annotated[str, typer.Option("--out", help="JSON results file.")] = "bench.json",
     host_profile: HostProfile = None,

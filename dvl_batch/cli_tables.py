@@ -63,13 +63,20 @@ def status_table(output: Path, report: dict[str, Any]) -> Table:
     if report["checkpoint_files"]:
         table.add_row("checkpointed", f"{report['checkpoint_rows']} rows of unfinished shards "
                       f"({report['checkpoint_files']} checkpoint files)")
+    for note in report["notes"]:
+        table.add_row("note", note)
     if report["world_size"] > 1:
         table.add_row("ranks", f"{report['ranks_reporting']} of {report['world_size']} have reported")
     for run_info in report["runs"]:
         label = f"rank {run_info.get('rank')}" if report["world_size"] > 1 else "last run"
-        table.add_row(
-            label,
-            f"{run_info.get('state')} at {run_info.get('updated')}, {run_info.get('images_per_second')} img/s "
-            f"(pid {run_info.get('pid')} on {run_info.get('host')})",
-        )
+        table.add_row(label, f"{_run_line(run_info)} (pid {run_info.get('pid')} on {run_info.get('host')})")
     return table
+
+
+def _run_line(run_info: dict[str, Any]) -> str:
+    """A progress record in words; a run that found nothing to do shows the rate of the last one that did work."""
+    rate = run_info.get("images_per_second")
+    if not run_info.get("nothing_to_do"):
+        return f"{run_info.get('state')} at {run_info.get('updated')}, {rate} img/s"
+    earlier = f"; the last run with work (started {run_info.get('started')}) did {rate} img/s" if rate is not None else ""
+    return f"{run_info.get('state')} at {run_info.get('updated')}: nothing to do{earlier}"

@@ -57,7 +57,8 @@ def collect_status(out: Path) -> dict[str, Any]:
 
     A part that does not read back is counted (and named) as unreadable, not trusted; a
     job.json or progress file that does not parse, or holds values of the wrong types, is
-    one UsageError line saying what to do.
+    one UsageError line saying what to do. A deleted job.json (safe: the next run rebuilds
+    it) is no reason to refuse: the parts' own job records name the model and task.
     """
     try:
         return _collect_status(Path(out))
@@ -68,20 +69,22 @@ def collect_status(out: Path) -> dict[str, Any]:
 
 def _collect_status(out: Path) -> dict[str, Any]:
     job_file = out / "job.json"
-    if not job_file.exists():
-        raise UsageError(f"{out} is not a dvl-batch output folder (no job.json)")
-    job = read_state_file(job_file, "delete it and rerun the job's command: it is rebuilt from OUT/parts")
-    if not isinstance(job, dict):
-        raise UsageError(f"{job_file} is corrupt (not a JSON object); delete it and rerun the job's command")
+    job: dict[str, Any] | None = None
+    if job_file.exists():
+        job = read_state_file(job_file, "delete it and rerun the job's command: it is rebuilt from OUT/parts")
+        if not isinstance(job, dict):
+            raise UsageError(f"{job_file} is corrupt (not a JSON object); delete it and rerun the job's command")
     parts = sorted((out / "parts").glob("*.parquet"))
     rows = errors = partial = duplicates = 0
     unreadable: list[str] = []
+    part_job: dict[str, Any] = {}  # the job record of the first part that reads back
     for part in parts:
         try:
-            info = part_record(part)["shard"]
+            record = part_record(part)
         except (OSError, ValueError) as exc:
             unreadable.append(f"{part.name}: {exc}")
             continue
+        info, part_job = record["shard"], part_job or record.get("job") or {}
         rows += info.get("rows", 0)
         errors += info.get("errors", 0)
         partial += bool(info.get("partial"))
@@ -93,8 +96,16 @@ def _collect_status(out: Path) -> dict[str, Any]:
         mark_dead_runs(out, record)
     checkpoint_files, checkpoint_rows = count_rows(out)
     total = sum(p.get("shards_total", 0) for p in progress) if len(progress) == world_size else None
+    notes = []
+    if job is None:  # deleted (the README says that is safe): the parts and progress files still tell
+        if not (parts or progress or checkpoint_files):
+            raise UsageError(f"{out} is not a dvl-batch output folder (no job.json, parts, checkpoints or progress files)")
+        job = {"model": part_job.get("model") or (progress[0].get("model") if progress else None),
+               "spec": {"prompt": {"task": part_job.get("task")}}}
+        notes.append("no job.json: model and task come from the parts; the next run of the job's command writes it again")
     return {
         "output": str(out),
+        "notes": notes,
         "model": job.get("model"),
         "task": job.get("spec", {}).get("prompt", {}).get("task"),
         "shards_done": len(parts) - len(unreadable),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from .cli_processes import Overlapped
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli_env, run_cli
 
 BENCH_FORMATS = ["--quantize", "none", "--quantize", "int8wo"] if importlib.util.find_spec("torchao") else []
 
@@ -94,6 +94,19 @@ def test_bench_command_compares_with_generate_on_the_tiny_model(started):
     refused = commands.result("bench-device-profile")  # it traces GPU kernels: one clear line on a CPU
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(errors) == 1 and "--device-profile" in errors[0], refused.stderr
+
+
+def test_bench_prints_its_table_once(tmp_path, cache_dir, tiny_model_dir):
+    """On a terminal stdout and stderr show together: the result table goes to stdout once, and
+    the per-profile table on stderr is only for a profile another one follows (`--profile both`)."""
+    args = ["bench", "--shape", "tiny", "--device", "cpu", "--requests", "2", "--images-per-shard", "2", "--image-side",
+            "64", "--max-new-tokens", "2", "--skip-hf", "--no-compile", "--no-cuda-graphs", "--no-triton-attention",
+            "--workers", "0", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "bench.json")]
+    result = run_cli(args, cache_dir, timeout=120)  # the smallest bench: dvl-batch alone, 2 images, in-process
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("profile"))
+    assert (result.stdout + result.stderr).count(header) == 1, result.stderr
+    assert "caption dvl-batch (end to end)" in result.stdout
 
 
 def test_bench_preprocess_profile_measures_decode_rate_per_core(started):

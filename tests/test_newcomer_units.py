@@ -46,7 +46,8 @@ def test_progress_bar_fits_80_columns(tmp_path):
     label = "caption with tiny:tiny-deepseek-vl-ebbdd6365c0123456789"
     reporter.start(1, 0, label, [Shard("shard-000000", str(paths[0]), "webdataset")])
     reporter.samples._thread.join(10)
-    reporter.started -= 10  # 10 s into the run
+    reporter.update(_stats(samples=1))  # the engine's first sample starts the clock...
+    reporter.started -= 10  # ... 10 s ago
     reporter.update(_stats(samples=6, answered=5, images=5))
     reporter.close()
     render = io.StringIO()

@@ -11,7 +11,9 @@ import tarfile
 
 import pyarrow as pa
 import pytest
+from rich.console import Console
 
+from dvl_batch.cli_tables import status_table
 from dvl_batch.config.spec import JobSpec
 from dvl_batch.errors import UsageError
 from dvl_batch.inspect import collect_status
@@ -112,6 +114,24 @@ def test_without_job_json_the_parts_name_the_job(two_shards, cache_dir):
     job = prepared(cache_dir, [data], out, prompt="Describe this image.")
     job.release()
     assert job.todo == [] and (out / "job.json").exists()
+
+
+def test_status_works_without_job_json_from_the_parts(two_shards, cache_dir, tmp_path):
+    """Deleting job.json is safe (the next run rebuilds it), so `status` must not refuse until then."""
+    data, out = two_shards
+    job = prepared(cache_dir, [data], out)
+    finish(job)
+    assert collect_status(out)["notes"] == []
+    (out / "job.json").unlink()
+    report = collect_status(out)
+    assert (report["model"], report["task"], report["shards_done"], report["rows"]) == (job.model.label, "caption", 2, 2)
+    assert any("no job.json" in note for note in report["notes"])
+    console = Console(width=300, record=True)
+    console.print(status_table(out, report))
+    text = console.export_text()
+    assert "no job.json" in text and job.model.label in text
+    with pytest.raises(UsageError, match="not a dvl-batch output folder"):
+        collect_status(tmp_path / "data")  # nothing of a run in it
 
 
 def test_corrupt_state_files_give_one_line_with_the_fix(two_shards, cache_dir):

@@ -324,13 +324,15 @@ def run_bench(cfg: BenchConfig, cache_dir: Path) -> dict[str, Any]:
         "peak": measured_peak()[1],
         "profiles": {},
     }
-    for task in ["caption", "vqa"] if cfg.profile == "both" else [cfg.profile.replace("caption-varlen", "caption")]:
+    tasks = ["caption", "vqa"] if cfg.profile == "both" else [cfg.profile.replace("caption-varlen", "caption")]
+    for task in tasks:
         spec = _spec(cfg, task, shards, work / "unused", path, str(device))
         worker = DeviceWorker.from_loaded(spec, resolved, model, processor)
         outcome = bench_profile(cfg, task, worker, shards, warm, work)
         results["profiles"][task] = asdict(outcome)
         Path(cfg.out).write_text(json.dumps(results, indent=2, default=str))  # a cut-short run keeps its profiles
-        print(f"profile {task} done:\n{format_table(results)}", file=sys.stderr, flush=True)
+        if task != tasks[-1]:  # so does its log; the last table is the command's own output (printed once)
+            print(f"profile {task} done:\n{format_table(results)}", file=sys.stderr, flush=True)
     if "caption" in results["profiles"] and "vqa" in results["profiles"]:
         caption, vqa = (results["profiles"][task]["engines"] for task in ("caption", "vqa"))
         for name in (n for n in vqa if n.startswith("dvl") and n in caption):

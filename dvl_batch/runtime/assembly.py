@@ -122,6 +122,8 @@ class ShardAssembler:
         state = self._state(shard)
         state.samples += 1
         self.stats.samples += 1
+        if self.stats.samples == 1:  # the engine is loaded and taking samples: progress starts its clock now
+            self.on_progress(self.stats)
         prompts: list[EnginePrompt] = []
         rows: list[AnswerRow] = []
         for q_index, request in enumerate(sample.requests):

@@ -8,6 +8,7 @@ are not; the ETA divides the images left by this run's images per second.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -90,14 +91,29 @@ class SampleTotal:
 
 
 class _Clock:
+    """Rate and ETA of a run, timed from the first report of a sample taken by an engine.
+
+    The reporter starts before the model loads (and the engines of --gpus or Ray load
+    theirs in their own processes); counting from then, the first lines showed a rate
+    diluted by the load, far below what the engine does. The engines report their first
+    sample at once (runtime/assembly.py), so the clock starts when they start producing.
+    """
+
     def __init__(self) -> None:
-        self.started = time.monotonic()
+        self.started: float | None = None  # set by the first report with a sample taken
         self.total = 0
         self.done_before = 0
         self.samples: SampleTotal | None = None
 
+    def observe(self, stats: RunStats) -> None:
+        if self.started is None and stats.samples:
+            self.started = time.monotonic()
+
     def rates(self, stats: RunStats) -> tuple[float, float, str]:
         """Seconds so far, images per second, and the ETA from the images still to answer."""
+        self.observe(stats)
+        if self.started is None:  # nothing taken yet: the model is loading or the decoders are starting
+            return 0.0, 0.0, "?"
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = stats.images / elapsed
         remaining_shards = self.total - self.done_before - stats.shards_written
@@ -154,6 +170,7 @@ class LogReporter(NullReporter):
         )
 
     def update(self, stats: RunStats) -> None:
+        self.observe(stats)  # every report, not only those that print a line
         now = time.monotonic()
         if now - self.last < self.interval:
             return
@@ -212,6 +229,10 @@ def make_reporter(enabled: bool) -> NullReporter:
     return RichReporter() if sys.stderr.isatty() else LogReporter()
 
 
+# What a run that found nothing to do carries over from the last run that did work.
+LAST_WORK = ("started", "samples_this_run", "images_this_run", "rows_this_run", "error_rows_this_run", "images_per_second")
+
+
 class ProgressFile:
     """Keeps OUT/progress*.json current (at most every few seconds) for `dvl-batch status`."""
 
@@ -241,6 +262,27 @@ class ProgressFile:
             "runner": self.job.spec.run.runner,
             "gpus": self.job.spec.run.gpus,
         }
+
+    def nothing_to_do(self) -> None:
+        """Record a run that found every shard done, keeping the last working run's figures.
+
+        A cron rerun that finds nothing new used to write its own zeros, so `status` showed
+        0 img/s until the next run with work. The record says `nothing_to_do` and keeps
+        `started`, the counts and the rate of the run before (carried over by every no-op
+        run after it); with no readable earlier record (none, or one that does not parse:
+        it is only a report) the rate is unknown (None).
+        """
+        record = self.record(RunStats(), "finished")
+        try:
+            previous = json.loads(self.job.out.progress_file.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict) and previous.get("images_per_second") is not None:
+            record.update({key: previous[key] for key in LAST_WORK if key in previous})
+        else:
+            record["images_per_second"] = None
+        record["nothing_to_do"] = True
+        self.job.out.write_progress(record)
 
     def update(self, stats: RunStats, force: bool = False, state: str = "running") -> None:
         now = time.monotonic()

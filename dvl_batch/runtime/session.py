@@ -169,7 +169,7 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
         for notice in job.notices:
             say(notice)
         if not job.todo:  # nothing to do: no model to load, no progress to show
-            state = "finished"
+            state = "nothing to do"
             return _result(job, stats, started, False)
         runner = pick_runner(spec)
         reporter.start(len(job.shards), job.done_before, f"{spec.prompt.task} with {job.model.label}", job.todo)
@@ -187,7 +187,10 @@ def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str],
     finally:
         reporter.close()
         try:
-            progress_file.update(stats, force=True, state=state)
+            if state == "nothing to do":  # the last working run's figures stay in progress.json
+                progress_file.nothing_to_do()
+            else:
+                progress_file.update(stats, force=True, state=state)
         finally:
             job.release()
     return _result(job, stats, started, stop.requested)
