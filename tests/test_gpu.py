@@ -256,3 +256,23 @@ def test_fp8_linear_on_cuda_matches_its_dequantized_product():
     assert ((got - bf16).norm() / bf16.norm()).item() < 0.06  # e4m3 weights and activations: ~4% per element
     compiled = torch.compile(layer)(x).float()  # the prefix pass's path: torch quantisation fused by inductor
     assert ((compiled - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def test_fused_fp8_projections_on_cuda_match_the_separate_ones():
+    """A fused float8 Q/K/V product (`engine/fused_layers.py`) gives what the three separate
+    `_scaled_mm` products give: one scale per output row, so concatenating is exact up to
+    the kernels' accumulation order."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 matmul needs compute capability >= 8.9")
+    from dvl_batch.engine.fp8_linear import Fp8Linear
+    from dvl_batch.engine.fused_layers import _concatenated
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    layers = [Fp8Linear.from_linear(linear, min_rows=16) for linear in linears]
+    fused = _concatenated(layers)
+    for rows in (8, 4096):  # below min_rows: the bf16 products; above: float8
+        x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+        separate = torch.cat([layer(x) for layer in layers], dim=-1).float()
+        got = fused(x).float()
+        assert ((got - separate).norm() / separate.norm()).item() < 1e-3
