@@ -14,6 +14,7 @@ where torchao is importable, torchao's float8 (per row), int8 weight-only and in
 weight-only layers. A format that fails to build or run gets its error in the table.
 
     python3 benchmarks/weight_formats.py --out weight-formats.json
+    python3 benchmarks/weight_formats.py --sets vision --rows 18432 --formats "bf16,fp8 rowwise (ours)" --out vision-fp8.json
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LAYER = {"q": (2048, 2048), "k": (2048, 2048), "v": (2048, 2048), "o": (2048, 2048),
          "gate": (2048, 5632), "up": (2048, 5632), "down": (5632, 2048)}
 HEAD = {"lm_head": (2048, 102400)}
+# One SigLIP-L layer (q, k, v, out, fc1, fc2) and the aligner's two products: the vision side
+# that `--quantize fp8` leaves in bf16 today (~0.5 ms of products per image on the H200, 0i).
+# Its rows are 576 patches per image: 18432 for a prefill of 32 images.
+VISION = {"q": (1024, 1024), "k": (1024, 1024), "v": (1024, 1024), "o": (1024, 1024), "fc1": (1024, 4096),
+          "fc2": (4096, 1024), "aligner_in": (1024, 2048), "aligner_out": (2048, 2048)}
+SETS = {"layer": LAYER, "lm_head": HEAD, "vision": VISION}
 
 
 def timed(fn) -> float:
@@ -82,24 +89,23 @@ FORMATS = {
 }
 
 
-def forward(layers: torch.nn.ModuleDict, x_in: torch.Tensor, x_mid: torch.Tensor) -> list[torch.Tensor]:
-    """Every projection of the set once, on inputs of its width (outputs returned, so that
+def forward(layers: torch.nn.ModuleDict, inputs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Every projection of the set once, on an input of its width (outputs returned, so that
     torch.compile cannot drop the work as dead code)."""
-    return [layer(x_mid if layer.in_features == x_mid.shape[-1] else x_in) for layer in layers.values()]
+    return [layer(inputs[layer.in_features]) for layer in layers.values()]
 
 
 def measure(name: str, convert, shapes, rows: int, compiled: bool) -> dict:
     base = linears(shapes)
-    x_in = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
-    x_mid = torch.randn(rows, 5632, device="cuda", dtype=torch.bfloat16)
+    inputs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in {k for k, _ in shapes.values()}}
     record = {"format": name, "rows": rows, "compiled": compiled, "layers": ",".join(shapes)}
     try:
         layers = convert(base)
         fn = torch.compile(forward, dynamic=False) if compiled else forward
         with torch.inference_mode():
-            record["ms"] = timed(lambda: fn(layers, x_in, x_mid)) * 1000
-            out = {k: layers[k](x_mid if layers[k].in_features == 5632 else x_in) for k in list(shapes)[:1]}
-            ref = {k: base[k](x_mid if base[k].in_features == 5632 else x_in) for k in out}
+            record["ms"] = timed(lambda: fn(layers, inputs)) * 1000
+            out = {k: layers[k](inputs[layers[k].in_features]) for k in list(shapes)[:1]}
+            ref = {k: base[k](inputs[base[k].in_features]) for k in out}
             err = max(((out[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item() for k in out)
             record["rel_error"] = err
         flops = sum(2 * rows * k * n for k, n in shapes.values())
@@ -116,12 +122,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1024,2048,19712", help="row counts: decode steps, prefill of 32 x 616 tokens")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--sets", default="layer,lm_head", help="layer (a decoder layer), lm_head, vision (a SigLIP layer + aligner)")
     parser.add_argument("--out", default="weight-formats.json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: weight_formats.py times CUDA matmul kernels; no CUDA device here", file=sys.stderr)
+        raise SystemExit(2)
+    unknown = [s for s in args.sets.split(",") if s not in SETS] + [f for f in args.formats.split(",") if f not in FORMATS]
+    if unknown:
+        print(f"error: unknown --sets/--formats {', '.join(unknown)}; sets: {', '.join(SETS)}; formats: {', '.join(FORMATS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
     results: list[dict] = []
     print(f"{'format':<26} {'layers':<10} {'rows':>6} {'mode':<8} {'ms':>8} {'TFLOP/s':>8} {'vs bf16':>8} {'rel err':>8}")
     for rows in [int(r) for r in args.rows.split(",")]:
-        for shapes, label in ((LAYER, "layer"), (HEAD, "lm_head")):
+        for label in args.sets.split(","):
+            shapes = SETS[label]
             for compiled in (False, True):
                 base_ms = None
                 for name in args.formats.split(","):
