@@ -320,7 +320,7 @@ def bench(
     compile_decode: Annotated[bool, typer.Option("--compile-decode/--no-compile-decode")] = True,
     triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill/--no-overlap-prefill")] = True,
-    fuse_projections: Annotated[bool, typer.Option("--fuse-projections/--no-fuse-projections")] = True,
+    fuse_projections: Annotated[bool, typer.Option("--fuse-projections/--no-fuse-projections", help="One product for Q/K/V and one for gate/up in the slot engine's layers; --no-fuse-projections runs transformers' layer forward (to measure the difference).")] = True,
     kv_dtype: BenchKvDtypes = None,
     quantize: BenchQuantize = None,
     paired: BenchPaired = False,
