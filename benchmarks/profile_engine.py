@@ -192,9 +192,11 @@ class Profiler:
         blocks, stages = ((64, 128, 256), (2, 3, 4)) if fp8 else ((64, 128), (2, 3))
         configs = [(s, KernelConfig(block_n=b, num_warps=w, num_stages=st))
                    for s in sorted({1, base, 2}) for b in blocks for w in (4, 8) for st in stages]
-        if fp8:  # the CUDA-core prefix loop for one-row groups (no 16-row dot for one query)
-            configs += [(s, KernelConfig(block_n=b, num_warps=w, num_stages=2, fma_prefix=True))
-                        for s in sorted({1, base, 2}) for b in (32, 64, 128) for w in (2, 4, 8)]
+        if fp8:  # the CUDA-core prefix loop for one-row groups (no 16-row dot for one query), with
+            # deeper pipelines and longer tiles too: a pure read needs more bytes in flight per SM
+            # (read_bandwidth.py, 0i) than the 3.19 TB/s winner of 0c keeps
+            configs += [(s, KernelConfig(block_n=b, num_warps=w, num_stages=st, fma_prefix=True))
+                        for s in sorted({1, base, 2}) for b in (32, 64, 128, 256) for w in (2, 4, 8) for st in (2, 3, 4)]
         else:  # the fp8 winner's loop, on a bf16 cache
             configs += [(1, KernelConfig(block_n=b, num_warps=w, num_stages=2, fma_prefix=True))
                         for b in (64, 128) for w in (2, 4)]
