@@ -102,7 +102,11 @@ def _collect_status(out: Path) -> dict[str, Any]:
             raise UsageError(f"{out} is not a dvl-batch output folder (no job.json, parts, checkpoints or progress files)")
         job = {"model": part_job.get("model") or (progress[0].get("model") if progress else None),
                "spec": {"prompt": {"task": part_job.get("task")}}}
-        notes.append("no job.json: model and task come from the parts; the next run of the job's command writes it again")
+        if part_job:
+            notes.append("no job.json: model and task come from the parts; the next run of the job's command writes it again")
+        else:
+            known = "the model comes from the progress file, the task is" if job["model"] else "model and task are"
+            notes.append(f"no job.json and no finished part: {known} unknown until the next run writes job.json again")
     return {
         "output": str(out),
         "notes": notes,

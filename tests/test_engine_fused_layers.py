@@ -114,3 +114,51 @@ def test_a_replaced_projection_is_fused_again_from_the_new_modules(tiny_model):
     separate = torch.cat([attn.q_proj(rows), attn.k_proj(rows), attn.v_proj(rows)], dim=-1)
     torch.testing.assert_close(fused.dvl_qkv(rows), separate)  # per-row scales: concatenation is exact
     assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.dvl_qkv.weight.untyped_storage().data_ptr()
+
+
+def test_fusing_under_inference_mode_leaves_ordinary_weights(tiny_model):
+    """The engine builds its store under inference_mode; the re-pointed weights must still serve
+    outside it (a later load_state_dict or a forward with gradients)."""
+    model = _fresh(tiny_model)
+    lm = model.model.language_model
+    state = copy.deepcopy(model.state_dict())
+    with torch.inference_mode():
+        fuse_projections(lm)
+    attn = lm.layers[0].self_attn
+    assert not attn.q_proj.weight.is_inference() and not lm.layers[0].dvl_qkv.weight.is_inference()
+    model.load_state_dict(state)
+
+
+def test_a_moved_or_copied_layer_is_fused_again(tiny_model):
+    """Fused products that are no longer made of the layer's weights (a deep copy clones them,
+    `.to()` makes new ones) are rebuilt, so the fused forward never uses stale or mismatched tensors."""
+    model = _fresh(tiny_model)
+    lm = model.model.language_model
+    fuse_projections(lm)
+    copied = copy.deepcopy(model)
+    layer = copied.model.language_model.layers[0]
+    stale = layer.dvl_qkv
+    assert fuse_projections(copied.model.language_model) == len(lm.layers)
+    assert layer.dvl_qkv is not stale
+    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == layer.dvl_qkv.weight.untyped_storage().data_ptr()
+    copied.to(torch.float64)
+    fuse_projections(copied.model.language_model)
+    assert layer.dvl_qkv.weight.dtype == torch.float64 == layer.dvl_gate_up.weight.dtype
+
+
+def test_layers_with_more_than_llamas_arithmetic_keep_their_forward():
+    """Only transformers' Llama forwards are replaced: a layer of the same shape with its own
+    forward (Qwen3's q/k norms, say) would be computed wrongly by the fused one."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+
+    class OtherLayer(LlamaDecoderLayer):
+        def forward(self, hidden_states, *args, **kwargs):
+            return super().forward(hidden_states, *args, **kwargs) * 2
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50)
+    model = LlamaModel(config)
+    model.layers[1] = OtherLayer(config, 1)
+    assert fuse_projections(model) == 1
+    assert isinstance(model.layers[0], FusedProjectionsLayer) and not isinstance(model.layers[1], FusedProjectionsLayer)

@@ -75,6 +75,11 @@ def test_a_rerun_with_nothing_to_do_keeps_the_last_working_runs_figures(finished
     _run(out, cache_dir)
     record = json.loads((out / "progress.json").read_text())
     assert record["nothing_to_do"] is True and record["images_per_second"] is None
+    failed = {**first, "state": "failed", "images_this_run": 0, "images_per_second": 0.0}  # a run that answered nothing
+    (out / "progress.json").write_text(json.dumps(failed))
+    _run(out, cache_dir)
+    record = json.loads((out / "progress.json").read_text())
+    assert record["nothing_to_do"] is True and record["images_per_second"] is None, "a failed run's zeros are no rate"
 
 
 class FakeTime:

@@ -48,8 +48,12 @@ def weights_for(bf16_model, current, quantize: str):
         return current
     import copy
 
+    from ..engine.fused_layers import fuse_projections
     from ..engine.quantize import quantize_model
 
+    # a deep copy clones every tensor: unfused first, the copy holds the weights once (the bf16
+    # engine fuses its model again when it next builds a store)
+    fuse_projections(bf16_model.model.language_model, enabled=False)
     model = copy.deepcopy(bf16_model)
     quantize_model(model, quantize, next(bf16_model.parameters()).device)
     model.dvl_quantize = quantize

@@ -67,13 +67,13 @@ def fuse_projections(language_model: torch.nn.Module, enabled: bool = True) -> i
     """Give every eligible decoder layer the fused forward (idempotent; `enabled` False takes it
     away again, for a run that measures without it); returns how many layers have it.
 
-    A layer fused earlier whose projections were replaced since (a quantized copy of a model
-    the bf16 engine ran on) is fused again from its new ones, or goes back to transformers'
-    forward if they cannot be fused."""
+    A layer fused earlier whose projections were replaced or moved since (a quantized or deep
+    copy of a model the bf16 engine ran on, a `.to()`) is fused again from what it has now, or
+    goes back to transformers' forward if that cannot be fused."""
     fused = 0
     for layer in getattr(language_model, "layers", ()):
         sources = _projections(layer)
-        current = isinstance(layer, FusedProjectionsLayer) and _same(layer.dvl_sources, sources)
+        current = isinstance(layer, FusedProjectionsLayer) and _current(layer, sources)
         if isinstance(layer, FusedProjectionsLayer) and not (current and enabled):
             _unfuse(layer)
         if enabled and not isinstance(layer, FusedProjectionsLayer) and sources and _fusable(sources[:3]) and _fusable(sources[3:5]):
@@ -83,7 +83,12 @@ def fuse_projections(language_model: torch.nn.Module, enabled: bool = True) -> i
 
 
 def _projections(layer: torch.nn.Module) -> list[torch.nn.Module] | None:
-    """q, k, v, gate, up of a Llama-shaped layer, or None for any other layer."""
+    """q, k, v, gate, up of a layer whose forwards are transformers' Llama ones, or None.
+
+    The fused forward is Llama's arithmetic; a layer of the same shape with more in it (Qwen3's
+    q/k norms, other norm placements) must keep its own forward."""
+    if not _llama_forwards(layer):
+        return None
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     names = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     if attn is None or mlp is None or not all(hasattr(attn, n) for n in names[0]) or not all(hasattr(mlp, n) for n in names[1]):
@@ -95,8 +100,37 @@ def _projections(layer: torch.nn.Module) -> list[torch.nn.Module] | None:
     return [getattr(attn, n) for n in names[0]] + [getattr(mlp, n) for n in names[1]]
 
 
-def _same(first: list, second: list | None) -> bool:
-    return second is not None and len(first) == len(second) and all(a is b for a, b in zip(first, second, strict=True))
+def _llama_forwards(layer: torch.nn.Module) -> bool:
+    from transformers.models.llama import modeling_llama as llama
+
+    base = type(layer).__mro__[2] if isinstance(layer, FusedProjectionsLayer) else type(layer)
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (
+        base.forward is llama.LlamaDecoderLayer.forward
+        and type(attn).forward is llama.LlamaAttention.forward
+        and type(mlp).forward is llama.LlamaMLP.forward
+    )
+
+
+def _current(layer: torch.nn.Module, sources: list[torch.nn.Module] | None) -> bool:
+    """Whether the fused products are still made of these modules' tensors: the same modules,
+    each weight still a view of the fused one (a deep copy or `.to()` makes new tensors)."""
+    if sources is None or len(sources) != len(layer.dvl_sources):
+        return False
+    if not all(a is b for a, b in zip(layer.dvl_sources, sources, strict=True)):
+        return False
+    return _views_of(layer.dvl_qkv, sources[:3]) and _views_of(layer.dvl_gate_up, sources[3:5])
+
+
+def _views_of(fused: torch.nn.Module, modules: list[torch.nn.Module]) -> bool:
+    def pointer(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    pairs = [(fused.weight, [m.weight for m in modules])]
+    if isinstance(fused, Fp8Linear):
+        pairs.append((fused.linear.weight, [m.linear.weight for m in modules]))
+    return all(pointer(w) == pointer(whole) and w.dtype == whole.dtype and w.device == whole.device
+               for whole, parts in pairs for w in parts)
 
 
 def _plain_linear(module: torch.nn.Module) -> bool:
@@ -116,8 +150,11 @@ def _fusable(modules: list[torch.nn.Module]) -> bool:
     )
 
 
+@torch.inference_mode(False)
 @torch.no_grad()
 def _fuse(layer: torch.nn.Module, sources: list[torch.nn.Module]) -> None:
+    # ordinary tensors even when the engine is built under inference_mode: the re-pointed
+    # weights stay usable outside it (training, load_state_dict) like the ones they replace.
     # plain attributes (object.__setattr__): not submodules, so not in state_dict or parameters()
     object.__setattr__(layer, "dvl_qkv", _concatenated(sources[:3]))
     object.__setattr__(layer, "dvl_gate_up", _concatenated(sources[3:5]))

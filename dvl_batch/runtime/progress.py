@@ -269,15 +269,16 @@ class ProgressFile:
         A cron rerun that finds nothing new used to write its own zeros, so `status` showed
         0 img/s until the next run with work. The record says `nothing_to_do` and keeps
         `started`, the counts and the rate of the run before (carried over by every no-op
-        run after it); with no readable earlier record (none, or one that does not parse:
-        it is only a report) the rate is unknown (None).
+        run after it); with no readable earlier record of a run that answered images (none,
+        one that does not parse: it is only a report, or a failed run's zeros) the rate is
+        unknown (None).
         """
         record = self.record(RunStats(), "finished")
         try:
             previous = json.loads(self.job.out.progress_file.read_text())
         except (OSError, ValueError):
             previous = None
-        if isinstance(previous, dict) and previous.get("images_per_second") is not None:
+        if isinstance(previous, dict) and previous.get("images_per_second") is not None and previous.get("images_this_run"):
             record.update({key: previous[key] for key in LAST_WORK if key in previous})
         else:
             record["images_per_second"] = None
