@@ -52,17 +52,6 @@ class FusedProjectionsLayer:
         return hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-def _rotary_of(cls: type):
-    """The rotary embedding of the layer's own modeling module (so the numbers are its own),
-    resolved once when the layer is fused rather than imported inside a compiled forward."""
-    import sys
-
-    rotate = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
-    if rotate is None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rotate
-    return staticmethod(rotate)
-
-
 def fuse_projections(language_model: torch.nn.Module, enabled: bool = True) -> int:
     """Give every eligible decoder layer the fused forward (idempotent; `enabled` False takes it
     away again, for a run that measures without it); returns how many layers have it.
@@ -87,45 +76,35 @@ def _projections(layer: torch.nn.Module) -> list[torch.nn.Module] | None:
 
     The fused forward is Llama's arithmetic; a layer of the same shape with more in it (Qwen3's
     q/k norms, other norm placements) must keep its own forward."""
-    if not _llama_forwards(layer):
-        return None
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-    if attn is None or mlp is None or not all(hasattr(attn, n) for n in names[0]) or not all(hasattr(mlp, n) for n in names[1]):
-        return None
-    if not (hasattr(attn, "head_dim") and hasattr(attn, "scaling") and hasattr(mlp, "act_fn")):
-        return None
-    if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")):
-        return None
-    return [getattr(attn, n) for n in names[0]] + [getattr(mlp, n) for n in names[1]]
-
-
-def _llama_forwards(layer: torch.nn.Module) -> bool:
     from transformers.models.llama import modeling_llama as llama
 
-    base = type(layer).__mro__[2] if isinstance(layer, FusedProjectionsLayer) else type(layer)
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    return (
-        base.forward is llama.LlamaDecoderLayer.forward
-        and type(attn).forward is llama.LlamaAttention.forward
-        and type(mlp).forward is llama.LlamaMLP.forward
-    )
+    if not (
+        _original_class(layer).forward is llama.LlamaDecoderLayer.forward
+        and getattr(type(attn), "forward", None) is llama.LlamaAttention.forward
+        and getattr(type(mlp), "forward", None) is llama.LlamaMLP.forward
+    ):
+        return None
+    return [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+
+
+def _original_class(layer: torch.nn.Module) -> type:
+    """The layer's class before fusing: (Fused..., FusedProjectionsLayer, the original, ...)."""
+    return type(layer).__mro__[2] if isinstance(layer, FusedProjectionsLayer) else type(layer)
 
 
 def _current(layer: torch.nn.Module, sources: list[torch.nn.Module] | None) -> bool:
-    """Whether the fused products are still made of these modules' tensors: the same modules,
-    each weight still a view of the fused one (a deep copy or `.to()` makes new tensors)."""
-    if sources is None or len(sources) != len(layer.dvl_sources):
-        return False
-    if not all(a is b for a, b in zip(layer.dvl_sources, sources, strict=True)):
-        return False
-    return _views_of(layer.dvl_qkv, sources[:3]) and _views_of(layer.dvl_gate_up, sources[3:5])
+    """Whether the fused products are still made of these modules' tensors: each weight a view
+    of the fused one (a replaced module, a deep copy or `.to()` makes new tensors)."""
+    return sources is not None and _views_of(layer.dvl_qkv, sources[:3]) and _views_of(layer.dvl_gate_up, sources[3:5])
 
 
 def _views_of(fused: torch.nn.Module, modules: list[torch.nn.Module]) -> bool:
     def pointer(tensor: torch.Tensor) -> int:
         return tensor.untyped_storage().data_ptr()
 
+    if isinstance(fused, Fp8Linear) != all(type(m) is Fp8Linear for m in modules):
+        return False
     pairs = [(fused.weight, [m.weight for m in modules])]
     if isinstance(fused, Fp8Linear):
         pairs.append((fused.linear.weight, [m.linear.weight for m in modules]))
@@ -142,6 +121,8 @@ def _plain_linear(module: torch.nn.Module) -> bool:
 
 
 def _fusable(modules: list[torch.nn.Module]) -> bool:
+    if len({getattr(m, "bias", None) is None for m in modules}) > 1:  # Llama's have all biases or none
+        return False
     if all(_plain_linear(m) for m in modules):
         return True
     return (
@@ -158,18 +139,20 @@ def _fuse(layer: torch.nn.Module, sources: list[torch.nn.Module]) -> None:
     # plain attributes (object.__setattr__): not submodules, so not in state_dict or parameters()
     object.__setattr__(layer, "dvl_qkv", _concatenated(sources[:3]))
     object.__setattr__(layer, "dvl_gate_up", _concatenated(sources[3:5]))
-    object.__setattr__(layer, "dvl_sources", list(sources))
     layer.dvl_qkv_sizes = [m.out_features for m in sources[:3]]
     cls = type(layer)
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedProjectionsLayer, cls), {"dvl_rotate": _rotary_of(cls)})
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the layers are Llama's
+
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedProjectionsLayer, cls),
+                                   {"dvl_rotate": staticmethod(apply_rotary_pos_emb)})
     layer.__class__ = _FUSED_CLASSES[cls]
 
 
 def _unfuse(layer: torch.nn.Module) -> None:
-    for name in ("dvl_qkv", "dvl_gate_up", "dvl_sources", "dvl_qkv_sizes"):
+    for name in ("dvl_qkv", "dvl_gate_up", "dvl_qkv_sizes"):
         layer.__dict__.pop(name, None)
-    layer.__class__ = type(layer).__mro__[2]  # (Fused..., FusedProjectionsLayer, the original class, ...)
+    layer.__class__ = _original_class(layer)
 
 
 def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:
@@ -182,14 +165,8 @@ def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:
     weight = _stacked(modules, "weight", dim=0)
     fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     fused.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if any(m.bias is not None for m in modules):  # a missing bias counts as zeros, the module left without one
-        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
-        start = 0
-        for m in modules:
-            if m.bias is not None:
-                m.bias = torch.nn.Parameter(bias[start:start + m.out_features], requires_grad=False)
-            start += m.out_features
-        fused.bias = torch.nn.Parameter(bias, requires_grad=False)
+    if modules[0].bias is not None:
+        fused.bias = torch.nn.Parameter(_stacked(modules, "bias", dim=0), requires_grad=False)
     return fused
 
 
