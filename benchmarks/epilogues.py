@@ -1,0 +1,140 @@
+"""Device time of the prefill's MLP blocks, with and without their activation fused into the matmul.
+
+Counted before building (caption prefill, H200 traces in BENCHMARKS 0f): the prefill's work
+that is not a matmul is ~0.8 ms per image, of which the activations (the vision tower's
+GELU, the language model's SiLU-and-multiply) are ~0.2 ms: each reads a product the matmul
+has just written to memory and writes its result back. A matmul whose epilogue applies the
+activation saves that round trip. This times, per block, at a 32-image prefill's rows:
+
+- the vision MLP (fc1 + tanh GELU + fc2, 18432 rows): torch.compile's default (cuBLAS
+  matmuls, a Triton GELU kernel); fc1 through `torch._addmm_activation` (cuBLASLt's
+  bias+GELU epilogue, the same tanh approximation, applied to the float32 accumulator);
+  and torch.compile with max-autotune (Triton matmul templates into which Inductor may fuse
+  the activation);
+- the language model's MLP (gate/up + SiLU-and-multiply + down, 19712 rows): the default
+  compile against max-autotune.
+
+Each row prints device ms (CUDA events, median of 7 after warm-ups), achieved TFLOP/s, the
+compile seconds, and the error against a float32 reference, so a faster form can be judged
+on both speed and agreement before the engine takes it.
+
+    python3 benchmarks/epilogues.py --out epilogues.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VISION = dict(rows=32 * 576, hidden=1024, inner=4096)
+LANGUAGE = dict(rows=32 * 616, hidden=2048, inner=5632)
+
+
+def vision_weights(hidden: int, inner: int) -> dict[str, torch.Tensor]:
+    def w(*shape):
+        return (torch.randn(*shape, device="cuda") * 0.02).to(torch.bfloat16)
+
+    return {"w1": w(inner, hidden), "b1": w(inner), "w2": w(hidden, inner), "b2": w(hidden)}
+
+
+def language_weights(hidden: int, inner: int) -> dict[str, torch.Tensor]:
+    return {"gate_up": (torch.randn(2 * inner, hidden, device="cuda") * 0.02).to(torch.bfloat16),
+            "down": (torch.randn(hidden, inner, device="cuda") * 0.02).to(torch.bfloat16)}
+
+
+def vision_mlp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SigLIP's MLP as transformers runs it: fc1, tanh GELU, fc2."""
+    return F.linear(F.gelu(F.linear(x, p["w1"], p["b1"]), approximate="tanh"), p["w2"], p["b2"])
+
+
+def vision_mlp_epilogue(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fc1's bias and GELU in cuBLASLt's epilogue (Inductor keeps this op as a library call)."""
+    hidden = torch._addmm_activation(p["b1"], x, p["w1"].t(), use_gelu=True)
+    return F.linear(hidden, p["w2"], p["b2"])
+
+
+def language_mlp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The engine's fused Llama MLP: one gate/up product, SiLU(gate) * up, the down product."""
+    gate, up = F.linear(x, p["gate_up"]).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, p["down"])
+
+
+def mlp_flops(rows: int, hidden: int, inner: int, products: int) -> int:
+    return 2 * rows * hidden * inner * products
+
+
+def measure(label: str, fn, x: torch.Tensor, p: dict, reference: torch.Tensor, flops: int, mode: str | None) -> dict:
+    """One row: compile (if a mode is given), time, compare with the float32 reference."""
+    from dvl_batch.bench.device_time import median_device_seconds
+
+    record: dict = {"block": label, "form": fn.__name__, "mode": mode or "eager"}
+    try:
+        start = time.perf_counter()
+        run = torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False) if mode else fn
+        with torch.inference_mode():
+            out = run(x, p)
+            torch.cuda.synchronize()
+            record["compile_s"] = round(time.perf_counter() - start, 1)
+            seconds = median_device_seconds(lambda: run(x, p), repeats=7, warmups=3)
+        record["ms"] = seconds * 1000
+        record["tflops"] = flops / seconds / 1e12
+        diff = (out.float() - reference).abs()
+        record["max_abs_err"] = diff.max().item()
+        record["rel_err"] = (diff.norm() / reference.norm()).item()
+    except Exception as exc:  # a form that cannot run here is a result, not a crash
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+        traceback.print_exc(limit=2)
+    finally:
+        torch._dynamo.reset()
+    return record
+
+
+def float32_reference(fn, x: torch.Tensor, p: dict) -> torch.Tensor:
+    with torch.inference_mode():
+        return fn(x.float(), {k: v.float() for k, v in p.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs",
+                        help="torch.compile modes to try besides eager ('default' is compile's own)")
+    parser.add_argument("--out", default="epilogues.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: epilogues.py times CUDA kernels; no CUDA device here", file=sys.stderr)
+        raise SystemExit(2)
+    torch.manual_seed(0)
+    modes = [None] + [m for m in args.modes.split(",") if m]
+    blocks = [("vision MLP", VISION, vision_weights, (vision_mlp, vision_mlp_epilogue)),
+              ("language MLP", LANGUAGE, language_weights, (language_mlp,))]
+    results: list[dict] = []
+    print(f"{'block':<13} {'form':<20} {'mode':<27} {'ms':>7} {'TFLOP/s':>8} {'compile s':>9} {'rel err':>9} {'max err':>8}")
+    for label, shape, make, forms in blocks:
+        x = torch.randn(shape["rows"], shape["hidden"], device="cuda").to(torch.bfloat16)
+        p = make(shape["hidden"], shape["inner"])
+        reference = float32_reference(forms[0], x, p)
+        flops = mlp_flops(shape["rows"], shape["hidden"], shape["inner"], 2 if label.startswith("vision") else 3)
+        for fn in forms:
+            for mode in modes:
+                r = measure(label, fn, x, p, reference, flops, mode)
+                results.append(r)
+                if "error" in r:
+                    print(f"{label:<13} {r['form']:<20} {r['mode']:<27} error: {r['error']}", flush=True)
+                    continue
+                print(f"{label:<13} {r['form']:<20} {r['mode']:<27} {r['ms']:>7.3f} {r['tflops']:>8.0f} {r['compile_s']:>9.1f} "
+                      f"{r['rel_err']:>9.2e} {r['max_abs_err']:>8.1e}", flush=True)
+                Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                      "results": results}, indent=1))  # kept if a later row is cut off
+
+
+if __name__ == "__main__":
+    main()
