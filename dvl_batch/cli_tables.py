@@ -76,7 +76,12 @@ def status_table(output: Path, report: dict[str, Any]) -> Table:
 def _run_line(run_info: dict[str, Any]) -> str:
     """A progress record in words; a run that found nothing to do shows the rate of the last one that did work."""
     rate = run_info.get("images_per_second")
+    working = run_info.get("images_per_second_working")
+    if rate is not None and working is not None:  # records of older versions have no working rate
+        rate = f"{rate} img/s ({working} img/s after the model load)"
+    elif rate is not None:
+        rate = f"{rate} img/s"
     if not run_info.get("nothing_to_do"):
-        return f"{run_info.get('state')} at {run_info.get('updated')}, {rate} img/s"
-    earlier = f"; the last run with work (started {run_info.get('started')}) did {rate} img/s" if rate is not None else ""
+        return f"{run_info.get('state')} at {run_info.get('updated')}, {rate}"
+    earlier = f"; the last run with work (started {run_info.get('started')}) did {rate}" if rate is not None else ""
     return f"{run_info.get('state')} at {run_info.get('updated')}: nothing to do{earlier}"
