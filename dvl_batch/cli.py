@@ -22,17 +22,9 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from ._version import __version__
+from .cli_bench import bench
 from .cli_options import (
     JOB_OPTIONS,
-    BatchSize,
-    BenchDataDir,
-    BenchHfBatchSizes,
-    BenchKvDtypes,
-    BenchPaired,
-    BenchQuantize,
-    Device,
-    DeviceProfile,
-    HostProfile,
     ImageField,
     InputOption,
     Inputs,
@@ -40,7 +32,6 @@ from .cli_options import (
     MaxPromptTokens,
     Model,
     Output,
-    PrefillBatch,
     Prompt,
     Question,
     QuestionField,
@@ -48,11 +39,10 @@ from .cli_options import (
     Recipe,
     SystemPrompt,
     Task,
-    Workers,
 )
 from .cli_signals import ignore_stop_signals, stopped_by_signal, terminate_as_interrupt
 from .cli_tables import print_summary, status_table
-from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError
 
 
 class _Command(TyperCommand):
@@ -302,72 +292,7 @@ def inspect(
                       "pass --image-field NAME to name the field that holds the images")
 
 
-@app.command(cls=_Command)
-def bench(
-    profile: Annotated[str, typer.Option(
-        help="caption-varlen, vqa (5 questions per image), both, or preprocess (CPU decode rate per core, no model).",
-    )] = "caption-varlen",
-    shape: Annotated[str, typer.Option(help="real-1.3b (random weights of the checkpoint's shape) or tiny.")] = "real-1.3b",
-    requests: Annotated[int, typer.Option(help="Images in the run (>= 2048 for the reference numbers).")] = 2048,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length cap; the stop schedule ends most answers earlier.")] = 128,
-    hf_batch_size: BenchHfBatchSizes = None,
-    hf_cache: Annotated[str, typer.Option(help="static (compiled decode) or dynamic cache for the generate baseline.")] = "static",
-    skip_hf: Annotated[bool, typer.Option("--skip-hf", help="Only run dvl-batch.")] = False,
-    batch_size: BatchSize = None,
-    prefill_batch: PrefillBatch = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs")] = True,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile")] = True,
-    compile_decode: Annotated[bool, typer.Option("--compile-decode/--no-compile-decode")] = True,
-    triton_attention: Annotated[bool, typer.Option("--triton-attention/--no-triton-attention")] = True,
-    overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill/--no-overlap-prefill")] = True,
-    fuse_projections: Annotated[bool, typer.Option("--fuse-projections/--no-fuse-projections", help="One product for Q/K/V and one for gate/up in the slot engine's layers; --no-fuse-projections runs transformers' layer forward (to measure the difference).")] = True,
-    kv_dtype: BenchKvDtypes = None,
-    quantize: BenchQuantize = None,
-    paired: BenchPaired = False,
-    workers: Workers = None,
-    images_per_shard: Annotated[int, typer.Option(help="Images per generated webdataset shard.")] = 256,
-    image_side: Annotated[int, typer.Option(help="Long side of the generated JPEGs.")] = 1024,
-    data_dir: BenchDataDir = None,
-    device: Device = None,
-    out: Annotated[str, typer.Option("--out", help="JSON results file.")] = "bench.json",
-    host_profile: HostProfile = None,
-    device_profile: DeviceProfile = None,
-) -> None:
-    """Benchmark dvl-batch end to end against transformers' generate on the same inputs (prints a table, writes JSON)."""
-    from .bench import BenchConfig, format_preprocess_table, format_table, run_bench, run_preprocess_bench
-    from .config.launch import default_cache_dir
-    from .runtime.worker import quiet_transformers
-
-    quiet_transformers()
-    cfg = BenchConfig(
-        profile=profile, shape=shape, requests=requests, max_new_tokens=max_new_tokens,
-        hf_batch_sizes=tuple(hf_batch_size or [256]), hf_cache=hf_cache, skip_hf=skip_hf, batch_size=batch_size,
-        prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
-        data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
-        compile_decode=compile_decode, triton_attention=triton_attention, overlap_prefill=overlap_prefill, kv_dtypes=tuple(kv_dtype or ["auto"]),
-        fuse_projections=fuse_projections,
-        quantize=tuple(quantize or ["none"]), paired=paired, host_profile=host_profile, device_profile=device_profile, out=out,
-    )
-    from .bench.variants import check_variant_options
-
-    check_variant_options(cfg.quantize, cfg.kv_dtypes, cfg.paired)
-    if profile != "preprocess":
-        from .engine.model import check_kv_dtype, pick_device, pick_dtype
-        from .engine.quantize import check_engine_quantize, check_quantize
-
-        device = pick_device(cfg.device)
-        for kv_dtype in cfg.kv_dtypes:  # before any shard is written or model built
-            check_kv_dtype(kv_dtype, device)
-        for mode in cfg.quantize:
-            check_quantize(mode, device, pick_dtype("auto", device))
-            check_engine_quantize(mode, "continuous", device)
-    if profile not in ("caption-varlen", "vqa", "both", "preprocess") or shape not in ("real-1.3b", "tiny"):
-        raise UsageError("--profile must be caption-varlen, vqa, both or preprocess; --shape real-1.3b or tiny")
-    if profile == "preprocess":
-        print(format_preprocess_table(run_preprocess_bench(cfg, default_cache_dir())))
-    else:
-        print(format_table(run_bench(cfg, default_cache_dir())))
-    err.print(f"results written to {out}")
+app.command("bench", cls=_Command)(bench)
 
 
 def _run_job(run, spec):

@@ -115,7 +115,7 @@ def test_slot_engine_reuses_image_prefix_per_item(tiny_model, vqa_case):
     )
     calls = []
     original = engine.vlm.image_features
-    engine.vlm.image_features = lambda pixels: calls.append(next(iter(pixels.values())).shape[0]) or original(pixels)
+    engine.vlm.image_features = lambda pixels, **kw: calls.append(next(iter(pixels.values())).shape[0]) or original(pixels, **kw)
     list(engine.run(iter(items)))
     assert sum(calls) == len(items), "each image must be encoded exactly once, whatever its question count"
 

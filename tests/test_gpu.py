@@ -276,3 +276,29 @@ def test_fused_fp8_projections_on_cuda_match_the_separate_ones():
         separate = torch.cat([layer(x) for layer in layers], dim=-1).float()
         got = fused(x).float()
         assert ((got - separate).norm() / separate.norm()).item() < 1e-3
+
+
+def test_cuda_gelu_epilogue_is_siglips_tanh_gelu():
+    """The engine's SigLIP MLP relies on CUDA's `_addmm_activation` applying the tanh GELU
+    (SigLIP's gelu_pytorch_tanh), not the exact one, in float32 and bfloat16."""
+    import torch.nn.functional as F
+
+    from dvl_batch.engine.vision_layers import gelu_mlp
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 256, device="cuda", generator=gen) * 2
+    w = torch.randn(1024, 256, device="cuda", generator=gen) * 0.1
+    b = torch.randn(1024, device="cuda", generator=gen)
+    linear = F.linear(x, w, b)
+    got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    tanh_err = (got - F.gelu(linear, approximate="tanh")).abs().max().item()
+    erf_err = (got - F.gelu(linear)).abs().max().item()
+    assert tanh_err < 1e-4 < erf_err, (tanh_err, erf_err)
+    mlp = torch.nn.Module()
+    mlp.fc1, mlp.fc2 = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)
+    mlp = mlp.to("cuda", torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = mlp.fc2(F.gelu(mlp.fc1(xb.float().to(torch.bfloat16)).float(), approximate="tanh").to(torch.bfloat16))
+        out = gelu_mlp(mlp, xb)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2

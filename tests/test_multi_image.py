@@ -87,7 +87,7 @@ def test_slot_engine_matches_generate_on_mixed_multi_image_batch(tiny_model, mix
     )
     calls = []
     original = engine.vlm.image_features
-    engine.vlm.image_features = lambda pixels: calls.append(next(iter(pixels.values())).shape[0]) or original(pixels)
+    engine.vlm.image_features = lambda pixels, **kw: calls.append(next(iter(pixels.values())).shape[0]) or original(pixels, **kw)
     got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
     assert got == refs
     assert sum(calls) == sum(len(names) for names, _, _ in CASES), "every image is encoded exactly once"

@@ -30,8 +30,8 @@ from .model import VisionLanguageModel
 from .overlap import Admission, PrefillStream
 from .planning import Group, Layout, PhaseClock, Row, common_head, plan_groups, split_too_long, starts_with
 from .sizing import groups_that_fit, prefill_peak_bytes
-from .slots import NO_FORCE, Launched, SlotStore
-from .types import Completion, EnginePrompt, EngineStats, WorkItem
+from .slots import NO_FORCE, SlotStore
+from .types import Completion, EnginePrompt, EngineStats, Fusion, Launched, WorkItem
 
 # Most rows one decode step carries. Past ~1000 rows its matmuls are compute-bound and its fixed
 # costs spread thin; the cap matters where memory allows more: VQA groups, fp8 KV caches.
@@ -160,9 +160,9 @@ class SlotEngine:
     def _allocate(self, layout: Layout) -> None:
         self.store = SlotStore(
             self.vlm, self.views, layout, self.gen, self.eos_ids[0], self.pad_id, self._prefill_batch(),
-            compile_steps=self.batch.compiles, cuda_graphs=self.batch.cuda_graphs,
-            use_triton=self.batch.triton_attention, stop_schedule=self.stop_schedule, kv_dtype=self.kv_dtype,
-            compile_decode=self.batch.compiles_decode, fuse=self.batch.fuse_projections,
+            compile_steps=self.batch.compiles, cuda_graphs=self.batch.cuda_graphs, use_triton=self.batch.triton_attention,
+            stop_schedule=self.stop_schedule, kv_dtype=self.kv_dtype, compile_decode=self.batch.compiles_decode,
+            fusion=Fusion(self.batch.fuse_projections, self.batch.vision_epilogue, self.batch.autotune_prefill),
         )
         self.layout = layout
         self.stats.slots = layout.rows

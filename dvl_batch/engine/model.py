@@ -112,9 +112,10 @@ class VisionLanguageModel:
         self.dtype = self.embed_tokens.weight.dtype
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
 
-    def image_features(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[n_images, tokens_per_image, hidden] for already normalised pixel tensors."""
-        out = self.model.model.get_image_features(**pixels)
+    def image_features(self, pixels: dict[str, torch.Tensor], **vision_kwargs) -> torch.Tensor:
+        """[n_images, tokens_per_image, hidden] for already normalised pixel tensors
+        (`vision_kwargs` reach the towers' layers, e.g. vision_layers.VISION_KWARG)."""
+        out = self.model.model.get_image_features(**pixels, **vision_kwargs)
         features = getattr(out, "pooler_output", None)
         if features is None:
             features = out[0] if isinstance(out, (tuple, list)) else out

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,28 +39,12 @@ from .model import VisionLanguageModel
 from .planning import Layout, starts_with
 from .questions import QuestionPrefill
 from .sampling import sample_top_p
+from .types import Fusion, Launched
+from .vision_layers import engine_image_features
 
 NEG_INF = float("-inf")
 NO_FORCE = 1 << 30
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Launched:
-    """Tokens in flight (a decode step, or an admission's first tokens).
-
-    They arrive in `host` once `done` has fired; `rows` maps row id -> (the request
-    that occupied the row at launch, its index in `host`).
-    """
-
-    host: torch.Tensor
-    done: torch.cuda.Event | None
-    rows: dict
-
-    def tokens(self) -> list[int]:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.host.tolist()
 
 
 class SlotStore:
@@ -82,10 +65,11 @@ class SlotStore:
         stop_schedule: bool = False,
         kv_dtype: torch.dtype | None = None,
         compile_decode: bool | None = None,
-        fuse: bool = True,
+        fusion: Fusion = Fusion(),
     ):
         route_attention(vlm.language_model)
-        fuse_projections(vlm.language_model, fuse)
+        fuse_projections(vlm.language_model, fusion.projections)
+        self.image_features, self.autotune_prefill = engine_image_features(vlm, fusion.vision_epilogue), fusion.autotune_prefill
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
         self.device, self.dtype = vlm.device, vlm.dtype
@@ -118,7 +102,7 @@ class SlotStore:
         self.constants = {name: view_constants(view, dev) for name, view in views.items()}
         self.fixed_shapes = compile_steps and self.on_cuda
         self.prefix_fn = self._prefix_pass
-        self.vision_fn = vlm.image_features
+        self.vision_fn = self.image_features
         self.decode_fn = self._decode_pass
         started = time.perf_counter()
         if self.fixed_shapes:
@@ -146,12 +130,15 @@ class SlotStore:
     def _compile(self) -> None:
         """Compile the image and prefix passes and run each once, so compilation happens now."""
         try:
-            self.prefix_fn = torch.compile(self._prefix_pass, dynamic=False)
-            self.vision_fn = torch.compile(self.vlm.image_features, dynamic=False)
+            # max-autotune: Inductor times Triton matmul templates against cuBLAS and can fuse the
+            # SiLU-and-multiply into a product (benchmarks/epilogues.py); minutes of compiling, cached
+            mode = "max-autotune-no-cudagraphs" if self.autotune_prefill else None
+            self.prefix_fn = torch.compile(self._prefix_pass, dynamic=False, mode=mode)
+            self.vision_fn = torch.compile(self.image_features, dynamic=False)
             self._warm_compiled()
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the job
             log.warning("torch.compile failed (%s); running the slot engine eagerly", str(exc).splitlines()[0])
-            self.prefix_fn, self.vision_fn = self._prefix_pass, self.vlm.image_features
+            self.prefix_fn, self.vision_fn = self._prefix_pass, self.image_features
             self.fixed_shapes = False
         self.reset_rows()
 

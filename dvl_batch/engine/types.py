@@ -9,6 +9,16 @@ from typing import Protocol
 import torch
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """Which of the slot engine's own kernel arrangements to use (each measured in BENCHMARKS.md;
+    off reproduces transformers' arithmetic for that part, to measure the difference)."""
+
+    projections: bool = True  # one product for Q/K/V and one for gate/up (fused_layers.py; exact)
+    vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
+    autotune_prefill: bool = False  # compile the prefix pass with Inductor's max-autotune (minutes more start)
+
+
 @dataclass
 class EnginePrompt:
     """One prompt of a work item: its ids and where the image prefix ends."""
@@ -76,3 +86,21 @@ class Engine(Protocol):
     def run(self, items: Iterator[WorkItem]) -> Iterator[Completion]:
         """Consume work items lazily, yield completions in any order."""
         ...
+
+
+@dataclass
+class Launched:
+    """Tokens in flight (a decode step, or an admission's first tokens).
+
+    They arrive in `host` once `done` has fired; `rows` maps row id -> (the request
+    that occupied the row at launch, its index in `host`).
+    """
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    rows: dict
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
