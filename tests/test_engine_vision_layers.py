@@ -83,3 +83,12 @@ def test_engine_with_the_epilogue_matches_generate(tiny_model, tiny_processor):
         got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
         assert isinstance(model.model.vision_model.encoder.layers[0], EpilogueSiglipLayer) == enabled
         assert got == refs, f"vision_epilogue={enabled}"
+
+
+def test_a_recipe_turns_the_epilogue_off():
+    """`batch.vision_epilogue: false` (the README's way back to transformers' arithmetic) is a recipe key."""
+    from dvl_batch.config.spec import build_job_spec
+
+    assert build_job_spec().batch.vision_epilogue is True
+    assert build_job_spec({"batch.vision_epilogue": False}).batch.vision_epilogue is False
+    assert build_job_spec({"batch.autotune_prefill": True}).batch.autotune_prefill is True
