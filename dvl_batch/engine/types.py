@@ -16,7 +16,7 @@ class Fusion:
 
     projections: bool = True  # one product for Q/K/V and one for gate/up (fused_layers.py; exact)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
-    autotune_prefill: bool = False  # compile the prefix pass with Inductor's max-autotune (minutes more start)
+    autotune_prefill: bool = False  # compile the prefix pass with its matmuls autotuned (minutes more start)
 
 
 @dataclass
