@@ -94,8 +94,11 @@ class Profiler:
     # ------------------------------------------------------------ vision
 
     def vision(self) -> None:
+        from dvl_batch.engine.vision_layers import engine_image_features
+
         for compiled in (False, True):
-            fn = torch.compile(self.vlm.image_features, dynamic=False) if compiled else self.vlm.image_features
+            encode = engine_image_features(self.vlm, True)  # the slot engine's image encoding
+            fn = torch.compile(encode, dynamic=False) if compiled else encode
             for batch in (32, 64, 128):
                 pixels = {"pixel_values": torch.randn(batch, 3, 384, 384, device=self.device, dtype=torch.bfloat16)}
                 with torch.inference_mode():

@@ -106,7 +106,7 @@ class Workloads:
 
     @torch.inference_mode()
     def prefill(self) -> None:
-        features = self.vlm.image_features(self.pixels)
+        features = self.store.vision_fn(self.pixels)  # the engine's image encoding (its SigLIP epilogue)
         self.store.prefill_prefixes(self.prefixes, list(range(self.batch)), list(features.split(1)))
 
     @torch.inference_mode()

@@ -112,6 +112,44 @@ def test_autotune_prefill_tunes_only_the_prefix_pass_matmuls(tiny_model_dir, mon
         with torch.inference_mode():
             store._compile()
         monkeypatch.undo()
-        options = {fn.__name__ if hasattr(fn, "__name__") else "vision": kw.get("options") for fn, kw in calls}
-        assert options["_prefix_pass"] == ({"max_autotune_gemm": True} if autotune else None)
-        assert options["vision"] is None and all("mode" not in kw for _, kw in calls)
+        options = {"prefix" if fn == store._prefix_pass else "vision" if fn is store.image_features else fn: kw.get("options")
+                   for fn, kw in calls}
+        assert options == {"prefix": {"max_autotune_gemm": True} if autotune else None, "vision": None}
+        assert all("mode" not in kw for _, kw in calls)
+
+
+def test_a_model_the_engine_changed_pickles_and_loads_in_a_fresh_process(tiny_model, tmp_path):
+    """torch.save(model) after an engine ran: the layers' run-time classes are found again when
+    the model is loaded elsewhere (a process that never built them), with the engine's forwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dvl_batch.engine.fused_layers import FusedProjectionsLayer, fuse_projections
+
+    model = _fresh(tiny_model)
+    vlm = VisionLanguageModel(model)
+    engine_image_features(vlm, True)
+    fuse_projections(model.model.language_model)
+    assert isinstance(model.model.language_model.layers[0], FusedProjectionsLayer)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    pixels = _pixels()
+    with torch.inference_mode():
+        want = vlm.image_features(pixels, **{VISION_KWARG: True})
+    torch.save(pixels, tmp_path / "pixels.pt")
+    check = (
+        "import sys, torch\n"
+        "from dvl_batch.engine.model import VisionLanguageModel\n"
+        "model = torch.load(sys.argv[1], weights_only=False)\n"
+        "print(type(model.model.vision_model.encoder.layers[0]).__name__, type(model.model.language_model.layers[0]).__name__)\n"
+        "with torch.inference_mode():\n"
+        "    got = VisionLanguageModel(model).image_features(torch.load(sys.argv[2]), dvl_vision=True)\n"
+        "torch.save(got, sys.argv[3])\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", check, str(path), str(tmp_path / "pixels.pt"), str(tmp_path / "got.pt")],
+                            capture_output=True, text=True, timeout=300, cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["EpilogueSiglipEncoderLayer", "FusedLlamaDecoderLayer"]
+    assert torch.equal(torch.load(tmp_path / "got.pt"), want)

@@ -90,3 +90,14 @@ def test_readme_fp8_figures_match_the_fp8_bench_file():
     assert [float(x) for x in kv.groups()] == [
         round(engines["dvl_kv_fp8"]["ratio_vs_dvl"], 2), round(engines["dvl_kv_fp8"]["images_per_s"], 1),
         round(engines["dvl"]["images_per_s"], 1)]
+
+
+def test_readme_identical_count_with_the_vision_epilogue_is_run_14s():
+    """The sentence on the engine's own arithmetic quotes run 14, the first bench run with the
+    vision GELU in fc1's epilogue (on by default)."""
+    text = _performance_section().replace("\n", " ")
+    quoted = re.search(r"run 14 had (\d+) of (\d+) answers identical", text)
+    run = json.loads((REPO / "benchmarks/results/bench-both-4096-h200-run14.json").read_text())
+    assert quoted and run["config"]["vision_epilogue"] is True
+    assert f"identical to generate: {quoted.group(1)}/{quoted.group(2)} answers" in " ".join(
+        run["profiles"]["caption"]["notes"])

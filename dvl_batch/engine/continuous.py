@@ -162,7 +162,7 @@ class SlotEngine:
             self.vlm, self.views, layout, self.gen, self.eos_ids[0], self.pad_id, self._prefill_batch(),
             compile_steps=self.batch.compiles, cuda_graphs=self.batch.cuda_graphs, use_triton=self.batch.triton_attention,
             stop_schedule=self.stop_schedule, kv_dtype=self.kv_dtype, compile_decode=self.batch.compiles_decode,
-            fusion=Fusion(self.batch.fuse_projections, self.batch.vision_epilogue, self.batch.autotune_prefill),
+            fusion=Fusion.of(self.batch),
         )
         self.layout = layout
         self.stats.slots = layout.rows

@@ -26,8 +26,7 @@ import torch
 
 from .attention import slot_attention
 from .fp8_linear import Fp8Linear
-
-_FUSED_CLASSES: dict[type, type] = {}
+from .layer_classes import mixed_class
 
 
 class FusedProjectionsLayer:
@@ -140,13 +139,22 @@ def _fuse(layer: torch.nn.Module, sources: list[torch.nn.Module]) -> None:
     object.__setattr__(layer, "dvl_qkv", _concatenated(sources[:3]))
     object.__setattr__(layer, "dvl_gate_up", _concatenated(sources[3:5]))
     layer.dvl_qkv_sizes = [m.out_features for m in sources[:3]]
-    cls = type(layer)
-    if cls not in _FUSED_CLASSES:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the layers are Llama's
+    layer.__class__ = _fused_class(type(layer))
 
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedProjectionsLayer, cls),
-                                   {"dvl_rotate": staticmethod(apply_rotary_pos_emb)})
-    layer.__class__ = _FUSED_CLASSES[cls]
+
+def _fused_class(original: type) -> type:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the layers are Llama's
+
+    return mixed_class(__name__, FusedProjectionsLayer, original, "Fused", {"dvl_rotate": staticmethod(apply_rotary_pos_emb)})
+
+
+def __getattr__(name: str) -> type:
+    """Unpickling a model in a fresh process: its layers' class, made again (layer_classes.py)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    if name == f"Fused{LlamaDecoderLayer.__name__}":
+        return _fused_class(LlamaDecoderLayer)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unfuse(layer: torch.nn.Module) -> None:

@@ -18,6 +18,12 @@ class Fusion:
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
     autotune_prefill: bool = False  # compile the prefix pass with its matmuls autotuned (minutes more start)
 
+    @classmethod
+    def of(cls, batch) -> Fusion:
+        """The choices a job's BatchSpec makes."""
+        return cls(projections=batch.fuse_projections, vision_epilogue=batch.vision_epilogue,
+                   autotune_prefill=batch.autotune_prefill)
+
 
 @dataclass
 class EnginePrompt:

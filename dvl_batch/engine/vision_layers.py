@@ -27,8 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .layer_classes import mixed_class
+
 VISION_KWARG = "dvl_vision"
-_EPILOGUE_CLASSES: dict[type, type] = {}
 
 
 class EpilogueSiglipLayer:
@@ -74,10 +75,7 @@ def use_vision_epilogue(model: torch.nn.Module, enabled: bool = True) -> int:
         if isinstance(module, EpilogueSiglipLayer) and not (enabled and _eligible(module)):
             module.__class__ = type(module).__mro__[2]
         elif enabled and not isinstance(module, EpilogueSiglipLayer) and _is_siglip_layer(module) and _eligible(module):
-            cls = type(module)
-            if cls not in _EPILOGUE_CLASSES:
-                _EPILOGUE_CLASSES[cls] = type(f"Epilogue{cls.__name__}", (EpilogueSiglipLayer, cls), {})
-            module.__class__ = _EPILOGUE_CLASSES[cls]
+            module.__class__ = mixed_class(__name__, EpilogueSiglipLayer, type(module), "Epilogue")
         count += isinstance(module, EpilogueSiglipLayer)
     return count
 
@@ -91,11 +89,24 @@ def _is_siglip_layer(module: torch.nn.Module) -> bool:
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
+    """The tanh GELU, an fc1 bias, plain floating-point weights on a real device, and no
+    accelerate hooks (an offloading hook replaces `forward` and moves weights in per call)."""
     mlp = layer.mlp
+    if any(hasattr(m, "_hf_hook") for m in (layer, mlp, getattr(mlp, "fc1", None), getattr(mlp, "fc2", None))):
+        return False
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     linears = (getattr(mlp, "fc1", None), getattr(mlp, "fc2", None))
     if act != "gelu_pytorch_tanh" or any(type(m) is not torch.nn.Linear for m in linears) or mlp.fc1.bias is None:
         return False
     tensors = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight]
     return all(type(t) in (torch.nn.Parameter, torch.Tensor) and t.dtype.is_floating_point and t.dtype.itemsize > 1
-               for t in tensors)
+               and t.device.type != "meta" for t in tensors)
+
+
+def __getattr__(name: str) -> type:
+    """Unpickling a model in a fresh process: its layers' class, made again (layer_classes.py)."""
+    from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+    if name == f"Epilogue{SiglipEncoderLayer.__name__}":
+        return mixed_class(__name__, EpilogueSiglipLayer, SiglipEncoderLayer, "Epilogue")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

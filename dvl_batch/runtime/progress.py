@@ -240,7 +240,7 @@ class ProgressFile:
     def __init__(self, job: PreparedJob, interval: float = 5.0):
         self.job, self.interval = job, interval
         self.started = time.time()
-        self.first_sample: float | None = None  # when the engine took its first sample (model loaded)
+        self.first_sample: float | None = None  # when the engine took its first sample (the model is loaded)
         self.last = 0.0
 
     def observe(self, stats: RunStats) -> None:
@@ -249,8 +249,9 @@ class ProgressFile:
             self.first_sample = time.time()
 
     def working_rate(self, stats: RunStats) -> float | None:
-        """Images per second since the engine's first sample: the rate a long job settles at,
-        without the model load and compile that `images_per_second` (the whole run) includes."""
+        """Images per second since the engine's first sample: without the model load that
+        `images_per_second` (the whole run) includes, so closer to the rate a long job settles
+        at. The slot engine compiles and captures its graphs after that sample, so those still count."""
         self.observe(stats)
         if self.first_sample is None or not stats.images:
             return None

@@ -1,0 +1,30 @@
+"""Subclasses made at run time (a mixin in front of a transformers layer class) that pickle.
+
+The slot engine gives some of transformers' layers a forward of its own by changing their
+class to `Mixin + Original` (fused_layers.py, vision_layers.py). A class made with `type()`
+is not an attribute of any module, so `torch.save(model)` / `pickle` could not name it. Each
+such class is registered in its maker's module under its own name, and the module's
+`__getattr__` makes it again on demand, so a model pickled after an engine ran loads in a
+fresh process too.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def mixed_class(module_name: str, mixin: type, original: type, prefix: str, body: dict[str, Any] | None = None) -> type:
+    """`prefix + original.__name__`, subclassing (mixin, original), as an attribute of module `module_name`.
+
+    A different original class of the same name (another model's layer) gets a class of its
+    own that is not registered: it works, only it does not pickle."""
+    module = sys.modules[module_name]
+    name = f"{prefix}{original.__name__}"
+    made = module.__dict__.get(name)
+    if isinstance(made, type) and made.__mro__[1:3] == (mixin, original):
+        return made
+    cls = type(name, (mixin, original), {"__module__": module_name, "__qualname__": name, **(body or {})})
+    if made is None:
+        setattr(module, name, cls)
+    return cls
