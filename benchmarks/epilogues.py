@@ -72,6 +72,14 @@ def mlp_flops(rows: int, hidden: int, inner: int, products: int) -> int:
     return 2 * rows * hidden * inner * products
 
 
+def compiled(fn, mode: str):
+    """torch.compile in `mode`; "default" is compile's own, "gemm-autotune" tunes only the matmuls
+    (what the engine's --autotune-prefill does: mode max-autotune also tunes every element-wise kernel)."""
+    if mode == "gemm-autotune":
+        return torch.compile(fn, dynamic=False, options={"max_autotune_gemm": True})
+    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
+
+
 def measure(label: str, fn, x: torch.Tensor, p: dict, reference: torch.Tensor, flops: int, mode: str | None) -> dict:
     """One row: compile (if a mode is given), time, compare with the float32 reference."""
     from dvl_batch.bench.device_time import median_device_seconds
@@ -79,7 +87,7 @@ def measure(label: str, fn, x: torch.Tensor, p: dict, reference: torch.Tensor, f
     record: dict = {"block": label, "form": fn.__name__, "mode": mode or "eager"}
     try:
         start = time.perf_counter()
-        run = torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False) if mode else fn
+        run = compiled(fn, mode) if mode else fn
         with torch.inference_mode():
             out = run(x, p)
             torch.cuda.synchronize()
@@ -105,8 +113,9 @@ def float32_reference(fn, x: torch.Tensor, p: dict) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="default,max-autotune-no-cudagraphs",
-                        help="torch.compile modes to try besides eager ('default' is compile's own)")
+    parser.add_argument("--modes", default="default,gemm-autotune,max-autotune-no-cudagraphs",
+                        help="torch.compile modes to try besides eager ('default' is compile's own; "
+                             "'gemm-autotune' tunes only the matmuls, as --autotune-prefill does)")
     parser.add_argument("--out", default="epilogues.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -151,7 +151,7 @@ def test_prefill_attention_program_checks_every_layout_against_the_whole_prompt(
     assert "LM, causal bottom-right" in result.stdout and "ms/image" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["sm_partition.py", "read_bandwidth.py", "weight_formats.py"])
+@pytest.mark.parametrize("script", ["sm_partition.py", "read_bandwidth.py", "weight_formats.py", "epilogues.py"])
 def test_gpu_only_benchmarks_refuse_a_machine_without_cuda_in_one_line(script, cache_dir):
     """They time CUDA streams and memory and have nothing to measure on a CPU."""
     import subprocess
