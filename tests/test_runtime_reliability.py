@@ -389,11 +389,11 @@ class OomAboveOneImage(VisionLanguageModel):
     """transformers' modules as usual, but encoding more than one image at once (or the black one)
     raises torch.OutOfMemoryError, as a GPU that is nearly full would."""
 
-    def image_features(self, pixels):
+    def image_features(self, pixels, **vision_kwargs):
         first = next(iter(pixels.values()))
         if first.shape[0] > 1 or is_poison(first):
             raise simulated_oom(f"{first.shape[0]} images")
-        return super().image_features(pixels)
+        return super().image_features(pixels, **vision_kwargs)
 
 
 def oom_above_one_prompt(model):
