@@ -26,7 +26,7 @@ import torch
 
 from .attention import slot_attention
 from .fp8_linear import Fp8Linear
-from .layer_classes import mixed_class
+from .layer_classes import mixed_class, original_class, plain_linear
 
 
 class FusedProjectionsLayer:
@@ -79,17 +79,12 @@ def _projections(layer: torch.nn.Module) -> list[torch.nn.Module] | None:
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if not (
-        _original_class(layer).forward is llama.LlamaDecoderLayer.forward
+        original_class(layer, FusedProjectionsLayer).forward is llama.LlamaDecoderLayer.forward
         and getattr(type(attn), "forward", None) is llama.LlamaAttention.forward
         and getattr(type(mlp), "forward", None) is llama.LlamaMLP.forward
     ):
         return None
     return [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-
-
-def _original_class(layer: torch.nn.Module) -> type:
-    """The layer's class before fusing: (Fused..., FusedProjectionsLayer, the original, ...)."""
-    return type(layer).__mro__[2] if isinstance(layer, FusedProjectionsLayer) else type(layer)
 
 
 def _current(layer: torch.nn.Module, sources: list[torch.nn.Module] | None) -> bool:
@@ -111,21 +106,13 @@ def _views_of(fused: torch.nn.Module, modules: list[torch.nn.Module]) -> bool:
                for whole, parts in pairs for w in parts)
 
 
-def _plain_linear(module: torch.nn.Module) -> bool:
-    """An nn.Linear with ordinary floating-point tensors (torchao's weights are tensor subclasses)."""
-    tensors = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
-    return type(module) is torch.nn.Linear and all(
-        type(t) in (torch.nn.Parameter, torch.Tensor) and t.dtype.is_floating_point and t.dtype.itemsize > 1 for t in tensors
-    )
-
-
 def _fusable(modules: list[torch.nn.Module]) -> bool:
     if len({getattr(m, "bias", None) is None for m in modules}) > 1:  # Llama's have all biases or none
         return False
-    if all(_plain_linear(m) for m in modules):
+    if all(plain_linear(m) for m in modules):
         return True
     return (
-        all(type(m) is Fp8Linear and _plain_linear(m.linear) for m in modules)
+        all(type(m) is Fp8Linear and plain_linear(m.linear) for m in modules)
         and len({m.min_rows for m in modules}) == 1
     )
 
@@ -160,7 +147,7 @@ def __getattr__(name: str) -> type:
 def _unfuse(layer: torch.nn.Module) -> None:
     for name in ("dvl_qkv", "dvl_gate_up", "dvl_qkv_sizes"):
         layer.__dict__.pop(name, None)
-    layer.__class__ = _original_class(layer)
+    layer.__class__ = original_class(layer, FusedProjectionsLayer)
 
 
 def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:

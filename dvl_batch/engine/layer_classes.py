@@ -5,13 +5,16 @@ class to `Mixin + Original` (fused_layers.py, vision_layers.py). A class made wi
 is not an attribute of any module, so `torch.save(model)` / `pickle` could not name it. Each
 such class is registered in its maker's module under its own name, and the module's
 `__getattr__` makes it again on demand, so a model pickled after an engine ran loads in a
-fresh process too.
+fresh process too. The checks both makers share (which linear layers hold plain weights, the
+class a layer had before) live here as well.
 """
 
 from __future__ import annotations
 
 import sys
 from typing import Any
+
+import torch
 
 
 def mixed_class(module_name: str, mixin: type, original: type, prefix: str, body: dict[str, Any] | None = None) -> type:
@@ -28,3 +31,17 @@ def mixed_class(module_name: str, mixin: type, original: type, prefix: str, body
     if made is None:
         setattr(module, name, cls)
     return cls
+
+
+def original_class(layer: torch.nn.Module, mixin: type) -> type:
+    """The layer's class before `mixed_class` changed it: (Mixed..., mixin, the original, ...)."""
+    return type(layer).__mro__[2] if isinstance(layer, mixin) else type(layer)
+
+
+def plain_linear(module: torch.nn.Module) -> bool:
+    """An nn.Linear with ordinary floating-point tensors (torchao's weights are tensor subclasses)."""
+    if type(module) is not torch.nn.Linear:
+        return False
+    tensors = [module.weight] + ([module.bias] if module.bias is not None else [])
+    return all(type(t) in (torch.nn.Parameter, torch.Tensor) and t.dtype.is_floating_point and t.dtype.itemsize > 1
+               for t in tensors)

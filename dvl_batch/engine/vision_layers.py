@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .layer_classes import mixed_class
+from .layer_classes import mixed_class, original_class, plain_linear
 
 VISION_KWARG = "dvl_vision"
 
@@ -73,7 +73,7 @@ def use_vision_epilogue(model: torch.nn.Module, enabled: bool = True) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, EpilogueSiglipLayer) and not (enabled and _eligible(module)):
-            module.__class__ = type(module).__mro__[2]
+            module.__class__ = original_class(module, EpilogueSiglipLayer)
         elif enabled and not isinstance(module, EpilogueSiglipLayer) and _is_siglip_layer(module) and _eligible(module):
             module.__class__ = mixed_class(__name__, EpilogueSiglipLayer, type(module), "Epilogue")
         count += isinstance(module, EpilogueSiglipLayer)
@@ -96,11 +96,9 @@ def _eligible(layer: torch.nn.Module) -> bool:
         return False
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     linears = (getattr(mlp, "fc1", None), getattr(mlp, "fc2", None))
-    if act != "gelu_pytorch_tanh" or any(type(m) is not torch.nn.Linear for m in linears) or mlp.fc1.bias is None:
+    if act != "gelu_pytorch_tanh" or not all(plain_linear(m) for m in linears) or mlp.fc1.bias is None:
         return False
-    tensors = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight]
-    return all(type(t) in (torch.nn.Parameter, torch.Tensor) and t.dtype.is_floating_point and t.dtype.itemsize > 1
-               and t.device.type != "meta" for t in tensors)
+    return all(t.device.type != "meta" for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight))
 
 
 def __getattr__(name: str) -> type:
