@@ -99,7 +99,9 @@ def measure(label: str, fn, x: torch.Tensor, p: dict, reference: torch.Tensor, f
         record["max_abs_err"] = diff.max().item()
         record["rel_err"] = (diff.norm() / reference.norm()).item()
     except Exception as exc:  # a form that cannot run here is a result, not a crash
-        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+        from dvl_batch.bench.report import error_text
+
+        record["error"] = error_text(exc)
         traceback.print_exc(limit=2)
     finally:
         torch._dynamo.reset()

@@ -111,7 +111,9 @@ def measure(name: str, convert, shapes, rows: int, compiled: bool) -> dict:
         flops = sum(2 * rows * k * n for k, n in shapes.values())
         record["tflops"] = flops / (record["ms"] / 1000) / 1e12
     except Exception as exc:  # a format that cannot run here is a result, not a crash
-        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+        from dvl_batch.bench.report import error_text
+
+        record["error"] = error_text(exc)
         traceback.print_exc(limit=2)
     finally:
         torch._dynamo.reset()

@@ -62,7 +62,7 @@ class BenchConfig:
     overlap_prefill: bool = True
     fuse_projections: bool = True  # the slot engine's one-product Q/K/V and gate/up (engine/fused_layers.py)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in cuBLASLt's epilogue (engine/vision_layers.py)
-    autotune_prefill: bool = False  # the prefix pass compiled with max-autotune
+    autotune_prefill: bool = False  # the prefix pass compiled with its matmuls autotuned
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
     paired: bool = False  # ... or the i-th weight format with the i-th KV type only

@@ -83,3 +83,9 @@ def device_line(dvl: dict[str, Any]) -> str:
     if dvl.get("prefill_mfu") is not None:
         text += f" at {dvl['prefill_mfu']:.0%} MFU"
     return text
+
+
+def error_text(exc: BaseException) -> str:
+    """A failed benchmark row's `error`: the exception's type and the first line of its message
+    (cut to 200 characters), or the type alone."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
