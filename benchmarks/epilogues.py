@@ -1,4 +1,4 @@
-"""Device time of the prefill's MLP blocks, with and without their activation fused into the matmul.
+"""Device time of the prefill's blocks: MLPs with and without their activation in the matmul; the vision attention's Q/K/V as one product.
 
 Counted before building (caption prefill, H200 traces in BENCHMARKS 0f): the prefill's work
 that is not a matmul is ~0.8 ms per image, of which the activations (the vision tower's
@@ -12,7 +12,11 @@ activation saves that round trip. This times, per block, at a 32-image prefill's
   and torch.compile with max-autotune (Triton matmul templates into which Inductor may fuse
   the activation);
 - the language model's MLP (gate/up + SiLU-and-multiply + down, 19712 rows): the default
-  compile against max-autotune.
+  compile against max-autotune;
+- the vision attention block (q, k, v, attention, out; 32 images of 576 tokens): transformers'
+  three 1024-wide products against one 3072-wide product of the concatenated weights (traced,
+  each 1024-wide product with its bias ran at ~50% of the matmul peak), and the fused form
+  under each SDPA backend.
 
 Each row prints device ms (CUDA events, median of 7 after warm-ups), achieved TFLOP/s, the
 compile seconds, and the error against a float32 reference, so a faster form can be judged
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VISION = dict(rows=32 * 576, hidden=1024, inner=4096)
 LANGUAGE = dict(rows=32 * 616, hidden=2048, inner=5632)
+VISION_IMAGES, VISION_HEADS = 32, 16
 
 
 def vision_weights(hidden: int, inner: int) -> dict[str, torch.Tensor]:
@@ -66,6 +71,52 @@ def language_mlp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """The engine's fused Llama MLP: one gate/up product, SiLU(gate) * up, the down product."""
     gate, up = F.linear(x, p["gate_up"]).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, p["down"])
+
+
+def vision_attention_weights(hidden: int, inner: int) -> dict[str, torch.Tensor]:
+    def w(*shape):
+        return (torch.randn(*shape, device="cuda") * 0.02).to(torch.bfloat16)
+
+    p = {f"{n}_w": w(hidden, hidden) for n in "qkvo"} | {f"{n}_b": w(hidden) for n in "qkvo"}
+    p["qkv_w"] = torch.cat([p["q_w"], p["k_w"], p["v_w"]])
+    p["qkv_b"] = torch.cat([p["q_b"], p["k_b"], p["v_b"]])
+    return p
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    return x.view(VISION_IMAGES, -1, VISION_HEADS, x.shape[-1] // VISION_HEADS).transpose(1, 2)
+
+
+def _attend(q, k, v, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    return F.linear(out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[-1]), p["o_w"], p["o_b"])
+
+
+def vision_attention(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SigLIP's attention as transformers runs it: three products, SDPA, the out product."""
+    return _attend(*(_heads(F.linear(x, p[f"{n}_w"], p[f"{n}_b"])) for n in "qkv"), p)
+
+
+def vision_attention_fused_qkv(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One product of the concatenated q/k/v weights (what the engine runs), then the same."""
+    return _attend(*(_heads(part) for part in F.linear(x, p["qkv_w"], p["qkv_b"]).chunk(3, dim=-1)), p)
+
+
+def _with_backend(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def form(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        with sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return vision_attention_fused_qkv(x, p)
+
+    form.__name__ = f"fused_qkv_{backend_name.lower()}"
+    return form
+
+
+def attention_flops(rows: int, hidden: int, inner: int) -> int:
+    """Four rows x hidden x hidden products plus QK^T and PV over each image's 576 tokens."""
+    tokens = rows // VISION_IMAGES
+    return 4 * 2 * rows * hidden * hidden + 2 * 2 * VISION_IMAGES * tokens * tokens * hidden
 
 
 def mlp_flops(rows: int, hidden: int, inner: int, products: int) -> int:
@@ -118,6 +169,8 @@ def main() -> None:
     parser.add_argument("--modes", default="default,gemm-autotune,max-autotune-no-cudagraphs",
                         help="torch.compile modes to try besides eager ('default' is compile's own; "
                              "'gemm-autotune' tunes only the matmuls, as --autotune-prefill does)")
+    parser.add_argument("--blocks", default="vision MLP,language MLP,vision attn",
+                        help="which blocks to time, comma-separated")
     parser.add_argument("--out", default="epilogues.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -126,14 +179,19 @@ def main() -> None:
     torch.manual_seed(0)
     modes = [None] + [m for m in args.modes.split(",") if m]
     blocks = [("vision MLP", VISION, vision_weights, (vision_mlp, vision_mlp_epilogue)),
-              ("language MLP", LANGUAGE, language_weights, (language_mlp,))]
+              ("language MLP", LANGUAGE, language_weights, (language_mlp,)),
+              ("vision attn", VISION, vision_attention_weights,
+               (vision_attention, vision_attention_fused_qkv,
+                *(_with_backend(b) for b in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"))))]
     results: list[dict] = []
     print(f"{'block':<13} {'form':<20} {'mode':<27} {'ms':>7} {'TFLOP/s':>8} {'compile s':>9} {'rel err':>9} {'max err':>8}")
-    for label, shape, make, forms in blocks:
+    chosen = {b.strip() for b in args.blocks.split(",")}
+    for label, shape, make, forms in (b for b in blocks if b[0] in chosen):
         x = torch.randn(shape["rows"], shape["hidden"], device="cuda").to(torch.bfloat16)
         p = make(shape["hidden"], shape["inner"])
         reference = float32_reference(forms[0], x, p)
-        flops = mlp_flops(shape["rows"], shape["hidden"], shape["inner"], 2 if label.startswith("vision") else 3)
+        flops = (attention_flops(shape["rows"], shape["hidden"], shape["inner"]) if label == "vision attn"
+                 else mlp_flops(shape["rows"], shape["hidden"], shape["inner"], 2 if label.startswith("vision") else 3))
         for fn in forms:
             for mode in modes:
                 r = measure(label, fn, x, p, reference, flops, mode)

@@ -69,7 +69,7 @@ class SlotStore:
     ):
         route_attention(vlm.language_model)
         fuse_projections(vlm.language_model, fusion.projections)
-        self.image_features = engine_image_features(vlm, fusion.vision_epilogue)
+        self.image_features = engine_image_features(vlm, fusion.vision_epilogue, fusion.projections)
         self.autotune_prefill = fusion.autotune_prefill
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
