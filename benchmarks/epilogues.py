@@ -125,7 +125,8 @@ def mlp_flops(rows: int, hidden: int, inner: int, products: int) -> int:
 
 def compiled(fn, mode: str):
     """torch.compile in `mode`; "default" is compile's own, "gemm-autotune" tunes only the matmuls
-    (what the engine's --autotune-prefill does: mode max-autotune also tunes every element-wise kernel)."""
+    (mode max-autotune also tunes every element-wise kernel; in the engine's prefix pass the
+    matmul tuning measured no faster, BENCHMARKS.md 0k)."""
     if mode == "gemm-autotune":
         return torch.compile(fn, dynamic=False, options={"max_autotune_gemm": True})
     return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
@@ -168,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="default,gemm-autotune,max-autotune-no-cudagraphs",
                         help="torch.compile modes to try besides eager ('default' is compile's own; "
-                             "'gemm-autotune' tunes only the matmuls, as --autotune-prefill does)")
+                             "'gemm-autotune' tunes only the matmuls)")
     parser.add_argument("--blocks", default="vision MLP,language MLP,vision attn",
                         help="which blocks to time, comma-separated")
     parser.add_argument("--out", default="epilogues.json")

@@ -9,7 +9,6 @@ from rich.console import Console
 
 from .cli_options import (
     BatchSize,
-    BenchAutotunePrefill,
     BenchDataDir,
     BenchFuseProjections,
     BenchHfBatchSizes,
@@ -47,7 +46,6 @@ def bench(
     overlap_prefill: Annotated[bool, typer.Option("--overlap-prefill/--no-overlap-prefill")] = True,
     fuse_projections: BenchFuseProjections = True,
     vision_epilogue: BenchVisionEpilogue = True,
-    autotune_prefill: BenchAutotunePrefill = False,
     kv_dtype: BenchKvDtypes = None,
     quantize: BenchQuantize = None,
     paired: BenchPaired = False,
@@ -72,7 +70,7 @@ def bench(
         prefill_batch=prefill_batch, workers=workers, images_per_shard=images_per_shard, image_side=image_side,
         data_dir=data_dir, device=device or "auto", cuda_graphs=cuda_graphs, compile=compile,
         compile_decode=compile_decode, triton_attention=triton_attention, overlap_prefill=overlap_prefill, kv_dtypes=tuple(kv_dtype or ["auto"]),
-        fuse_projections=fuse_projections, vision_epilogue=vision_epilogue, autotune_prefill=autotune_prefill,
+        fuse_projections=fuse_projections, vision_epilogue=vision_epilogue,
         quantize=tuple(quantize or ["none"]), paired=paired, host_profile=host_profile, device_profile=device_profile, out=out,
     )
     from .bench.variants import check_variant_options

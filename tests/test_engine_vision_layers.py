@@ -138,31 +138,6 @@ def test_a_recipe_turns_the_epilogue_off():
 
     assert build_job_spec().batch.vision_epilogue is True
     assert build_job_spec({"batch.vision_epilogue": False}).batch.vision_epilogue is False
-    assert build_job_spec({"batch.autotune_prefill": True}).batch.autotune_prefill is True
-
-
-def test_autotune_prefill_tunes_only_the_prefix_pass_matmuls(tiny_model_dir, monkeypatch):
-    """`--autotune-prefill` compiles the prefix pass with its matmuls autotuned (not mode
-    max-autotune, which tunes every element-wise kernel too), and the vision pass as before."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    import dvl_batch.engine.slots as slots
-    from dvl_batch.engine.planning import Layout
-    from dvl_batch.engine.types import Fusion
-
-    vlm = VisionLanguageModel(AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir)).eval())
-    for autotune in (False, True):
-        store = slots.SlotStore(vlm, {}, Layout(2, 1, 20, 24), GenerationSpec(max_new_tokens=4), 1, 0, prefill_batch=2,
-                                compile_steps=False, cuda_graphs=False, fusion=Fusion(autotune_prefill=autotune))
-        calls = []
-        monkeypatch.setattr(slots.torch, "compile", lambda fn, calls=calls, **kw: calls.append((fn, kw)) or fn)
-        with torch.inference_mode():
-            store._compile()
-        monkeypatch.undo()
-        options = {"prefix" if fn == store._prefix_pass else "vision" if fn is store.image_features else fn: kw.get("options")
-                   for fn, kw in calls}
-        assert options == {"prefix": {"max_autotune_gemm": True} if autotune else None, "vision": None}
-        assert all("mode" not in kw for _, kw in calls)
 
 
 def test_a_model_the_engine_changed_pickles_and_loads_in_a_fresh_process(tiny_model, tmp_path):

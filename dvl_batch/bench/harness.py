@@ -62,7 +62,6 @@ class BenchConfig:
     overlap_prefill: bool = True
     fuse_projections: bool = True  # the slot engine's one-product Q/K/V and gate/up (engine/fused_layers.py)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in cuBLASLt's epilogue (engine/vision_layers.py)
-    autotune_prefill: bool = False  # the prefix pass compiled with its matmuls autotuned
     kv_dtypes: tuple[str, ...] = ("auto",)  # slot-engine runs per profile: auto (bf16) and/or fp8 KV
     quantize: tuple[str, ...] = ("none",)  # ... times the weight formats: none (bf16) and/or fp8
     paired: bool = False  # ... or the i-th weight format with the i-th KV type only
@@ -92,7 +91,7 @@ def _spec(
             batch_size=cfg.batch_size, prefill_batch=cfg.prefill_batch, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
             compile_decode=cfg.compile_decode, triton_attention=cfg.triton_attention,
             overlap_prefill=cfg.overlap_prefill, fuse_projections=cfg.fuse_projections,
-            vision_epilogue=cfg.vision_epilogue, autotune_prefill=cfg.autotune_prefill,
+            vision_epilogue=cfg.vision_epilogue,
         ),
         output=OutputSpec(path=str(out)),
     )

@@ -101,7 +101,6 @@ class BatchSpec:
     overlap_prefill: bool = True  # new images' prefill on a second CUDA stream, beside decode (engine/overlap.py)
     fuse_projections: bool = True  # one product for Q/K/V and one for gate/up in the slot engine (engine/fused_layers.py; SigLIP's Q/K/V in engine/vision_layers.py)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (engine/vision_layers.py)
-    autotune_prefill: bool = False  # compile the prefix pass with its matmuls autotuned (minutes more start)
     phase_timing: bool = False  # synchronise to time vision/prefill phases (diagnosis; slower)
 
     @property

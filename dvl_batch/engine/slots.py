@@ -70,7 +70,6 @@ class SlotStore:
         route_attention(vlm.language_model)
         fuse_projections(vlm.language_model, fusion.projections)
         self.image_features = engine_image_features(vlm, fusion.vision_epilogue, fusion.projections)
-        self.autotune_prefill = fusion.autotune_prefill
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
         self.device, self.dtype = vlm.device, vlm.dtype
@@ -131,11 +130,9 @@ class SlotStore:
     def _compile(self) -> None:
         """Compile the image and prefix passes and run each once, so compilation happens now."""
         try:
-            # autotuned products: Inductor times Triton matmul templates against cuBLAS and can fuse
-            # the SiLU-and-multiply into one (benchmarks/epilogues.py); only the matmuls are tuned
-            # (mode max-autotune also tunes every element-wise kernel: >280 s on the H200), cached
-            options = {"max_autotune_gemm": True} if self.autotune_prefill else None
-            self.prefix_fn = torch.compile(self._prefix_pass, dynamic=False, options=options)
+            # not autotuned: Inductor's matmul autotuning made the H200's prefix pass no faster
+            # (2.70 against 2.69 ms per image, BENCHMARKS.md 0k) for a longer start
+            self.prefix_fn = torch.compile(self._prefix_pass, dynamic=False)
             self.vision_fn = torch.compile(self.image_features, dynamic=False)
             self._warm_compiled()
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the job

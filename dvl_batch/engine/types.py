@@ -16,13 +16,11 @@ class Fusion:
 
     projections: bool = True  # one product for Q/K/V and one for gate/up (fused_layers.py; the SigLIP Q/K/V too, vision_layers.py)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
-    autotune_prefill: bool = False  # compile the prefix pass with its matmuls autotuned (minutes more start)
 
     @classmethod
     def of(cls, batch) -> Fusion:
         """The choices a job's BatchSpec makes."""
-        return cls(projections=batch.fuse_projections, vision_epilogue=batch.vision_epilogue,
-                   autotune_prefill=batch.autotune_prefill)
+        return cls(projections=batch.fuse_projections, vision_epilogue=batch.vision_epilogue)
 
 
 @dataclass
