@@ -1,6 +1,5 @@
-"""The slot engine's SigLIP layers with fc1's bias and GELU in the matmul and one Q/K/V product:
-same features (float32), transformers' forward untouched for every other caller, same answers
-as generate."""
+"""The slot engine's SigLIP layers with fc1's bias and GELU in the matmul: same features (float32),
+transformers' forward untouched for every other caller, same answers as generate."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from dvl_batch.config.spec import BatchSpec, GenerationSpec
 from dvl_batch.engine.continuous import SlotEngine
 from dvl_batch.engine.model import VisionLanguageModel
 from dvl_batch.engine.vision_layers import (
-    QKV,
     VISION_KWARG,
     EpilogueSiglipLayer,
     engine_image_features,
@@ -79,57 +77,12 @@ def test_engine_with_the_epilogue_matches_generate(tiny_model, tiny_processor):
     eos = tiny_processor.tokenizer.eos_token_id
     items, views = _items(tiny_processor, lambda uid: 1 + uid % 3)
     refs = generate_references(model, views, items, eos)
-    for enabled, fused in ((True, True), (True, False), (False, True)):
+    for enabled in (True, False):
         engine = SlotEngine(VisionLanguageModel(model), views, GenerationSpec(max_new_tokens=MAX_NEW),
-                            BatchSpec(batch_size=4, vision_epilogue=enabled, fuse_projections=fused), [eos], eos)
+                            BatchSpec(batch_size=4, vision_epilogue=enabled), [eos], eos)
         got = {(c.uid, c.index): c.tokens for c in engine.run(iter(items))}
-        layer = model.model.vision_model.encoder.layers[0]
-        assert isinstance(layer, EpilogueSiglipLayer) == enabled
-        assert (QKV in layer.__dict__) == (enabled and fused), "one Q/K/V product only with both choices on"
-        assert got == refs, f"vision_epilogue={enabled} fuse_projections={fused}"
-
-
-def _layer() -> torch.nn.ModuleList:
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2)
-    return torch.nn.ModuleList([SiglipEncoderLayer(config).eval()])
-
-
-def test_one_qkv_product_gives_the_layers_output_without_more_memory():
-    layers = _layer()
-    x = torch.randn(2, 7, 32)
-    with torch.no_grad():
-        want = layers[0](x, None)
-        parameters = sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in layers.parameters()}.values())
-        assert use_vision_epilogue(layers) == 1
-        layer = layers[0]
-        fused = layer.__dict__[QKV]
-        attn = layer.self_attn
-        assert fused.weight.shape == (96, 32) and fused.bias.shape == (96,)
-        for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
-            assert proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
-            assert torch.equal(proj.weight, fused.weight[32 * i:32 * (i + 1)])
-        after = sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in layers.parameters()}.values())
-        assert after == parameters, "q/k/v are views of the one product: no copy kept"
-        assert QKV not in dict(layers.named_modules(remove_duplicate=False)) and len(layers.state_dict()) == 16
-        torch.testing.assert_close(layer(x, None, **{VISION_KWARG: True}), want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer(x, None), want, rtol=0, atol=0)
-
-
-def test_the_qkv_product_follows_replaced_weights_and_is_skipped_without_biases():
-    layers = _layer()
-    use_vision_epilogue(layers)
-    layer = layers[0]
-    first = layer.__dict__[QKV]
-    assert use_vision_epilogue(layers) == 1 and layer.__dict__[QKV] is first, "idempotent"
-    layers.to(torch.float64)  # new tensors: the old product would multiply stale float32 weights
-    assert use_vision_epilogue(layers) == 1 and layer.__dict__[QKV].weight.dtype == torch.float64
-    x = torch.randn(1, 5, 32, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x, None, **{VISION_KWARG: True}), layer(x, None))
-    assert use_vision_epilogue(layers, fuse_qkv=False) == 1 and QKV not in layer.__dict__
-    layer.self_attn.k_proj.bias = None
-    assert use_vision_epilogue(layers) == 1 and QKV not in layer.__dict__, "the epilogue stays, the fusion does not"
-    assert use_vision_epilogue(layers, enabled=False) == 0 and QKV not in layer.__dict__
+        assert isinstance(model.model.vision_model.encoder.layers[0], EpilogueSiglipLayer) == enabled
+        assert got == refs, f"vision_epilogue={enabled}"
 
 
 def test_a_recipe_turns_the_epilogue_off():

@@ -99,7 +99,7 @@ class BatchSpec:
     compile_decode: bool = True  # ... the decode step's forward too (faster steps, ~10-25 s more start)
     triton_attention: bool = True  # Triton decode attention reading only valid keys (CUDA only)
     overlap_prefill: bool = True  # new images' prefill on a second CUDA stream, beside decode (engine/overlap.py)
-    fuse_projections: bool = True  # one product for Q/K/V and one for gate/up in the slot engine (engine/fused_layers.py; SigLIP's Q/K/V in engine/vision_layers.py)
+    fuse_projections: bool = True  # one product for Q/K/V and one for gate/up in the slot engine (engine/fused_layers.py)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (engine/vision_layers.py)
     phase_timing: bool = False  # synchronise to time vision/prefill phases (diagnosis; slower)
 

@@ -69,7 +69,7 @@ class SlotStore:
     ):
         route_attention(vlm.language_model)
         fuse_projections(vlm.language_model, fusion.projections)
-        self.image_features = engine_image_features(vlm, fusion.vision_epilogue, fusion.projections)
+        self.image_features = engine_image_features(vlm, fusion.vision_epilogue)
         self.vlm, self.views, self.layout, self.gen = vlm, views, layout, generation
         self.eos_id, self.pad_id, self.prefill_batch = eos_id, pad_id, prefill_batch
         self.device, self.dtype = vlm.device, vlm.dtype

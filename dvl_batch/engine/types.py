@@ -14,7 +14,7 @@ class Fusion:
     """Which of the slot engine's own kernel arrangements to use (each measured in BENCHMARKS.md;
     off reproduces transformers' arithmetic for that part, to measure the difference)."""
 
-    projections: bool = True  # one product for Q/K/V and one for gate/up (fused_layers.py; the SigLIP Q/K/V too, vision_layers.py)
+    projections: bool = True  # one product for Q/K/V and one for gate/up (fused_layers.py; exact)
     vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
 
     @classmethod

@@ -1,5 +1,4 @@
-"""The slot engine's own forward for SigLIP encoder layers: fc1's bias and GELU in the matmul,
-and query, key and value as one product.
+"""The slot engine's own forward for SigLIP encoder layers: fc1's bias and GELU in the matmul.
 
 SigLIP's MLP multiplies by fc1 (1024 -> 4096), writes that product to memory, reads it back
 for the tanh GELU, writes the result and reads it again for fc2. On the H200 the GELU kernel
@@ -13,13 +12,6 @@ to bfloat16 first: the features differ in the last bits from transformers' (clos
 float32 reference, measured by `benchmarks/epilogues.py`), so answers can differ from
 `generate`'s in rare near-ties, like any kernel change. `batch.vision_epilogue: false`
 (`bench --no-vision-epilogue`) keeps transformers' arithmetic.
-
-The attention's query, key and value are three 1024-wide products of the same normalised
-input, each with its bias; traced in the engine, each ran at ~50% of the matmul peak (the
-32-image prefill's 18432 rows by 1024 columns is too narrow a product for cuBLAS to fill the
-card). With `fuse_projections` (the language model's fusion, fused_layers.py) they become one
-3072-wide product of the concatenated weights, as there; the original modules are re-pointed
-at its row slices, so this adds no memory and each column is the same dot product.
 
 Only calls that carry `dvl_vision=True` (the slot engine's image encoding) take this path;
 `generate` on the same model runs the layer's own forward. Layers whose activation is not
@@ -35,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .layer_classes import concatenated_linear, mixed_class, original_class, plain_linear, views_of
+from .layer_classes import mixed_class, original_class, plain_linear
 
 VISION_KWARG = "dvl_vision"
 
@@ -46,36 +38,19 @@ class EpilogueSiglipLayer:
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         if not kwargs.pop(VISION_KWARG, False):
             return super().forward(hidden_states, attention_mask, **kwargs)
-        normed = self.layer_norm1(hidden_states)
-        if QKV in self.__dict__:
-            attended = fused_qkv_attention(self.self_attn, self.__dict__[QKV], normed, attention_mask)
-        else:
-            attended, _ = self.self_attn(hidden_states=normed, attention_mask=attention_mask, **kwargs)
-        hidden_states = hidden_states + attended
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                          **kwargs)
+        hidden_states = residual + hidden_states
         return hidden_states + gelu_mlp(self.mlp, self.layer_norm2(hidden_states))
 
 
-def engine_image_features(vlm, enabled: bool, fuse_qkv: bool = True) -> Callable:
-    """The image encoder the slot engine runs: `vlm.image_features`, with the engine's forward
-    in every eligible SigLIP layer when `enabled` (taken away again when not), its Q/K/V as one
-    product when `fuse_qkv` too."""
-    if not use_vision_epilogue(vlm.model, enabled, fuse_qkv):
+def engine_image_features(vlm, enabled: bool) -> Callable:
+    """The image encoder the slot engine runs: `vlm.image_features`, with the epilogue forward
+    in every eligible SigLIP layer when `enabled` (taken away again when not)."""
+    if not use_vision_epilogue(vlm.model, enabled):
         return vlm.image_features
     return functools.partial(vlm.image_features, **{VISION_KWARG: True})
-
-
-def fused_qkv_attention(attn: torch.nn.Module, qkv: torch.nn.Module, hidden_states: torch.Tensor,
-                        attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """transformers' SiglipAttention.forward with its three input products made as one."""
-    from transformers.models.siglip import modeling_siglip as siglip
-
-    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-    queries, keys, values = (part.view(shape).transpose(1, 2) for part in qkv(hidden_states).chunk(3, dim=-1))
-    interface = siglip.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                             siglip.eager_attention_forward)
-    out, _ = interface(attn, queries, keys, values, attention_mask, is_causal=attn.is_causal, scaling=attn.scale,
-                       dropout=attn.dropout if attn.training else 0.0)
-    return attn.out_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
 
 
 def gelu_mlp(mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -92,52 +67,17 @@ def gelu_mlp(mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(inner).view(*shape[:-1], -1)
 
 
-def use_vision_epilogue(model: torch.nn.Module, enabled: bool = True, fuse_qkv: bool = True) -> int:
-    """Give every eligible SigLIP encoder layer under `model` the engine's forward, with one Q/K/V
-    product where `fuse_qkv` and the projections allow (idempotent; `enabled` False takes it
-    away again; a fused product whose weights were replaced or moved since is made again);
-    returns how many layers have the forward."""
+def use_vision_epilogue(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Give every eligible SigLIP encoder layer under `model` the epilogue forward (idempotent;
+    `enabled` False takes it away again); returns how many layers have it."""
     count = 0
     for module in model.modules():
         if isinstance(module, EpilogueSiglipLayer) and not (enabled and _eligible(module)):
-            module.__dict__.pop(QKV, None)
             module.__class__ = original_class(module, EpilogueSiglipLayer)
         elif enabled and not isinstance(module, EpilogueSiglipLayer) and _is_siglip_layer(module) and _eligible(module):
             module.__class__ = mixed_class(__name__, EpilogueSiglipLayer, type(module), "Epilogue")
-        if isinstance(module, EpilogueSiglipLayer):
-            _place_qkv(module, fuse_qkv)
-            count += 1
+        count += isinstance(module, EpilogueSiglipLayer)
     return count
-
-
-QKV = "dvl_qkv"
-
-
-def _projections(attn: torch.nn.Module) -> list[torch.nn.Module]:
-    return [attn.q_proj, attn.k_proj, attn.v_proj]
-
-
-@torch.inference_mode(False)
-@torch.no_grad()
-def _place_qkv(layer: torch.nn.Module, fuse: bool) -> None:
-    """One product of q/k/v's concatenated weights as a plain attribute of the layer (not a
-    submodule: not saved with the model nor counted among its parameters), or none."""
-    fused = layer.__dict__.get(QKV)
-    if not (fuse and _qkv_fusable(layer.self_attn)):
-        layer.__dict__.pop(QKV, None)
-    elif fused is None or not views_of(fused, _projections(layer.self_attn)):
-        object.__setattr__(layer, QKV, concatenated_linear(_projections(layer.self_attn)))
-
-
-def _qkv_fusable(attn: torch.nn.Module) -> bool:
-    """transformers' SigLIP attention with plain, biased, same-shaped q/k/v on a real device."""
-    from transformers.models.siglip import modeling_siglip as siglip
-
-    projections = _projections(attn)
-    return (type(attn).forward is siglip.SiglipAttention.forward
-            and not any(hasattr(m, "_hf_hook") for m in (attn, *projections))
-            and all(plain_linear(m) and m.bias is not None and m.weight.device.type != "meta" for m in projections)
-            and len({(m.weight.shape, m.weight.dtype, m.weight.device) for m in projections}) == 1)
 
 
 def _is_siglip_layer(module: torch.nn.Module) -> bool:
