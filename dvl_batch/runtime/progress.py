@@ -237,9 +237,12 @@ LAST_WORK = ("started", "samples_this_run", "images_this_run", "rows_this_run", 
 class ProgressFile:
     """Keeps OUT/progress*.json current (at most every few seconds) for `dvl-batch status`."""
 
-    def __init__(self, job: PreparedJob, interval: float = 5.0):
+    def __init__(self, job: PreparedJob, interval: float = 5.0, started: float | None = None):
+        """`started` (epoch seconds, default now) is when the run began: the session passes its
+        own start, so the whole-run rate here and the run summary's throughput share one clock
+        (preparing the job, e.g. building the offline model, happens before this file exists)."""
         self.job, self.interval = job, interval
-        self.started = time.time()
+        self.started = time.time() if started is None else started
         self.first_sample: float | None = None  # when the engine took its first sample (the model is loaded)
         self.last = 0.0
 

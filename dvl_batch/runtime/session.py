@@ -159,7 +159,7 @@ def run_job(
 
 def _run_prepared(job: PreparedJob, reporter: NullReporter, say: Callable[[str], None], started: float) -> JobResult:
     spec = job.spec
-    progress_file = ProgressFile(job)
+    progress_file = ProgressFile(job, started=time.time() - (time.perf_counter() - started))
     stop = StopFlag()
     stats = RunStats()
     state = "failed"
