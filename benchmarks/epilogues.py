@@ -14,11 +14,10 @@ activation saves that round trip. This times, per block, at a 32-image prefill's
 - the language model's MLP (gate/up + SiLU-and-multiply + down, 19712 rows): the default
   compile against max-autotune;
 - the vision attention block (q, k, v, attention, out; 32 images of 576 tokens): transformers'
-  three 1024-wide products against one 3072-wide product of the concatenated weights (traced,
-  each 1024-wide product with its bias ran at ~50% of the matmul peak), and the fused form
-  under each SDPA backend. (On the H200 one product was 2% faster eager and 11% slower
-  compiled; in the engine's compiled vision tower it cost 0.34 ms per image, BENCHMARKS.md
-  0k, so the engine keeps three.)
+  three 1024-wide products against one 3072-wide product of the concatenated weights (as the
+  decoder layers have), and the one-product form under each SDPA backend. (On the H200 one
+  product was 2% faster eager and 11% slower compiled; in the engine's compiled vision tower
+  it cost 0.34 ms per image, BENCHMARKS.md 0k, so the engine keeps three.)
 
 Each row prints device ms (CUDA events, median of 7 after warm-ups), achieved TFLOP/s, the
 compile seconds, and the error against a float32 reference, so a faster form can be judged
