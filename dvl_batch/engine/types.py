@@ -8,17 +8,20 @@ from typing import Protocol
 
 import torch
 
+from ..config.spec import BatchSpec
+
 
 @dataclass(frozen=True)
 class Fusion:
     """Which of the slot engine's own kernel arrangements to use (each measured in BENCHMARKS.md;
     off reproduces transformers' arithmetic for that part, to measure the difference)."""
 
-    projections: bool = True  # one product for Q/K/V and one for gate/up (fused_layers.py; exact)
-    vision_epilogue: bool = True  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
+    # defaults are the job spec's, so an engine built without a spec runs what a job runs
+    projections: bool = BatchSpec.fuse_projections  # one product for Q/K/V and one for gate/up (fused_layers.py)
+    vision_epilogue: bool = BatchSpec.vision_epilogue  # SigLIP fc1's bias and GELU in the matmul's epilogue (vision_layers.py)
 
     @classmethod
-    def of(cls, batch) -> Fusion:
+    def of(cls, batch: BatchSpec) -> Fusion:
         """The choices a job's BatchSpec makes."""
         return cls(projections=batch.fuse_projections, vision_epilogue=batch.vision_epilogue)
 
