@@ -146,6 +146,27 @@ def test_a_moved_or_copied_layer_is_fused_again(tiny_model):
     assert layer.dvl_qkv.weight.dtype == torch.float64 == layer.dvl_gate_up.weight.dtype
 
 
+def test_a_replaced_bias_is_fused_again():
+    """Llama with attention_bias: a bias replaced after fusing (a loaded adapter, a new
+    Parameter) makes the fused product stale too, not only a replaced weight."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attention_bias=True)
+    lm = LlamaModel(config).eval()
+    assert fuse_projections(lm) == 1
+    layer = lm.layers[0]
+    attn = layer.self_attn
+    attn.k_proj.bias = torch.nn.Parameter(torch.randn(attn.k_proj.out_features))
+    assert fuse_projections(lm) == 1
+    assert attn.k_proj.bias.untyped_storage().data_ptr() == layer.dvl_qkv.bias.untyped_storage().data_ptr()
+    rows = torch.randn(3, 32)
+    with torch.no_grad():
+        separate = torch.cat([attn.q_proj(rows), attn.k_proj(rows), attn.v_proj(rows)], dim=-1)
+        torch.testing.assert_close(layer.dvl_qkv(rows), separate)
+
+
 def test_layers_with_more_than_llamas_arithmetic_keep_their_forward():
     """Only transformers' Llama forwards are replaced: a layer of the same shape with its own
     forward (Qwen3's q/k norms, say) would be computed wrongly by the fused one."""

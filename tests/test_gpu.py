@@ -268,12 +268,12 @@ def test_fused_fp8_projections_on_cuda_match_the_separate_ones():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 matmul needs compute capability >= 8.9")
     from dvl_batch.engine.fp8_linear import Fp8Linear
-    from dvl_batch.engine.layer_classes import concatenated_linear
+    from dvl_batch.engine.fused_layers import _concatenated
 
     torch.manual_seed(0)
     linears = [torch.nn.Linear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     layers = [Fp8Linear.from_linear(linear, min_rows=16) for linear in linears]
-    fused = concatenated_linear(layers)
+    fused = _concatenated(layers)
     for rows in (8, 4096):  # below min_rows: the bf16 products; above: float8
         x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
         separate = torch.cat([layer(x) for layer in layers], dim=-1).float()

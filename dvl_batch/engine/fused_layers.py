@@ -26,7 +26,7 @@ import torch
 
 from .attention import slot_attention
 from .fp8_linear import Fp8Linear
-from .layer_classes import concatenated_linear, mixed_class, original_class, plain_linear, views_of
+from .layer_classes import mixed_class, original_class, plain_linear
 
 
 class FusedProjectionsLayer:
@@ -90,7 +90,22 @@ def _projections(layer: torch.nn.Module) -> list[torch.nn.Module] | None:
 def _current(layer: torch.nn.Module, sources: list[torch.nn.Module] | None) -> bool:
     """Whether the fused products are still made of these modules' tensors: each weight a view
     of the fused one (a replaced module, a deep copy or `.to()` makes new tensors)."""
-    return sources is not None and views_of(layer.dvl_qkv, sources[:3]) and views_of(layer.dvl_gate_up, sources[3:5])
+    return sources is not None and _views_of(layer.dvl_qkv, sources[:3]) and _views_of(layer.dvl_gate_up, sources[3:5])
+
+
+def _views_of(fused: torch.nn.Module, modules: list[torch.nn.Module]) -> bool:
+    def pointer(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    if isinstance(fused, Fp8Linear) != all(type(m) is Fp8Linear for m in modules):
+        return False
+    pairs = [(fused.weight, [m.weight for m in modules])]
+    if getattr(fused, "bias", None) is not None:  # Llama with attention_bias / mlp_bias
+        pairs.append((fused.bias, [m.bias for m in modules]))
+    if isinstance(fused, Fp8Linear):
+        pairs.append((fused.linear.weight, [m.linear.weight for m in modules]))
+    return all(w is not None and pointer(w) == pointer(whole) and w.dtype == whole.dtype and w.device == whole.device
+               for whole, parts in pairs for w in parts)
 
 
 def _fusable(modules: list[torch.nn.Module]) -> bool:
@@ -110,8 +125,8 @@ def _fuse(layer: torch.nn.Module, sources: list[torch.nn.Module]) -> None:
     # ordinary tensors even when the engine is built under inference_mode: the re-pointed
     # weights stay usable outside it (training, load_state_dict) like the ones they replace.
     # plain attributes (object.__setattr__): not submodules, so not in state_dict or parameters()
-    object.__setattr__(layer, "dvl_qkv", concatenated_linear(sources[:3]))
-    object.__setattr__(layer, "dvl_gate_up", concatenated_linear(sources[3:5]))
+    object.__setattr__(layer, "dvl_qkv", _concatenated(sources[:3]))
+    object.__setattr__(layer, "dvl_gate_up", _concatenated(sources[3:5]))
     layer.dvl_qkv_sizes = [m.out_features for m in sources[:3]]
     layer.__class__ = _fused_class(type(layer))
 
@@ -135,3 +150,30 @@ def _unfuse(layer: torch.nn.Module) -> None:
     for name in ("dvl_qkv", "dvl_gate_up", "dvl_qkv_sizes"):
         layer.__dict__.pop(name, None)
     layer.__class__ = original_class(layer, FusedProjectionsLayer)
+
+
+def _concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """One product for `modules` (all nn.Linear, or all Fp8Linear), whose tensors become views of its rows."""
+    if type(modules[0]) is Fp8Linear:
+        bf16 = _concatenated([m.linear for m in modules])
+        weight = _stacked(modules, "weight", dim=0)
+        scale = _stacked(modules, "weight_scale", dim=1)  # [1, out]: one scale per output row
+        return Fp8Linear(bf16, weight, scale, modules[0].min_rows)
+    weight = _stacked(modules, "weight", dim=0)
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if modules[0].bias is not None:
+        fused.bias = torch.nn.Parameter(_stacked(modules, "bias", dim=0), requires_grad=False)
+    return fused
+
+
+def _stacked(modules: list[torch.nn.Module], name: str, dim: int) -> torch.Tensor:
+    """The modules' tensors `name` concatenated along `dim`; each module's becomes a view of its slice."""
+    whole = torch.cat([getattr(m, name).detach() for m in modules], dim=dim)
+    start = 0
+    for m in modules:
+        size = getattr(m, name).shape[dim]
+        part = whole.narrow(dim, start, size)
+        setattr(m, name, torch.nn.Parameter(part, requires_grad=False) if name in m._parameters else part)
+        start += size
+    return whole
