@@ -190,3 +190,20 @@ def test_compiled_kernels_are_kept_under_the_cache_folder_unless_the_user_chose_
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
     use_compile_cache(tmp_path / "other")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
+
+
+def test_an_unexpected_error_shuts_the_decoder_processes_down(tmp_path, cache_dir, clean_launch_env, monkeypatch):
+    """Decoders ignore SIGTERM, so one left running after an error (a bug deep in the run) was
+    joined forever by the interpreter's exit: the command hung instead of failing."""
+    import multiprocessing
+
+    from dvl_batch.runtime.assembly import ShardAssembler
+
+    def broken(self, *args):
+        raise RuntimeError("a bug in the assembler")
+
+    monkeypatch.setattr(ShardAssembler, "add_sample", broken)
+    with pytest.raises(RuntimeError, match="a bug in the assembler") as raised:
+        run(_spec(tmp_path, workers=1), cache_dir=cache_dir, offline=True, say=lambda text: None)
+    assert raised.traceback, "the frames (and the generators they hold) are still referenced here"
+    assert multiprocessing.active_children() == []

@@ -92,6 +92,10 @@ def process_shards(
         with contextlib.suppress(Exception):
             assembler.flush()
         raise
+    finally:
+        # Shut the decoder processes down now: they ignore SIGTERM (stream.py), so one left to
+        # the interpreter's exit would be joined forever after an unexpected error.
+        stream.close()
     if spec.data.limit is not None and not stop.requested:
         assembler.close_incomplete(f"stopped by --limit {spec.data.limit}")
     assembler.flush()  # a stop, or shards left open: what was answered is saved, the rest is redone next run
