@@ -49,7 +49,8 @@ def checkpoint_files(out: Path) -> list[Path]:
 
 
 def checkpoint_keys(out: Path) -> list[str]:
-    return [json.loads(line)["key"] for path in checkpoint_files(out) for line in path.read_text().splitlines()]
+    records = [json.loads(line) for path in checkpoint_files(out) for line in path.read_text().splitlines()]
+    return [r["key"] for r in records if "key" in r]  # each file's first line is its header (whose rows these are)
 
 
 def answer_times(log: Path) -> list[float]:

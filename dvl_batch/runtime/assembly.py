@@ -23,6 +23,7 @@ import torch
 from ..engine.types import Completion, EnginePrompt, WorkItem
 from ..errors import EXIT_FAILED
 from ..records import AnswerRow, PreparedSample, Shard, ShardEnd
+from ..sink.checkpoints import source_signature
 from ..sink.parts import ParquetSink
 from .stats import RunStats
 
@@ -33,6 +34,7 @@ PROGRESS_SECONDS = 1.0  # how often answers (not only finished shards) reach the
 class _ShardState:
     shard: Shard
     checkpoints: list[Path]  # this shard's checkpoint files (earlier runs' and this run's)
+    source: str | None = None  # the input as read (checkpoints.source_signature), written into each checkpoint
     rows: list[AnswerRow] = field(default_factory=list)  # whole samples not saved yet
     outstanding: int = 0
     end: ShardEnd | None = None
@@ -87,7 +89,8 @@ class ShardAssembler:
     def _state(self, shard: Shard) -> _ShardState:
         if shard.id not in self.states:
             checkpoints = self.sink.checkpoints  # None: a sink that takes whole shards only (Ray Data batches)
-            self.states[shard.id] = _ShardState(shard, checkpoints.files(shard.id) if checkpoints else [])
+            files = checkpoints.files(shard.id) if checkpoints else []
+            self.states[shard.id] = _ShardState(shard, files, source_signature(shard) if checkpoints else None)
         return self.states[shard.id]
 
     def watchdog(self, seconds: float) -> contextlib.AbstractContextManager[None]:
@@ -210,7 +213,7 @@ class ShardAssembler:
         if not state.rows:
             return
         seq = 1 + max((int(p.name.rsplit(".ckpt", 1)[1].split(".")[0]) for p in state.checkpoints), default=0)
-        state.checkpoints.append(self.sink.checkpoints.write(state.shard.id, seq, state.rows))
+        state.checkpoints.append(self.sink.checkpoints.write(state.shard.id, seq, state.rows, state.source))
         self._count_saved(state.rows)
         state.rows = []
 

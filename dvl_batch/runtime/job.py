@@ -19,13 +19,19 @@ from ..config.launch import AUTO_COMPILE_MIN_BYTES, parse_gpus, resolve_compile
 from ..config.spec import JobSpec
 from ..errors import UsageError
 from ..records import ResolvedModel, Shard
-from ..sink.checkpoints import Checkpoints
+from ..sink.checkpoints import Checkpoints, source_signature
 from ..sink.files import atomic_write_bytes
 from ..sink.output import OutputDir
 from ..sources import FolderManifest, discover_shards, shard_bytes
 from .models import resolve_model
 from .preflight import check_devices, check_inputs
-from .resume import check_identity_from_parts, exclude_paths, recover_manifest, trusted_parts
+from .resume import (
+    check_identity_from_checkpoints,
+    check_identity_from_parts,
+    exclude_paths,
+    recover_manifest,
+    trusted_parts,
+)
 
 
 @dataclass
@@ -80,15 +86,23 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
     }
 
 
-def with_checkpoints(out: OutputDir, todo: list[Shard]) -> list[Shard]:
-    """Open shards, each with the samples its checkpoints already hold (`Shard.skip`); a
-    checkpoint that does not read back is removed (its samples are simply answered again)."""
+def with_checkpoints(out: OutputDir, todo: list[Shard], notices: list[str]) -> list[Shard]:
+    """Open shards, each with the samples its checkpoints already hold (`Shard.skip`).
+
+    A checkpoint that does not read back is removed (its samples are simply answered again);
+    so are a shard's checkpoints made from a different version of its input (rows are matched
+    to samples by index: a rewritten shard would get another sample's answer), with a notice.
+    (Checkpoints of a different job were refused before: resume.check_identity_from_checkpoints.)"""
     checkpoints = Checkpoints(out.root)
     found = checkpoints.scan()
     result = []
     for shard in todo:
         done: set[int] = set()
-        for path in found.get(shard.id, []):
+        paths = found.get(shard.id, [])
+        if paths and _changed_since(checkpoints, paths, shard):
+            notices.append(f"{shard.url} changed since its checkpoints were written: its samples are answered again")
+            paths = []
+        for path in paths:
             try:
                 done |= checkpoints.done_samples([path])
             except Exception:  # noqa: BLE001 - unreadable: redo its samples
@@ -96,6 +110,22 @@ def with_checkpoints(out: OutputDir, todo: list[Shard]) -> list[Shard]:
                     path.unlink()
         result.append(replace(shard, skip=frozenset(done)) if done else shard)
     return result
+
+
+def _changed_since(checkpoints: Checkpoints, paths: list[Path], shard: Shard) -> bool:
+    """Whether the shard's input differs from the one its checkpoints were answered from (they
+    are then removed)."""
+    source = source_signature(shard)
+    changed = False
+    for path in paths:
+        try:
+            header = checkpoints.header(path)
+        except (OSError, ValueError):
+            continue  # unreadable: done_samples removes it
+        changed |= None not in (header.get("source"), source) and header.get("source") != source
+    if changed:
+        checkpoints.remove(paths)
+    return changed
 
 
 def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
@@ -122,6 +152,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
         notices: list[str] = list(warnings)
         with out.shared_lock():
             check_identity_from_parts(out, metadata, spec.output.overwrite)
+            check_identity_from_checkpoints(out, metadata["fingerprint"], spec.output.overwrite)
             out.check_job(record, spec.output.overwrite)
             manifest = FolderManifest(out.manifest_file, taken=lambda shard_id: out.part_path(shard_id).exists())
             if recover_manifest(out, manifest):
@@ -131,7 +162,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
         mine = [s for s in shards if shard_owner(s.id, spec.run.world_size) == spec.run.rank]
         done, redo = trusted_parts(out, mine, metadata["fingerprint"])
         notices.extend(redo)
-        todo = with_checkpoints(out, [s for s in mine if s.id not in done])
+        todo = with_checkpoints(out, [s for s in mine if s.id not in done], notices)
     except BaseException:
         out.release()
         raise

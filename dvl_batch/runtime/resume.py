@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..records import Shard
+from ..sink.checkpoints import Checkpoints
 from ..sink.output import OutputDir, describe_differences
 from ..sink.verify import VerifiedParts, part_record
 from ..sources import FolderManifest, name_of_key
@@ -63,6 +64,27 @@ def check_identity_from_parts(out: OutputDir, metadata: dict[str, Any], overwrit
                 f"{out.root} has no job.json and its parts were written by a different job ({diffs}); rerun with "
                 "that job's settings to resume, use --overwrite to discard them, or pick another output folder"
             )
+
+
+def check_identity_from_checkpoints(out: OutputDir, fingerprint: str, overwrite: bool) -> None:
+    """OUT has no job.json: refuse a run of another job whose checkpoints (a run stopped before
+    any part) are here. Rows are matched to samples by index, so they would be folded into this
+    job's parts. Checks before job.json is written, so a refused run leaves OUT as it was."""
+    if overwrite or out.job_file.exists():
+        return
+    checkpoints = Checkpoints(out.root)
+    for paths in checkpoints.scan().values():
+        for path in paths:
+            try:
+                written_by = checkpoints.header(path).get("fingerprint")
+            except (OSError, ValueError):
+                continue  # unreadable: removed and redone later
+            if written_by not in (None, fingerprint):
+                raise UsageError(
+                    f"{out.root} has no job.json and its checkpoints ({path.name}) were written by a different job; "
+                    "rerun with that job's settings to resume, use --overwrite to discard them, or pick another "
+                    "output folder"
+                )
 
 
 def recover_manifest(out: OutputDir, manifest: FolderManifest) -> int:

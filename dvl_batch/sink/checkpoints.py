@@ -8,18 +8,27 @@ file written atomically like a part). Plain JSON, written without pyarrow, becau
 timer thread writes them while decoder processes may be forked. A resumed run skips the samples its shard's checkpoints hold;
 when the shard completes, its checkpoints are folded into its one part and removed.
 Checkpoint files are internal: readers use the parts.
+
+Each file's first line says whose rows these are: the job's fingerprint and the shard's
+source as it was read (size and modification time of a local file; names, sizes and times
+of a folder chunk's images). Rows are matched to samples by index alone, so a resumed run
+must not trust a checkpoint of another job (job.json deleted) or of a shard file since
+rewritten: the first is refused, the second's samples are answered again
+(runtime/job.py `with_checkpoints`). Files from before this header are trusted as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..records import AnswerRow
+from ..records import AnswerRow, Shard
 from .files import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
@@ -46,11 +55,20 @@ class Checkpoints:
     def files(self, shard_id: str) -> list[Path]:
         return self.scan().get(shard_id, [])
 
-    def write(self, shard_id: str, seq: int, rows: list[AnswerRow]) -> Path:
+    def write(self, shard_id: str, seq: int, rows: list[AnswerRow], source: str | None = None) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{shard_id}.ckpt{seq:06d}.jsonl"
-        atomic_write_bytes(path, "".join(json.dumps(asdict(row)) + "\n" for row in rows).encode())
+        header = json.dumps({HEADER: {"fingerprint": self.fingerprint, "source": source}}) + "\n"
+        atomic_write_bytes(path, (header + "".join(json.dumps(asdict(row)) + "\n" for row in rows)).encode())
         return path
+
+    @staticmethod
+    def header(path: Path) -> dict[str, Any]:
+        """Whose rows a checkpoint holds ({"fingerprint", "source"}); {} for a file without a header."""
+        with open(path, "rb") as handle:
+            first = json.loads(handle.readline() or b"{}")
+        found = first.get(HEADER) if isinstance(first, dict) else None
+        return found if isinstance(found, dict) else {}
 
     def read_rows(self, paths: list[Path]) -> list[AnswerRow]:
         return [AnswerRow(**record) for path in paths for record in _read(path)]
@@ -77,8 +95,31 @@ class Checkpoints:
                 path.unlink(missing_ok=True)
 
 
+HEADER = "dvl_batch_checkpoint"
+
+
 def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if HEADER not in r]
+
+
+def source_signature(shard: Shard) -> str | None:
+    """What a shard's input looked like when it was read: local file size and mtime, or for a
+    folder chunk a digest of its images' names, sizes and mtimes; None where it cannot be told
+    (pipe: and URL shards, a file that cannot be stat'ed)."""
+    try:
+        if shard.format == "folder":
+            digest = hashlib.sha1()
+            for member in shard.members:
+                stat = os.stat(os.path.join(shard.url, member))
+                digest.update(f"{member}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
+            return f"folder:{digest.hexdigest()}"
+        if "://" in shard.url or shard.url.startswith("pipe:"):
+            return None
+        stat = os.stat(shard.url)
+        return f"file:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        return None
 
 
 def count_rows(root: Path) -> tuple[int, int]:
@@ -88,5 +129,5 @@ def count_rows(root: Path) -> tuple[int, int]:
         for path in paths:
             files += 1
             with open(path, "rb") as handle:
-                rows += sum(1 for line in handle if line.strip())
+                rows += sum(1 for line in handle if line.strip() and not line.startswith(b'{"' + HEADER.encode()))
     return files, rows

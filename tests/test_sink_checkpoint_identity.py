@@ -1,0 +1,81 @@
+"""Checkpoints say whose rows they hold: a resume never folds another job's rows, or rows of a
+shard file since rewritten, into a part (rows are matched to samples by index alone)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dvl_batch import JobSpec, run
+from dvl_batch.errors import UsageError
+from dvl_batch.records import AnswerRow
+from dvl_batch.sink.checkpoints import Checkpoints, count_rows, source_signature
+from dvl_batch.sink.parts import ParquetSink
+
+from .conftest import image_bytes, read_rows, write_tar
+from .test_resume_trust import prepared
+
+
+def _shard(path, prefix: str, n: int):
+    names = ["coffee.jpg", "coffee.jpg", "coffee.jpg", "coffee.jpg"][:n]
+    return write_tar(path, [(f"{prefix}{i}.jpg", image_bytes(name)) for i, name in enumerate(names)])
+
+
+def _interrupted(cache_dir, data, out, answered: int, **options):
+    """A run stopped after `answered` samples of the one shard: their rows in a checkpoint, no part."""
+    job = prepared(cache_dir, [data], out, **options)
+    shard = job.todo[0]
+    sink = ParquetSink(job.out, job.metadata)
+    rows = [AnswerRow(f"old{i}", shard.id, i, 0, "q", "a", 1, 1, "stop") for i in range(answered)]
+    sink.checkpoints.write(shard.id, 1, rows, source_signature(shard))
+    job.release()
+    return shard
+
+
+def test_checkpoints_of_another_job_are_refused_without_job_json(tmp_path, cache_dir):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _shard(data / "s.tar", "k", 3)
+    _interrupted(cache_dir, data, out, 2, prompt="Prompt A")
+    (out / "job.json").unlink()
+    with pytest.raises(UsageError, match="its checkpoints .* were written by a different job"):
+        prepared(cache_dir, [data], out, prompt="Prompt B")
+    assert not (out / "job.json").exists(), "a refused run leaves OUT as it was"
+    same = prepared(cache_dir, [data], out, prompt="Prompt A")  # the job that wrote them resumes
+    assert same.todo[0].skip == {0, 1}
+    same.release()
+    assert count_rows(out) == (1, 2), "status counts the rows, not the header line"
+
+
+def test_a_shard_rewritten_since_its_checkpoints_is_answered_again(tmp_path, cache_dir):
+    data, out = tmp_path / "data", tmp_path / "out"
+    tar = _shard(data / "s.tar", "k", 3)
+    _interrupted(cache_dir, data, out, 2, max_new_tokens=2)
+    _shard(tar, "new", 4)  # the same name, other samples
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
+    job = prepared(cache_dir, [data], out, max_new_tokens=2)
+    assert job.todo[0].skip == frozenset() and not list((out / "checkpoints").glob("*.jsonl"))
+    assert any("changed since its checkpoints were written" in n for n in job.notices)
+    job.release()
+    spec = JobSpec.from_recipe(None, inputs=[str(data)], output=str(out), model="tiny", max_new_tokens=2, workers=0,
+                               progress=False)
+    run(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
+    assert sorted(read_rows(out)["key"].to_pylist()) == ["new0", "new1", "new2", "new3"]
+
+
+def test_checkpoints_without_a_header_are_trusted_as_before(tmp_path, cache_dir):
+    """Files written before the header existed: their samples are still skipped."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _shard(data / "s.tar", "k", 3)
+    job = prepared(cache_dir, [data], out)
+    shard = job.todo[0]
+    row = json.dumps({"key": "k0", "shard": shard.id, "sample_index": 0, "question_index": 0, "question": "q",
+                      "answer": "a", "prompt_tokens": 1, "generated_tokens": 1, "finish_reason": "stop", "error": None})
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "checkpoints" / f"{shard.id}.ckpt000001.jsonl").write_text(row)
+    job.release()
+    again = prepared(cache_dir, [data], out)
+    assert again.todo[0].skip == {0}
+    assert Checkpoints.header(out / "checkpoints" / f"{shard.id}.ckpt000001.jsonl") == {}
+    again.release()
