@@ -9,6 +9,9 @@ prefill batch (the vision tower's 576 tokens, 64-dim heads, non-causal; the lang
 S + T tokens, 128-dim heads):
 
 - each SDPA backend torch has here (cuDNN, flash, memory-efficient), eagerly and compiled;
+- FlexAttention (Inductor's Triton attention template, compiled) with a few tile choices: the
+  vision tower without a mask, the language model's T queries over S + T keys with the causal
+  mask aligned bottom-right as a block mask (no zero queries, no query copy);
 - for the language model, the zero-query layout against causal attention aligned bottom-right
   (`torch.nn.attention.bias.causal_lower_right`: T queries over S + T keys, no extra rows,
   no copy of the queries with zeros in front) and against a prompt with no shared head (616
@@ -38,6 +41,14 @@ from dvl_batch.bench.device_time import median_device_seconds
 from dvl_batch.engine.attention import _after_common
 
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+# FlexAttention tile choices tried (None: its own defaults for the shape)
+FLEX_OPTIONS: tuple[dict | None, ...] = (
+    None,
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "USE_TMA": True},
+)
 
 
 @dataclass(frozen=True)
@@ -86,22 +97,51 @@ def attention(variant: Variant) -> Callable[..., torch.Tensor]:
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).contiguous()
 
 
+def flex_attention(variant: Variant, options: dict | None, device: torch.device) -> Callable[..., torch.Tensor]:
+    """`variant` through compiled FlexAttention: no mask for the vision tower, else each of the
+    T own queries sees the S head keys and its own causal prefix (bottom-right causal)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    compiled = torch.compile(flex, dynamic=False)
+    block_mask = None
+    if variant.causal != "none":
+        offset = variant.keys - variant.queries
+
+        def bottom_right(b, h, q_idx, kv_idx):
+            return q_idx + offset >= kv_idx
+
+        block_mask = create_block_mask(bottom_right, None, None, variant.queries, variant.keys, device=device)
+    kwargs = {"kernel_options": options} if options else {}
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, **kwargs).transpose(1, 2).contiguous()
+
+
 def measure(variant: Variant, tensors, reference: torch.Tensor, backend: str | None, compiled: bool,
-            batch: int, heads: int) -> dict:
-    """One row: ms per image, useful TFLOP/s and the largest difference from the reference."""
+            batch: int, heads: int, flex_options: dict | None = None) -> dict:
+    """One row: ms per image, useful TFLOP/s and the largest difference from the reference.
+    backend "FLEX" times FlexAttention with `flex_options` (always compiled)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fn = attention(variant)
-    if compiled:
-        fn = torch.compile(fn, dynamic=False)
     q, k, v = tensors
     row = {"variant": variant.name, "backend": backend or "default", "compiled": compiled}
+    if backend == "FLEX":
+        row["flex_options"] = flex_options
+        try:
+            fn = flex_attention(variant, flex_options, q.device)
+        except Exception as exc:  # noqa: BLE001 - an API this torch lacks
+            row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            return row
+        backend = None
+    else:
+        fn = attention(variant)
+        if compiled:
+            fn = torch.compile(fn, dynamic=False)
     chosen = sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()  # None: torch picks
     try:
         with torch.inference_mode(), chosen:
             out = fn(q, k, v).transpose(1, 2)  # back to [B, H, queries, D], as the reference
             seconds = median_device_seconds(lambda: fn(q, k, v), on_cuda=q.is_cuda)
-    except (RuntimeError, NotImplementedError, AssertionError) as exc:  # a backend that refuses this shape
+    except Exception as exc:  # noqa: BLE001 - a backend (or tile choice) that refuses this shape
         row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         return row
     row["max_abs_diff"] = float((out[:, :, -reference.shape[2]:].float() - reference).abs().max())
@@ -138,6 +178,9 @@ def run(args) -> list[dict]:
         for compiled in (False, True):
             for backend in backends:
                 rows.append(measure(variant, tensors, reference, backend, compiled, batch, heads))
+        if variant.causal in ("none", "bottom-right"):  # the two masks FlexAttention needs no layout for
+            for options in FLEX_OPTIONS if device.type == "cuda" else FLEX_OPTIONS[:1]:
+                rows.append(measure(variant, tensors, reference, "FLEX", True, batch, heads, options))
     return rows
 
 
@@ -145,6 +188,8 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'variant':<27} {'backend':<20} {'compiled':>8} {'ms/image':>9} {'TFLOP/s':>8}  note")
     for row in rows:
         note = row.get("error") or f"max |diff| vs float32 reference {row['max_abs_diff']:.1e}"
+        if row.get("flex_options"):
+            note += f" {row['flex_options']}"
         ms = f"{row['ms_per_image']:.4f}" if "ms_per_image" in row else "-"
         tf = f"{row['tflops']:.0f}" if "tflops" in row else "-"
         print(f"{row['variant']:<27} {row['backend']:<20} {str(row['compiled']):>8} {ms:>9} {tf:>8}  {note}")

@@ -139,7 +139,8 @@ def test_start_time_benchmark_measures_cold_warm_and_a_run_with_nothing_to_do(st
 def test_prefill_attention_program_checks_every_layout_against_the_whole_prompt(started):
     """benchmarks/prefill_attention.py (shrunk shapes, CPU): the engine's zero-query layout and the
     bottom-right causal one give the whole prompt's attention for the prompt's own tokens, eager
-    and compiled; a table is printed and every row lands in the JSON."""
+    and compiled, and so does FlexAttention's block mask (and its unmasked vision tower); a table
+    is printed and every row lands in the JSON."""
     commands, folder = started
     result = commands.result("attn")
     assert result.returncode == 0, result.stderr
@@ -148,6 +149,7 @@ def test_prefill_attention_program_checks_every_layout_against_the_whole_prompt(
     assert variants == {"vision tower", "LM, no shared head", "LM, zero queries in front", "LM, causal bottom-right"}
     assert all("error" not in row and row["max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0 for row in rows), rows
     assert {row["compiled"] for row in rows} == {False, True}
+    assert {row["variant"] for row in rows if row["backend"] == "FLEX"} == {"vision tower", "LM, causal bottom-right"}
     assert "LM, causal bottom-right" in result.stdout and "ms/image" in result.stdout
 
 
