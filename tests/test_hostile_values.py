@@ -4,9 +4,14 @@ and in bounded memory, never a traceback or the rest of a shard lost."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from dvl_batch.config.spec import JobSpec
@@ -16,7 +21,7 @@ from dvl_batch.preprocess.prompts import load_questions_file
 from dvl_batch.records import RawSample, ShardEnd
 from dvl_batch.sources import discover_shards, read_shard
 
-from .conftest import image_bytes, write_parquet, write_tar
+from .conftest import cli_env, image_bytes, write_parquet, write_tar
 
 
 def test_a_brace_pattern_of_millions_of_names_is_refused_before_it_is_expanded():
@@ -104,3 +109,58 @@ def test_an_output_path_through_a_file_is_a_usage_error(tmp_path):
     for path in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(UsageError, match="is a file, not a folder"):
             OutputDir(str(path)).prepare()
+
+
+def test_a_null_image_in_a_parquet_list_is_that_rows_error_never_dropped(tmp_path):
+    """A list of images with a null among them: dropping it would pair the prompt's images
+    with the wrong pictures (or fewer of them) without a word."""
+    photo = image_bytes("coffee.jpg")
+    images = pa.array([[photo, None, photo], [photo, photo], None], pa.list_(pa.binary()))
+    path = write_parquet(tmp_path / "lists.parquet", {"key": ["gap", "whole", "none"], "images": images})
+    (listed,) = discover_shards([str(path)], 100)
+    items = list(read_shard(listed))
+    samples = {s.key: s for s in items if isinstance(s, RawSample)}
+    assert isinstance(items[-1], ShardEnd) and len(samples) == 3
+    assert "image 2 of the 3 in its list is null" in samples["gap"].error
+    assert samples["whole"].error is None and len(samples["whole"].images) == 2
+    assert "null" in samples["none"].error
+
+
+def test_an_empty_input_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here.jpg").write_bytes(image_bytes("coffee.jpg"))
+    for inputs in ([""], ["  "], ["shards", ""]):
+        with pytest.raises(UsageError, match=r"an input is empty \(''\)"):
+            discover_shards(inputs, 100)
+
+
+def _without_permission_override() -> list[str]:
+    """A command prefix under which chmod 000 holds: root reads everything unless its
+    capabilities to override file permissions are dropped."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions cannot be denied here")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+@pytest.mark.parametrize("command", ["caption", "inspect"])
+def test_a_folder_that_cannot_be_read_is_one_clear_error_not_skipped(tmp_path, cache_dir, command):
+    """os.walk skips folders it cannot list: the job would leave their images out without a word."""
+    data = tmp_path / "data"
+    for folder in (data, data / "locked"):
+        folder.mkdir()
+        (folder / "a.jpg").write_bytes(image_bytes("coffee.jpg"))
+    (data / "locked").chmod(0)
+    try:
+        for target in (data, data / "locked", data / "locked" / "a.jpg"):
+            args = [command, str(target)] + (["-o", str(tmp_path / "out"), "--model", "tiny"] if command == "caption" else [])
+            done = subprocess.run([*_without_permission_override(), sys.executable, "-m", "dvl_batch", *args],
+                                  env=cli_env(cache_dir), capture_output=True, text=True, timeout=120)
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot read the"), done.stderr
+            assert "locked" in lines[0] and "Permission denied" in lines[0]
+        assert not (tmp_path / "out").exists()
+    finally:
+        (data / "locked").chmod(0o755)

@@ -112,8 +112,12 @@ def shard_bytes(shard: Shard) -> int | None:
 
 
 def is_output_folder(path: Path) -> bool:
-    """A dvl-batch OUT (its parts and bookkeeping), which is never read as input."""
-    return (path / "parts").is_dir() and any((path / name).exists() for name in ("job.json", "progress.json", ".lock"))
+    """A dvl-batch OUT (its parts and bookkeeping), which is never read as input. A folder
+    that cannot be searched is not one (listing it then gives the clear error: `_walk`)."""
+    try:
+        return (path / "parts").is_dir() and any((path / name).exists() for name in ("job.json", "progress.json", ".lock"))
+    except OSError:
+        return False
 
 
 def _is_regular(path: Path) -> bool:
@@ -125,8 +129,15 @@ def _is_regular(path: Path) -> bool:
 
 
 def _walk(root: Path, skip: frozenset[Path]):
-    """(folder, sorted visible file names) under root, without hidden folders or output folders."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    """(folder, sorted visible file names) under root, without hidden folders or output folders.
+
+    A folder that cannot be listed is a usage error, not skipped: its images would be left
+    out of the job without a word (os.walk's default)."""
+    def refuse(error: OSError) -> None:
+        raise UsageError(f"cannot read the folder {error.filename} ({error.strerror}): its images would be left out; "
+                         "fix its permissions or name the folders to read")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse):
         here = Path(dirpath)
         dirnames[:] = sorted(
             d for d in dirnames
@@ -221,6 +232,8 @@ def discover_shards(
     manifest = manifest or FolderManifest(None)
     manifest.skip = frozenset(Path(p).resolve() for p in exclude)
     shards: list[Shard] = []
+    if any(not str(raw).strip() for raw in inputs):  # Path("") is the current folder: never read it by accident
+        raise UsageError("an input is empty (''): name shard files, a folder or a pattern")
     for raw in inputs:
         for item in _expand_braces(raw):
             shards.extend(_shards_of(item, shard_size, manifest))
@@ -237,9 +250,13 @@ def _shards_of(item: str, shard_size: int, manifest: FolderManifest) -> list[Sha
             raise UsageError(f"cannot tell the format of {item}: name it .tar, .tgz or .parquet")
         return [_file_shard(item, fmt)]
     path = Path(item)
-    if not path.exists():
+    try:
+        found, is_file = path.exists(), path.is_file()
+    except OSError as exc:  # a folder on the way that may not be searched
+        raise UsageError(f"cannot read the input {item} ({exc.strerror})") from None
+    if not found:
         raise UsageError(f"input not found: {item}")
-    if path.is_file():
+    if is_file:
         fmt = format_of(path.name)
         if fmt is None and is_image_name(path.name):
             return [_single_image_shard(path)]

@@ -120,8 +120,11 @@ def _parquet_images(value: Any, kind: str, base_dir: Path, max_bytes: int) -> li
         path = Path(value)
         return [read_regular_file(path if path.is_absolute() else base_dir / path, max_bytes)]
     out: list[bytes] = []
-    for item in value:
-        out.extend(_parquet_images(item, "struct" if isinstance(item, dict) else "bytes", base_dir, max_bytes))
+    for number, item in enumerate(value, 1):  # a null image in a list must not shift the others silently
+        images = _parquet_images(item, "struct" if isinstance(item, dict) else "bytes", base_dir, max_bytes)
+        if not images:
+            raise ValueError(f"image {number} of the {len(value)} in its list is null")
+        out.extend(images)
     return out
 
 
