@@ -15,7 +15,8 @@ def print_summary(err: Console, result) -> None:
     stats = result.stats
     if not stats.samples and not stats.shards_written and result.shards_done >= result.shards_total:
         err.print(f"nothing to do: all {result.shards_total} shards in {escape(str(result.out))} are done "
-                  "(new shards are picked up when they appear; --overwrite starts over)")
+                  "(new shards are picked up when they appear; to answer them all again, delete it or pick another "
+                  "output folder: --overwrite discards only results of other settings)")
         return
     seconds = max(result.seconds, 1e-9)
     table = Table(title="dvl-batch summary", show_header=False, title_justify="left")

@@ -151,6 +151,7 @@ def test_rerun_with_nothing_to_do_loads_no_model(started, cache_dir):
     again = run_cli(["caption", str(EXAMPLES / "shards"), "-o", str(out), *FAST], cache_dir)
     assert again.returncode == 0, again.stderr
     assert "nothing to do: all 1 shards" in again.stderr and "img/s" not in again.stderr
+    assert "to answer them all again, delete it" in again.stderr, "the hint says what starts over (not --overwrite)"
     assert json.loads((out / "progress.json").read_text())["state"] == "finished"
     assert time.monotonic() - started < 60
     # a cron run that finds nothing new never imports the ML stack (torch alone took 1-4 s)
