@@ -75,12 +75,31 @@ def test_a_recipe_value_that_expands_to_millions_of_items_gives_a_short_error():
     ("key,question\nastronaut,caf\u00e9\n".encode("latin-1"), "not UTF-8"),
     (b'{"key": "astronaut", "questions": 5}\n', "must be text"),
     (b"key,question\nastronaut," + b"x" * 200_000 + b"\n", "cannot be read as questions"),
+    # what was once silently dropped: empty questions, a null key, an unterminated quote
+    (b'{"key": "a", "question": "ok"}\n{"key": "b", "question": null}\n', r"q.jsonl:2: an empty question"),
+    (b'{"key": "a", "questions": ["ok", " "]}\n', r"q.jsonl:1: an empty question"),
+    (b'{"key": "a", "questions": []}\n', r"q.jsonl:1: an empty question"),
+    (b'{"key": null, "question": "ok"}\n', r"q.jsonl:1: 'key' must be a non-empty text or number \(got null\)"),
+    (b"key,question\na,fine\nb,\n", r"q.csv:3: empty question"),
+    (b"key,question\na,fine\n,orphan\n", r"q.csv:3: empty key"),
+    (b'key,question\na,"what is\nb,fine\n', "unexpected end of data"),
 ])
 def test_unreadable_questions_files_are_one_usage_error(tmp_path, content, expected):
+    """Never a traceback, and never a question dropped without a word (the line is named)."""
     path = tmp_path / ("q.jsonl" if content.startswith(b"{") else "q.csv")
     path.write_bytes(content)
     with pytest.raises(UsageError, match=expected):
         load_questions_file(path)
+
+
+def test_questions_files_that_are_fine_still_read(tmp_path):
+    """Multi-line quoted CSV questions, number keys and several lines for one key."""
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_text('key,question\na,"two\nlines"\na,second\n')
+    assert load_questions_file(csv_file) == {"a": ["two\nlines", "second"]}
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"key": 7, "question": "one"}\n\n{"key": "7", "questions": ["two", 3]}\n')
+    assert load_questions_file(jsonl) == {"7": ["one", "two", "3"]}
 
 
 @pytest.mark.parametrize("option,value", [("seed", 10**30), ("batch_size", 10**9), ("temperature", float("inf")),

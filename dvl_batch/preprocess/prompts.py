@@ -96,7 +96,7 @@ def _read_questions(path: Path) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(handle, strict=True)  # an unterminated quote is an error, not the rest of the file
             if not reader.fieldnames or "key" not in reader.fieldnames or "question" not in reader.fieldnames:
                 found = list(reader.fieldnames or [])
                 hint = next((suggest(name, ("key", "question")) for name in found
@@ -105,8 +105,11 @@ def _read_questions(path: Path) -> dict[str, list[str]]:
                     f"{path}: CSV needs a header with 'key' and 'question' columns (found: {', '.join(found) or 'none'}){hint}"
                 )
             for row in reader:
-                if row["question"] and row["question"].strip():
-                    table.setdefault(row["key"], []).append(row["question"].strip())
+                key, question = row["key"], (row["question"] or "").strip()
+                if key is None or not key.strip() or not question:
+                    missing = "question" if key and key.strip() else "key"
+                    raise UsageError(f"{path}:{reader.line_num}: empty {missing}; every row needs a key and a question")
+                table.setdefault(key, []).append(question)
         return table
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -123,13 +126,29 @@ def _read_questions(path: Path) -> dict[str, list[str]]:
             raise UsageError(
                 f"{path}:{number}: no 'question' or 'questions' field (found: {', '.join(record) or 'nothing'}){hint}"
             )
-        questions = record.get("questions", [record.get("question")])
-        if isinstance(questions, str):
-            questions = [questions]
-        if not isinstance(questions, list) or not all(q is None or isinstance(q, (str, int, float)) for q in questions):
-            raise UsageError(f"{path}:{number}: 'question' must be text and 'questions' a list of texts")
-        table.setdefault(str(record["key"]), []).extend(str(q).strip() for q in questions if q and str(q).strip())
+        table.setdefault(_record_key(record, path, number), []).extend(_record_questions(record, path, number))
     return table
+
+
+def _record_key(record: dict[str, Any], path: Path, number: int) -> str:
+    key = record["key"]
+    if isinstance(key, bool) or not isinstance(key, (str, int)) or not str(key).strip():
+        raise UsageError(f"{path}:{number}: 'key' must be a non-empty text or number (got {json.dumps(key)[:40]})")
+    return str(key)
+
+
+def _record_questions(record: dict[str, Any], path: Path, number: int) -> list[str]:
+    """A line's questions; an empty one is refused (dropping it would renumber the others)."""
+    questions = record.get("questions", [record.get("question")])
+    if isinstance(questions, str):
+        questions = [questions]
+    if not isinstance(questions, list) or not all(isinstance(q, (str, int, float)) and not isinstance(q, bool)
+                                                  for q in questions if q is not None):
+        raise UsageError(f"{path}:{number}: 'question' must be text and 'questions' a list of texts")
+    texts = [str(q).strip() if q is not None else "" for q in questions]
+    if not texts or not all(texts):
+        raise UsageError(f"{path}:{number}: an empty question (null, blank or an empty list); remove it or write one")
+    return texts
 
 
 class PromptRenderer:
