@@ -121,6 +121,20 @@ def test_status_of_state_files_with_wrong_types_is_one_usage_error(tmp_path):
         collect_status(Path(out))
 
 
+def test_a_state_file_that_cannot_be_read_is_not_called_corrupt(tmp_path):
+    """Unreadable (permissions, a folder in its place) is not corrupt: deleting it is the wrong fix."""
+    out = tmp_path / "out"
+    (out / "parts").mkdir(parents=True)
+    (out / "job.json").mkdir()
+    with pytest.raises(UsageError, match=r"cannot read .*job\.json \(Is a directory\); check its permissions") as caught:
+        collect_status(Path(out))
+    assert "corrupt" not in str(caught.value)
+    (out / "job.json").rmdir()
+    (out / "job.json").write_text("{")
+    with pytest.raises(UsageError, match=r"job\.json is corrupt"):
+        collect_status(Path(out))
+
+
 def test_an_output_path_through_a_file_is_a_usage_error(tmp_path):
     from dvl_batch.sink.output import OutputDir
 

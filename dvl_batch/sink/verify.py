@@ -62,8 +62,12 @@ def untrusted_reason(path: Path, fingerprint: str) -> str | None:
 def read_state_file(path: Path, fix: str) -> Any:
     """A JSON state file of OUT, or one UsageError line that says how to fix it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        text = path.read_text()
+    except OSError as exc:  # unreadable is not corrupt: deleting it would be the wrong fix
+        raise UsageError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
         raise UsageError(f"{path} is corrupt ({str(exc).splitlines()[0]}); {fix}") from None
 
 
