@@ -133,6 +133,11 @@ def test_a_state_file_that_cannot_be_read_is_not_called_corrupt(tmp_path):
     (out / "job.json").write_text("{")
     with pytest.raises(UsageError, match=r"job\.json is corrupt"):
         collect_status(Path(out))
+    from dvl_batch.sources import FolderManifest
+
+    (out / "folder_shards.json").mkdir()
+    with pytest.raises(UsageError, match=r"cannot read .*folder_shards\.json \(Is a directory\)"):
+        FolderManifest(out / "folder_shards.json")
 
 
 def test_an_output_path_through_a_file_is_a_usage_error(tmp_path):

@@ -171,14 +171,18 @@ class FolderManifest:
         self.data: dict[str, list[dict[str, Any]]] = {}
         if path is not None and path.exists():
             try:
-                data = json.loads(path.read_text())
+                text = path.read_text()
+            except OSError as exc:
+                raise UsageError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+            try:
+                data = json.loads(text)
                 if not isinstance(data, dict) or not all(
                     isinstance(chunks, list) and all(isinstance(c, dict) and "id" in c and isinstance(c.get("members"), list)
                                                      for c in chunks)
                     for chunks in data.values()
                 ):
                     raise ValueError("not a mapping of folders to chunk lists")
-            except (OSError, ValueError) as exc:
+            except ValueError as exc:
                 raise UsageError(
                     f"{path} is corrupt ({exc}); delete it and rerun: the chunks already done are rebuilt from OUT/parts"
                 ) from None
