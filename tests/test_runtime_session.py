@@ -207,3 +207,30 @@ def test_an_unexpected_error_shuts_the_decoder_processes_down(tmp_path, cache_di
         run(_spec(tmp_path, workers=1), cache_dir=cache_dir, offline=True, say=lambda text: None)
     assert raised.traceback, "the frames (and the generators they hold) are still referenced here"
     assert multiprocessing.active_children() == []
+
+
+def test_a_busy_decoder_is_killed_when_the_run_fails(tmp_path, cache_dir, clean_launch_env, monkeypatch):
+    """A decoder busy on a slow read outlived torch's polite shutdown (it ignores SIGTERM), and
+    the interpreter's exit waited on it: the error must end the run at once, decoders gone."""
+    import multiprocessing
+    import time
+
+    from dvl_batch.preprocess.preparer import SamplePreparer
+    from dvl_batch.runtime.assembly import ShardAssembler
+
+    prepare = SamplePreparer.prepare
+
+    def slow(self, item, shard):
+        if item.index >= 1:
+            time.sleep(60)  # forked with the decoder: its second sample takes a minute
+        return prepare(self, item, shard)
+
+    def broken(self, *args):
+        raise RuntimeError("a bug in the assembler")
+
+    monkeypatch.setattr(SamplePreparer, "prepare", slow)
+    monkeypatch.setattr(ShardAssembler, "add_sample", broken)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="a bug in the assembler"):
+        run(_spec(tmp_path, workers=1), cache_dir=cache_dir, offline=True, say=lambda text: None)
+    assert multiprocessing.active_children() == [] and time.monotonic() - started < 30

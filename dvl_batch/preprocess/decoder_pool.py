@@ -157,6 +157,19 @@ def _disarm_async_worker_errors() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
+def _kill_decoders(iterator: Any) -> None:
+    """SIGKILL the decoders of a pool that is abandoned (a stop, an error, a dead decoder).
+
+    They ignore SIGTERM (stream.py), and torch's shutdown only asks and waits (5 s a worker,
+    twice): one busy on a slow read or a huge image would outlive it, and the interpreter's
+    exit would then wait on it forever. Their work in flight is redone on resume anyway."""
+    for worker in getattr(iterator, "_workers", ()):  # torch's multiprocessing loader iterator
+        if worker.is_alive():
+            worker.kill()
+    for worker in getattr(iterator, "_workers", ()):
+        worker.join(timeout=5)
+
+
 def supervised_stream(
     make_loader: Callable[[list[ResumePoint], WorkerSlots], Any], shards: list[Shard], workers: int,
 ) -> Iterator[Any]:
@@ -173,10 +186,12 @@ def supervised_stream(
             items_before = delivered.items
             iterator = iter(make_loader(resume, slots))
             _disarm_async_worker_errors()
+            exhausted = False
             try:
                 for item in iterator:
                     delivered.saw(item)
                     yield item
+                exhausted = True
                 return
             except RuntimeError as exc:
                 if not str(exc).startswith(WORKER_DEATH):
@@ -184,6 +199,8 @@ def supervised_stream(
                 reason = str(exc)
                 resume = _in_flight(slots, shards, resume, delivered, strikes, reason)
             finally:
+                if not exhausted:
+                    _kill_decoders(iterator)
                 del iterator  # shuts the remaining decoders down
             fruitless = fruitless + 1 if delivered.items == items_before else 0
             if fruitless > MAX_FRUITLESS_RESTARTS:

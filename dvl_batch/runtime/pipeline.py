@@ -61,6 +61,22 @@ def _timing_first(items: Iterator[WorkItem], started: float, stats: RunStats) ->
         yield item
 
 
+def _answer_all(engine: Engine, items: Iterator[WorkItem], assembler: ShardAssembler, spec: JobSpec,
+                stop: StopFlag) -> None:
+    """Run the engine over `items` and save every whole sample it answered, also when it fails."""
+    try:
+        with assembler.checkpointing(), assembler.watchdog(spec.run.watchdog_seconds):
+            for completion in engine.run(items):
+                assembler.add_completion(completion)
+    except Exception:  # a failed run still keeps every whole sample it answered (not a second Ctrl-C)
+        with contextlib.suppress(Exception):
+            assembler.flush()
+        raise
+    if spec.data.limit is not None and not stop.requested:
+        assembler.close_incomplete(f"stopped by --limit {spec.data.limit}")
+    assembler.flush()  # a stop, or shards left open: what was answered is saved, the rest is redone next run
+
+
 def process_shards(
     spec: JobSpec,
     model_path: str,
@@ -85,20 +101,12 @@ def process_shards(
     stream = prepared_stream(spec, SamplePreparer(spec, model_path, processor), feed)
     items = _timing_first(_work_items(stream, assembler, feed, spec.data.limit, stop, force_eos), started, assembler.stats)
     try:
-        with assembler.checkpointing(), assembler.watchdog(spec.run.watchdog_seconds):
-            for completion in engine.run(items):
-                assembler.add_completion(completion)
-    except Exception:  # a failed run still keeps every whole sample it answered (not a second Ctrl-C)
-        with contextlib.suppress(Exception):
-            assembler.flush()
-        raise
+        _answer_all(engine, items, assembler, spec, stop)
     finally:
-        # Shut the decoder processes down now: they ignore SIGTERM (stream.py), so one left to
-        # the interpreter's exit would be joined forever after an unexpected error.
+        # Shut the decoder processes down now, after what was answered is saved: they ignore
+        # SIGTERM (stream.py), so one left to the interpreter's exit would be joined forever
+        # after an unexpected error.
         stream.close()
-    if spec.data.limit is not None and not stop.requested:
-        assembler.close_incomplete(f"stopped by --limit {spec.data.limit}")
-    assembler.flush()  # a stop, or shards left open: what was answered is saved, the rest is redone next run
     stats = assembler.stats
     stats.seconds = time.perf_counter() - started
     stats.engine = engine.stats.as_dict()
