@@ -147,9 +147,12 @@ def test_prefill_attention_program_checks_every_layout_against_the_whole_prompt(
     rows = json.loads((folder["attn"] / "attn.json").read_text())["rows"]
     variants = {row["variant"] for row in rows}
     assert variants == {"vision tower", "LM, no shared head", "LM, zero queries in front", "LM, causal bottom-right"}
-    assert all("error" not in row and row["max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0 for row in rows), rows
+    has_flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    timed = [row for row in rows if has_flex or row["backend"] != "FLEX"]
+    assert all("error" not in row and row["max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0 for row in timed), rows
     assert {row["compiled"] for row in rows} == {False, True}
-    assert {row["variant"] for row in rows if row["backend"] == "FLEX"} == {"vision tower", "LM, causal bottom-right"}
+    flex = {row["variant"] for row in rows if row["backend"] == "FLEX"}
+    assert flex == {"vision tower", "LM, causal bottom-right"}  # rows with an error where torch lacks it (< 2.5)
     assert "LM, causal bottom-right" in result.stdout and "ms/image" in result.stdout
 
 

@@ -74,7 +74,7 @@ def test_a_recipe_value_that_expands_to_millions_of_items_gives_a_short_error():
 @pytest.mark.parametrize("content,expected", [
     ("key,question\nastronaut,caf\u00e9\n".encode("latin-1"), "not UTF-8"),
     (b'{"key": "astronaut", "questions": 5}\n', "must be text"),
-    (b"key,question\nastronaut," + b"x" * 200_000 + b"\n", "cannot be read as questions"),
+    (b"key,question\nastronaut," + b"x" * 200_000 + b"\n", r"q.csv:2: not valid CSV \(field larger than field limit"),
     # what was once silently dropped: empty questions, a null key, an unterminated quote
     (b'{"key": "a", "question": "ok"}\n{"key": "b", "question": null}\n', r"q.jsonl:2: an empty question"),
     (b'{"key": "a", "questions": ["ok", " "]}\n', r"q.jsonl:1: an empty question"),
@@ -82,7 +82,7 @@ def test_a_recipe_value_that_expands_to_millions_of_items_gives_a_short_error():
     (b'{"key": null, "question": "ok"}\n', r"q.jsonl:1: 'key' must be a non-empty text or number \(got null\)"),
     (b"key,question\na,fine\nb,\n", r"q.csv:3: empty question"),
     (b"key,question\na,fine\n,orphan\n", r"q.csv:3: empty key"),
-    (b'key,question\na,"what is\nb,fine\n', "unexpected end of data"),
+    (b'key,question\na,fine\nb,"what is\nc,fine\n', r"q.csv:3: not valid CSV \(unexpected end of data\); check the quotes"),
 ])
 def test_unreadable_questions_files_are_one_usage_error(tmp_path, content, expected):
     """Never a traceback, and never a question dropped without a word (the line is named)."""
@@ -95,11 +95,14 @@ def test_unreadable_questions_files_are_one_usage_error(tmp_path, content, expec
 def test_questions_files_that_are_fine_still_read(tmp_path):
     """Multi-line quoted CSV questions, number keys and several lines for one key."""
     csv_file = tmp_path / "q.csv"
-    csv_file.write_text('key,question\na,"two\nlines"\na,second\n')
-    assert load_questions_file(csv_file) == {"a": ["two\nlines", "second"]}
+    csv_file.write_text('key,question\na,"two\nlines"\n,\na,second\n')
+    assert load_questions_file(csv_file) == {"a": ["two\nlines", "second"]}, "an empty row is skipped like a blank line"
+    csv_file.write_text('key,question\na,"two\nlines"\n,orphan\n')
+    with pytest.raises(UsageError, match=r"q.csv:4: empty key"):
+        load_questions_file(csv_file)
     jsonl = tmp_path / "q.jsonl"
-    jsonl.write_text('{"key": 7, "question": "one"}\n\n{"key": "7", "questions": ["two", 3]}\n')
-    assert load_questions_file(jsonl) == {"7": ["one", "two", "3"]}
+    jsonl.write_text('{"key": 7, "question": "one"}\n\n{"key": "7", "questions": ["two", 3]}\n{"key": 1.5, "question": "x"}\n')
+    assert load_questions_file(jsonl) == {"7": ["one", "two", "3"], "1.5": ["x"]}
 
 
 @pytest.mark.parametrize("option,value", [("seed", 10**30), ("batch_size", 10**9), ("temperature", float("inf")),
@@ -126,7 +129,7 @@ def test_a_state_file_that_cannot_be_read_is_not_called_corrupt(tmp_path):
     out = tmp_path / "out"
     (out / "parts").mkdir(parents=True)
     (out / "job.json").mkdir()
-    with pytest.raises(UsageError, match=r"cannot read .*job\.json \(Is a directory\); check its permissions") as caught:
+    with pytest.raises(UsageError, match=r"cannot read .*job\.json \(Is a directory\); it must be a readable file") as caught:
         collect_status(Path(out))
     assert "corrupt" not in str(caught.value)
     (out / "job.json").rmdir()
@@ -200,5 +203,11 @@ def test_a_folder_that_cannot_be_read_is_one_clear_error_not_skipped(tmp_path, c
             assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot read the"), done.stderr
             assert "locked" in lines[0] and "Permission denied" in lines[0]
         assert not (tmp_path / "out").exists()
+        (data / "locked").rename(data / "lost+found")  # a file system's own root-only folder is no input
+        done = subprocess.run([*_without_permission_override(), sys.executable, "-m", "dvl_batch", "inspect", str(data)],
+                              env=cli_env(cache_dir), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "error" not in done.stderr, done.stderr
     finally:
-        (data / "locked").chmod(0o755)
+        for folder in (data / "locked", data / "lost+found"):
+            if folder.exists():
+                folder.chmod(0o755)

@@ -79,3 +79,20 @@ def test_checkpoints_without_a_header_are_trusted_as_before(tmp_path, cache_dir)
     assert again.todo[0].skip == {0}
     assert Checkpoints.header(out / "checkpoints" / f"{shard.id}.ckpt000001.jsonl") == {}
     again.release()
+
+
+def test_a_folder_image_rewritten_since_its_checkpoints_has_its_chunk_answered_again(tmp_path, cache_dir):
+    """A folder chunk's signature covers its images' names, sizes and times; an untouched
+    folder resumes (also from another working directory), a rewritten image does not."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (data / name).write_bytes(image_bytes("coffee.jpg"))
+    _interrupted(cache_dir, data, out, 2)
+    job = prepared(cache_dir, [data], out)
+    assert job.todo[0].skip == {0, 1} and not any("changed since" in n for n in job.notices)
+    job.release()
+    (data / "b.jpg").write_bytes(image_bytes("coffee.jpg") + b"\0")  # same name, other bytes
+    job = prepared(cache_dir, [data], out)
+    assert job.todo[0].skip == frozenset() and any("changed since its checkpoints were written" in n for n in job.notices)
+    job.release()

@@ -93,24 +93,9 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
 
 
 def _read_questions(path: Path) -> dict[str, list[str]]:
-    table: dict[str, list[str]] = {}
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, strict=True)  # an unterminated quote is an error, not the rest of the file
-            if not reader.fieldnames or "key" not in reader.fieldnames or "question" not in reader.fieldnames:
-                found = list(reader.fieldnames or [])
-                hint = next((suggest(name, ("key", "question")) for name in found
-                             if name not in ("key", "question") and suggest(name, ("key", "question"))), "")
-                raise UsageError(
-                    f"{path}: CSV needs a header with 'key' and 'question' columns (found: {', '.join(found) or 'none'}){hint}"
-                )
-            for row in reader:
-                key, question = row["key"], (row["question"] or "").strip()
-                if key is None or not key.strip() or not question:
-                    missing = "question" if key and key.strip() else "key"
-                    raise UsageError(f"{path}:{reader.line_num}: empty {missing}; every row needs a key and a question")
-                table.setdefault(key, []).append(question)
-        return table
+        return _read_csv_questions(path)
+    table: dict[str, list[str]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -130,9 +115,41 @@ def _read_questions(path: Path) -> dict[str, list[str]]:
     return table
 
 
+def _read_csv_questions(path: Path) -> dict[str, list[str]]:
+    """key,question rows; strict quoting, so an unclosed quote is an error naming its line,
+    not the rest of the file read as one question. Rows with no value at all are skipped."""
+    table: dict[str, list[str]] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, strict=True)
+        if not reader.fieldnames or "key" not in reader.fieldnames or "question" not in reader.fieldnames:
+            found = list(reader.fieldnames or [])
+            hint = next((suggest(name, ("key", "question")) for name in found
+                         if name not in ("key", "question") and suggest(name, ("key", "question"))), "")
+            raise UsageError(
+                f"{path}: CSV needs a header with 'key' and 'question' columns (found: {', '.join(found) or 'none'}){hint}"
+            )
+        rows = iter(reader)
+        while True:
+            start = reader.line_num + 1  # a quoted question may span lines: name the first
+            try:
+                row = next(rows)
+            except StopIteration:
+                return table
+            except csv.Error as exc:
+                hint = "; check the quotes on this line" if "quot" in str(exc) or "end of data" in str(exc) else ""
+                raise UsageError(f"{path}:{start}: not valid CSV ({exc}){hint}") from None
+            key, question = (row["key"] or "").strip(), (row["question"] or "").strip()
+            if not key and not question and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # an empty row (",,"), as spreadsheets export them
+            if not key or not question:
+                missing = "question" if key else "key"
+                raise UsageError(f"{path}:{start}: empty {missing}; every row needs a key and a question")
+            table.setdefault(row["key"], []).append(question)
+
+
 def _record_key(record: dict[str, Any], path: Path, number: int) -> str:
     key = record["key"]
-    if isinstance(key, bool) or not isinstance(key, (str, int)) or not str(key).strip():
+    if isinstance(key, bool) or not isinstance(key, (str, int, float)) or not str(key).strip():
         raise UsageError(f"{path}:{number}: 'key' must be a non-empty text or number (got {json.dumps(key)[:40]})")
     return str(key)
 

@@ -35,6 +35,7 @@ class _ShardState:
     shard: Shard
     checkpoints: list[Path]  # this shard's checkpoint files (earlier runs' and this run's)
     source: str | None = None  # the input as read (checkpoints.source_signature), written into each checkpoint
+    source_known: bool = False  # taken at the first checkpoint: never for shards that finish in between
     rows: list[AnswerRow] = field(default_factory=list)  # whole samples not saved yet
     outstanding: int = 0
     end: ShardEnd | None = None
@@ -89,8 +90,7 @@ class ShardAssembler:
     def _state(self, shard: Shard) -> _ShardState:
         if shard.id not in self.states:
             checkpoints = self.sink.checkpoints  # None: a sink that takes whole shards only (Ray Data batches)
-            files = checkpoints.files(shard.id) if checkpoints else []
-            self.states[shard.id] = _ShardState(shard, files, source_signature(shard) if checkpoints else None)
+            self.states[shard.id] = _ShardState(shard, checkpoints.files(shard.id) if checkpoints else [])
         return self.states[shard.id]
 
     def watchdog(self, seconds: float) -> contextlib.AbstractContextManager[None]:
@@ -213,6 +213,8 @@ class ShardAssembler:
         if not state.rows:
             return
         seq = 1 + max((int(p.name.rsplit(".ckpt", 1)[1].split(".")[0]) for p in state.checkpoints), default=0)
+        if not state.source_known:
+            state.source, state.source_known = source_signature(state.shard), True
         state.checkpoints.append(self.sink.checkpoints.write(state.shard.id, seq, state.rows, state.source))
         self._count_saved(state.rows)
         state.rows = []

@@ -64,7 +64,7 @@ def read_state_file(path: Path, fix: str) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:  # unreadable is not corrupt: deleting it would be the wrong fix
-        raise UsageError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+        raise UsageError(f"cannot read {path} ({exc.strerror or exc}); it must be a readable file") from None
     try:
         return json.loads(text)
     except ValueError as exc:

@@ -134,6 +134,8 @@ def _walk(root: Path, skip: frozenset[Path]):
     A folder that cannot be listed is a usage error, not skipped: its images would be left
     out of the job without a word (os.walk's default)."""
     def refuse(error: OSError) -> None:
+        if Path(error.filename).name == "lost+found":  # a file system's own, root-only: never input
+            return
         raise UsageError(f"cannot read the folder {error.filename} ({error.strerror}): its images would be left out; "
                          "fix its permissions or name the folders to read")
 
@@ -173,7 +175,7 @@ class FolderManifest:
             try:
                 text = path.read_text()
             except OSError as exc:
-                raise UsageError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+                raise UsageError(f"cannot read {path} ({exc.strerror or exc}); it must be a readable file") from None
             try:
                 data = json.loads(text)
                 if not isinstance(data, dict) or not all(
@@ -254,13 +256,16 @@ def _shards_of(item: str, shard_size: int, manifest: FolderManifest) -> list[Sha
             raise UsageError(f"cannot tell the format of {item}: name it .tar, .tgz or .parquet")
         return [_file_shard(item, fmt)]
     path = Path(item)
-    try:
-        found, is_file = path.exists(), path.is_file()
+    try:  # os.stat, not Path.exists: from Python 3.14 that says False for any error
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"input not found: {item}") from None
     except OSError as exc:  # a folder on the way that may not be searched
-        raise UsageError(f"cannot read the input {item} ({exc.strerror})") from None
-    if not found:
-        raise UsageError(f"input not found: {item}")
-    if is_file:
+        raise UsageError(f"cannot read the input {item} ({exc.strerror}); check the permissions of the folders "
+                         "on its path") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO or device would block or never end
+        raise UsageError(f"unsupported input {item}: not a regular file or a folder")
+    if stat.S_ISREG(mode):
         fmt = format_of(path.name)
         if fmt is None and is_image_name(path.name):
             return [_single_image_shard(path)]
