@@ -106,7 +106,9 @@ def test_questions_files_that_are_fine_still_read(tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [("seed", 10**30), ("batch_size", 10**9), ("temperature", float("inf")),
-                                          ("prefill_batch", 10**12), ("max_new_tokens", 10**9)])
+                                          ("prefill_batch", 10**12), ("max_new_tokens", 10**9),
+                                          ("prefetch", 10**20), ("prefetch", 1e20), ("workers", 10**8),
+                                          ("read_retries", 10**6), ("world_size", 10**23)])
 def test_out_of_range_numbers_are_refused_before_any_allocation(option, value):
     with pytest.raises(UsageError, match=option):
         JobSpec.from_recipe(None, **{option: value})

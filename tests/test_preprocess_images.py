@@ -108,3 +108,23 @@ def test_large_jpegs_are_draft_decoded_and_resized_fast_small_ones_exactly(tiny_
     restored = ours.astype(np.float64) * view.rescale_factor
     expected = (restored.astype(np.float32) - np.float32(view.mean[0])) / np.float32(view.std[0])
     assert np.array_equal(expected.astype(np.float32), processor_pixels.astype(np.float32))
+
+
+@pytest.mark.skipif(not __import__("PIL.features").features.check("webp"), reason="this Pillow has no WebP")
+def test_webp_still_and_animated_decode():
+    """Pillow's WebP plugin calls the pixel-limit check with `error_only=True`: a stand-in with
+    another signature made every WebP an error row ("not an image")."""
+    import io
+
+    from PIL import Image
+
+    still = io.BytesIO()
+    Image.new("RGB", (64, 48), RED).save(still, format="WEBP", lossless=True)
+    frames = [Image.new("RGB", (64, 48), color) for color in (RED, GREEN)]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    for data in (still.getvalue(), animated.getvalue()):
+        image = decode_image(data, LIMIT)
+        assert image.size == (64, 48) and near(image.getpixel((5, 5)), RED)
+    with pytest.raises(ImageError, match="image too large"):
+        decode_image(still.getvalue(), 1000)

@@ -37,6 +37,9 @@ _TOP_LEVEL_SHORTCUTS = {"task": "prompt.task"}
 
 
 MAX_COUNT = 1_000_000  # batch sizes, token counts: past this a value is a typo, not a plan (and would be allocated)
+MAX_DECODERS = 1024  # decoder processes: each is a fork of this process
+MAX_PREFETCH = 1024  # prepared samples queued per decoder: each holds an image's pixels in memory
+MAX_RETRIES = 100  # read retries of a shard, with a backoff that doubles each time
 _SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 6, 6, 6, 6
 _SHORT.maxstring = _SHORT.maxother = 80
@@ -196,10 +199,11 @@ def validate(spec: Any) -> None:
     _check(math.isfinite(g.temperature) and g.temperature >= 0, f"generation.temperature must be >= 0 and finite, got {g.temperature}")
     _check(0 <= g.seed < 2**63, f"generation.seed must be in 0..2**63-1, got {_shown(g.seed)}")
     _check(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
-    _check(d.workers is None or d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
-    _check(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
+    _check(d.workers is None or 0 <= d.workers <= MAX_DECODERS,
+           f"data.workers must be in 0..{MAX_DECODERS}, got {_shown(d.workers)}")
+    _check(1 <= d.prefetch <= MAX_PREFETCH, f"data.prefetch must be in 1..{MAX_PREFETCH}, got {_shown(d.prefetch)}")
     _check(d.limit is None or d.limit >= 1, f"data.limit must be >= 1, got {d.limit}")
-    _check(d.read_retries >= 0, f"data.read_retries must be >= 0, got {d.read_retries}")
+    _check(0 <= d.read_retries <= MAX_RETRIES, f"data.read_retries must be in 0..{MAX_RETRIES}, got {_shown(d.read_retries)}")
     _check(spec.output.checkpoint_seconds > 0,
            f"output.checkpoint_seconds must be > 0, got {spec.output.checkpoint_seconds}")
     _check(r.watchdog_seconds >= 0, f"run.watchdog_seconds must be >= 0 (0: no watchdog), got {r.watchdog_seconds}")
@@ -238,5 +242,5 @@ def validate(spec: Any) -> None:
         f"run.gpus must be 'all', GPU indices like '0,1', or 'cpu,cpu', got '{r.gpus}'",
     )
     world_size = 1 if r.world_size is None else r.world_size  # None: the launcher's, checked once known
-    _check(world_size >= 1, f"run.world_size must be >= 1, got {r.world_size}")
+    _check(1 <= world_size <= MAX_COUNT, f"run.world_size must be in 1..{MAX_COUNT}, got {_shown(r.world_size)}")
     _check(r.rank is None or 0 <= r.rank < world_size, f"run.rank must be in [0, {world_size}), got {r.rank}")

@@ -32,7 +32,9 @@ class ImageError(ValueError):
 _LIMIT: list[int | None] = [None]  # the limit `_bomb_check` applies (one per decoder process)
 
 
-def _bomb_check(size: tuple[int, int]) -> None:
+def _bomb_check(size: tuple[int, int], error_only: bool = False) -> None:
+    """Stands in for Pillow's `Image._decompression_bomb_check`, with its signature: plugins
+    call it with `error_only=True` (WebP); ours only ever raises, so that changes nothing."""
     limit = _LIMIT[0]
     if limit is not None and size[0] * size[1] > limit:
         raise ImageError(f"image too large: {size[0]}x{size[1]} pixels exceeds the limit of {limit}")
