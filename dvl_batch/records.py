@@ -13,7 +13,7 @@ Every stage may import this module; it imports no stage (and no torch).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,9 @@ class Shard:
     members: tuple[str, ...] = ()  # folder shards: image paths relative to `url`
     # samples an earlier run already answered and checkpointed (OUT/checkpoints): not read again
     skip: frozenset[int] = field(default=frozenset(), compare=False, repr=False)
+    # their keys as checkpointed: a sample read with another key at that index (a pipe: or URL
+    # shard whose content changed) is answered again, and its new row replaces the old one
+    skip_keys: Mapping[int, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -213,3 +213,20 @@ def test_a_folder_that_cannot_be_read_is_one_clear_error_not_skipped(tmp_path, c
         for folder in (data / "locked", data / "lost+found"):
             if folder.exists():
                 folder.chmod(0o755)
+
+
+def test_status_never_opens_a_fifo_in_parts_or_checkpoints(tmp_path):
+    """Opening a FIFO blocks until a writer comes: status hung for ever on one."""
+    import threading
+
+    out = tmp_path / "out"
+    (out / "parts").mkdir(parents=True)
+    (out / "checkpoints").mkdir()
+    (out / "job.json").write_text(json.dumps({"model": "m", "spec": {}}))
+    os.mkfifo(out / "parts" / "zz.parquet")
+    os.mkfifo(out / "checkpoints" / "zz.ckpt000001.jsonl")
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(collect_status(Path(out))), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert done, "status blocked on a FIFO"

@@ -96,3 +96,66 @@ def test_a_folder_image_rewritten_since_its_checkpoints_has_its_chunk_answered_a
     job = prepared(cache_dir, [data], out)
     assert job.todo[0].skip == frozenset() and any("changed since its checkpoints were written" in n for n in job.notices)
     job.release()
+
+
+def _checkpointed_run(cache_dir, inputs, out, rows_for):
+    """A run stopped with `rows_for(shard)` in a checkpoint, then the same job run to the end."""
+    job = prepared(cache_dir, inputs, out, max_new_tokens=2)
+    shard = job.todo[0]
+    ParquetSink(job.out, job.metadata).checkpoints.write(shard.id, 1, rows_for(shard), source_signature(shard))
+    job.release()
+    spec = JobSpec.from_recipe(None, inputs=[str(i) for i in inputs], output=str(out), model="tiny", max_new_tokens=2,
+                               workers=0, progress=False)
+    run(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
+    return read_rows(out).to_pandas().sort_values("sample_index")
+
+
+def test_a_pipe_shard_whose_samples_changed_is_answered_again_not_given_old_rows(tmp_path, cache_dir):
+    """pipe: and URL shards have no file to stat: the checkpointed key at each index is compared
+    with the key read there, and rows past the shard's end are dropped."""
+    tar = _shard(tmp_path / "t.tar", "k", 3)
+    source = f"pipe:cat {tar}"
+
+    def stale(shard):  # another content's keys at 0 and 1, and an index this shard does not have
+        return [AnswerRow(key, shard.id, i, 0, "q", "old", 1, 1, "stop") for key, i in (("x", 0), ("y", 1), ("z", 7))]
+
+    rows = _checkpointed_run(cache_dir, [source], tmp_path / "out", stale)
+    assert rows["key"].tolist() == ["k0", "k1", "k2"] and "old" not in rows["answer"].tolist()
+
+    def same(shard):  # the keys read there: trusted, not answered again
+        return [AnswerRow(f"k{i}", shard.id, i, 0, "q", "old", 1, 1, "stop") for i in (0, 1)]
+
+    rows = _checkpointed_run(cache_dir, [source], tmp_path / "out2", same)
+    assert rows["key"].tolist() == ["k0", "k1", "k2"] and rows["answer"].tolist()[:2] == ["old", "old"]
+    assert rows["answer"].tolist()[2] != "old"
+
+
+@pytest.mark.parametrize("damage", ["missing fields", "extra field", "string index", "folder", "fifo"])
+def test_a_damaged_checkpoint_is_redone_never_a_traceback(tmp_path, cache_dir, damage):
+    """Hand-edited rows, or a folder or FIFO where a checkpoint file would be: its samples are
+    answered again (a FIFO is never opened: that would block)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _shard(data / "s.tar", "k", 2)
+    job = prepared(cache_dir, [data], out, max_new_tokens=2)
+    shard = job.todo[0]
+    job.release()
+    path = out / "checkpoints" / f"{shard.id}.ckpt000001.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    good = {"key": "k0", "shard": shard.id, "sample_index": 0, "question_index": 0, "question": "q", "answer": "a",
+            "prompt_tokens": 1, "generated_tokens": 1, "finish_reason": "stop", "error": None}
+    if damage == "folder":
+        path.mkdir()
+    elif damage == "fifo":
+        os.mkfifo(path)
+    else:
+        record = {"missing fields": {"sample_index": 0}, "extra field": {**good, "new_col": 1},
+                  "string index": {**good, "sample_index": "0"}}[damage]
+        path.write_text(json.dumps(record) + "\n")
+    again = prepared(cache_dir, [data], out, max_new_tokens=2)
+    assert again.todo[0].skip == frozenset()
+    again.release()
+    assert count_rows(out)[1] == 0
+    spec = JobSpec.from_recipe(None, inputs=[str(data)], output=str(out), model="tiny", max_new_tokens=2, workers=0,
+                               progress=False)
+    run(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
+    assert sorted(read_rows(out)["key"].to_pylist()) == ["k0", "k1"]

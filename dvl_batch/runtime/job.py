@@ -97,7 +97,7 @@ def with_checkpoints(out: OutputDir, todo: list[Shard], notices: list[str]) -> l
     found = checkpoints.scan()
     result = []
     for shard in todo:
-        done: set[int] = set()
+        done: dict[int, str] = {}
         paths = found.get(shard.id, [])
         if paths and _changed_since(checkpoints, paths, shard):
             notices.append(f"{shard.url} changed since its checkpoints were written: its samples are answered again")
@@ -105,10 +105,10 @@ def with_checkpoints(out: OutputDir, todo: list[Shard], notices: list[str]) -> l
         for path in paths:
             try:
                 done |= checkpoints.done_samples([path])
-            except Exception:  # noqa: BLE001 - unreadable: redo its samples
+            except Exception:  # noqa: BLE001 - unreadable or not our rows: redo its samples
                 with contextlib.suppress(OSError):
                     path.unlink()
-        result.append(replace(shard, skip=frozenset(done)) if done else shard)
+        result.append(replace(shard, skip=frozenset(done), skip_keys=done) if done else shard)
     return result
 
 

@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class Checkpoints:
         if self.folder.is_dir():
             for path in self.folder.iterdir():
                 match = _NAME.match(path.name)
-                if match:
+                if match and _is_regular(path):  # a FIFO or folder of that name is never opened
                     found[match["shard"]].append((int(match["seq"]), path))
         return {shard: [p for _, p in sorted(files)] for shard, files in found.items()}
 
@@ -73,9 +74,19 @@ class Checkpoints:
     def read_rows(self, paths: list[Path]) -> list[AnswerRow]:
         return [AnswerRow(**record) for path in paths for record in _read(path)]
 
-    def done_samples(self, paths: list[Path]) -> frozenset[int]:
-        """Sample indices held by a shard's checkpoints (each holds whole samples only)."""
-        return frozenset(record["sample_index"] for path in paths for record in _read(path))
+    def done_samples(self, paths: list[Path]) -> dict[int, str]:
+        """{sample index: key} of the samples a shard's checkpoints hold (whole samples only);
+        ValueError for a file whose rows are not AnswerRows (hand-edited, another version's)."""
+        done: dict[int, str] = {}
+        for path in paths:
+            for record in _read(path):
+                if set(record) != ROW_FIELDS or not all(
+                    isinstance(record[name], int) and not isinstance(record[name], bool) and record[name] >= 0
+                    for name in ("sample_index", "question_index")
+                ):
+                    raise ValueError(f"{path.name}: not a checkpoint row: {sorted(record)[:12]}")
+                done[record["sample_index"]] = str(record["key"])
+        return done
 
     def remove(self, paths: list[Path]) -> None:
         for path in paths:
@@ -96,6 +107,14 @@ class Checkpoints:
 
 
 HEADER = "dvl_batch_checkpoint"
+ROW_FIELDS = frozenset(f.name for f in fields(AnswerRow))
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

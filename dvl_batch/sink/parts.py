@@ -51,7 +51,11 @@ class ParquetSink:
     def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None,
               checkpoints: list[Path] | tuple[Path, ...] = ()) -> Path:
         """The shard's part: `rows` plus those of its `checkpoints`, which are removed once the part exists."""
-        unique = {(r.sample_index, r.question_index): r for r in [*self.checkpoints.read_rows(list(checkpoints)), *rows]}
+        saved = self.checkpoints.read_rows(list(checkpoints))
+        if end is not None and not end.partial:  # a sample the whole shard does not have: a stale row
+            saved = [r for r in saved if r.sample_index < end.n_samples]
+        # this run's row wins over a checkpoint's for the same sample (it was answered again)
+        unique = {(r.sample_index, r.question_index): r for r in [*saved, *rows]}
         rows = sorted(unique.values(), key=lambda r: (r.sample_index, r.question_index))
         columns = {name: [_storable(getattr(r, name)) for r in rows] for name in PART_SCHEMA.names}
         table = pa.table(columns, schema=PART_SCHEMA)

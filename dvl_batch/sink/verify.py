@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ def part_record(path: Path) -> dict[str, Any]:
     """{"job": ..., "shard": ...} from a part's footer; ValueError/OSError if it does not read back."""
     import pyarrow.parquet as pq
 
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open for ever
+        raise ValueError("is not a regular file")
     try:
         meta = pq.ParquetFile(path).metadata
     except OSError:
