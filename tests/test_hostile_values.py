@@ -21,7 +21,7 @@ from dvl_batch.preprocess.prompts import load_questions_file
 from dvl_batch.records import RawSample, ShardEnd
 from dvl_batch.sources import discover_shards, read_shard
 
-from .conftest import cli_env, image_bytes, write_parquet, write_tar
+from .conftest import cli_env, image_bytes, read_rows, write_parquet, write_tar
 
 
 def test_a_brace_pattern_of_millions_of_names_is_refused_before_it_is_expanded():
@@ -230,3 +230,22 @@ def test_status_never_opens_a_fifo_in_parts_or_checkpoints(tmp_path):
     thread.start()
     thread.join(timeout=30)
     assert done, "status blocked on a FIFO"
+
+
+def test_a_later_parquet_shard_without_the_named_key_column_is_its_error_row(tmp_path, cache_dir):
+    """Only the first shard is checked up front: a later one without --key-field's column
+    stopped the whole job (no parts, the same stop at every rerun)."""
+    from dvl_batch import run
+
+    photo = image_bytes("coffee.jpg")
+    data = tmp_path / "data"
+    write_parquet(data / "a.parquet", {"image": [photo], "name": ["first"]})
+    write_parquet(data / "b.parquet", {"image": [photo], "other": ["x"]})
+    write_parquet(data / "c.parquet", {"image": [photo], "name": ["third"]})
+    spec = JobSpec.from_recipe(None, inputs=[str(data)], output=str(tmp_path / "out"), model="tiny", max_new_tokens=2,
+                               workers=0, progress=False, key_field="name")
+    result = run(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
+    rows = read_rows(tmp_path / "out").to_pandas()
+    assert sorted(rows["key"]) == ["__shard__", "first", "third"] and result.shards_done == 3
+    error = rows.set_index("key").loc["__shard__", "error"]
+    assert "key column 'name' not found" in error and "b.parquet" in error

@@ -20,9 +20,11 @@ import torch
 
 from ..config.launch import default_decoders
 from ..config.spec import JobSpec
+from ..errors import UsageError
 from ..processes import die_with_parent
-from ..records import PreparedSample, Shard, ShardEnd, ShardSupply
+from ..records import PreparedSample, RawSample, Shard, ShardEnd, ShardSupply
 from ..sources import read_shard
+from ..sources.formats import shard_error_sample
 from .decoder_pool import DecoderFailure, ResumePoint, WorkerSlots, supervised_stream
 from .handoff import SpillDir
 from .preparer import SamplePreparer
@@ -59,8 +61,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield DecoderFailure.of(exc)
 
     def _shard_items(self, preparer: SamplePreparer, shard: Shard, worker_id: int, resume: ResumePoint | None):
-        data = self.spec.data
-        for item in read_shard(shard, data.image_field, data.key_field, data.max_file_bytes, data.read_retries):
+        for item in _shard_samples(shard, self.spec):
             if isinstance(item, ShardEnd):
                 yield item
                 continue
@@ -73,6 +74,18 @@ class ShardStream(torch.utils.data.IterableDataset):
             elif self.slots is not None:
                 self.slots.preparing(worker_id, item.index)
             yield preparer.prepare(item, shard)
+
+
+def _shard_samples(shard: Shard, spec: JobSpec) -> Iterator[RawSample | ShardEnd]:
+    """read_shard, where a shard that lacks what the job names (its --key-field or
+    --image-field column) is that shard's one error row: only the first shard is checked up
+    front, and one such shard among many must not stop the job."""
+    data = spec.data
+    try:
+        yield from read_shard(shard, data.image_field, data.key_field, data.max_file_bytes, data.read_retries)
+    except UsageError as exc:
+        yield shard_error_sample(f"{exc} in {shard.url}")
+        yield ShardEnd(shard, 1, message=str(exc))
 
 
 def _worker_init(slots: WorkerSlots | None, parent_pid: int, worker_id: int) -> None:
