@@ -42,7 +42,7 @@ from .cli_options import (
 )
 from .cli_signals import ignore_stop_signals, stopped_by_signal, terminate_as_interrupt
 from .cli_tables import print_summary, status_table
-from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, DvlError, UsageError
 
 
 class _Command(TyperCommand):
@@ -213,7 +213,11 @@ def list_recipes(
     from .config.recipes import bundled_recipes, find_recipe
 
     if name:
-        typer.echo(find_recipe(name).read_text(), nl=False)
+        path = find_recipe(name)
+        try:
+            typer.echo(path.read_text(encoding="utf-8"), nl=False)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot print the recipe {path} ({getattr(exc, 'strerror', None) or exc})") from None
         return
     found = bundled_recipes()
     if as_json:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UsageError
 from .preprocess.prompts import DEFAULT_SYSTEM_PROMPT
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -216,8 +217,12 @@ def ensure_tiny_model(cache_dir: Path, hybrid: bool = False) -> Path:
     target = Path(cache_dir) / tiny_model_id(hybrid)
     if (target / "dvl_batch_tiny.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    except OSError as exc:
+        raise UsageError(f"cannot build the offline model under {target.parent} ({exc.strerror or exc}); set "
+                         "DVL_BATCH_CACHE to a writable folder") from None
     try:
         build_tiny_model(tmp, hybrid=hybrid)
         try:

@@ -14,9 +14,9 @@ from .conftest import EXAMPLES, cli_env, run_cli
 SHARDS = str(EXAMPLES / "shards")
 
 
-def recipe(tmp_path, text: str) -> str:
+def recipe(tmp_path, text: str | bytes) -> str:
     path = tmp_path / "recipe.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
 
 
@@ -33,6 +33,11 @@ CASES = {
     "unknown recipe section": (lambda t: ["-r", recipe(t, "modle:\n  name: tiny\n")], "unknown key 'modle' (did you mean 'model'?)"),
     "recipe not yaml": (lambda t: ["-r", recipe(t, "batch: [unclosed\n")], "is not valid YAML"),
     "recipe missing": (lambda t: ["-r", str(t / "nowhere.yaml")], "recipe not found"),
+    # a crash hunt's tracebacks
+    "recipe not utf-8": (lambda t: ["-r", recipe(t, b"\xff\xfe\x00garbage")], "is not UTF-8 text"),
+    "recipe nested too deep": (lambda t: ["-r", recipe(t, "x: " + "[" * 5000 + "]" * 5000)], "nested too deeply"),
+    "recipe with number keys": (lambda t: ["-r", recipe(t, "1: 2\n")], "its keys must be section names, got 1"),
+    "huge prefetch": (lambda t: ["--prefetch", str(10**20)], "data.prefetch must be in 1..1024"),
     "negative batch size": (lambda t: ["--batch-size", "-3"], "batch_size"),
     "negative batch size in recipe": (lambda t: ["-r", recipe(t, "batch:\n  batch_size: -3\n")], "batch_size"),
     "zero pixel limit": (lambda t: ["--max-image-pixels", "0"], "max_image_pixels must be >= 1"),
@@ -108,3 +113,12 @@ def test_messages_with_brackets_are_printed_verbatim(started):
     result = runs.result("brackets")
     assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr, result.stderr
     assert f"error: input not found: {missing}" in result.stderr
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_usage_error(tmp_path):
+    from dvl_batch.errors import UsageError
+    from dvl_batch.tiny import ensure_tiny_model
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="cannot build the offline model under .*set DVL_BATCH_CACHE to a writable folder"):
+        ensure_tiny_model(tmp_path / "file")

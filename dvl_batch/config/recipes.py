@@ -60,8 +60,8 @@ def _summary(path: Path) -> RecipeInfo:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError):  # listed anyway; using it says why not
         data = {}
     data = data if isinstance(data, dict) else {}
     prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
@@ -120,11 +120,20 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the recipe {path} ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise UsageError(f"recipe {path} is nested too deeply to be a recipe") from None
     if not isinstance(data, Mapping):
         raise UsageError(f"recipe {path} must be a mapping of sections")
+    if not all(isinstance(key, str) for key in data):
+        bad = next(key for key in data if not isinstance(key, str))
+        raise UsageError(f"recipe {path}: its keys must be section names, got {bad!r:.40}")
     return _flatten_recipe(data, f"recipe {path.name}")
 
 

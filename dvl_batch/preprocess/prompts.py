@@ -88,6 +88,8 @@ def load_questions_file(path: Path) -> dict[str, list[str]]:
         return _read_questions(path)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read the questions file {path} ({exc.strerror or exc})") from None
     except (csv.Error, RecursionError, OverflowError) as exc:
         raise UsageError(f"{path}: cannot be read as questions ({type(exc).__name__}: {str(exc)[:120]})") from exc
 
