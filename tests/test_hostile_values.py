@@ -249,3 +249,25 @@ def test_a_later_parquet_shard_without_the_named_key_column_is_its_error_row(tmp
     assert sorted(rows["key"]) == ["__shard__", "first", "third"] and result.shards_done == 3
     error = rows.set_index("key").loc["__shard__", "error"]
     assert "key column 'name' not found" in error and "b.parquet" in error
+
+
+def test_a_shard_file_without_read_permission_is_retried_next_run_not_marked_done(tmp_path, cache_dir):
+    """Permission denied is fixable: the shard gets no part (a partial part with an error row
+    made every rerun say 'nothing to do'), and once readable the rerun answers it."""
+    data = tmp_path / "data"
+    write_tar(data / "a.tar", [("a.jpg", image_bytes("coffee.jpg"))])
+    locked = write_tar(data / "b.tar", [("b.jpg", image_bytes("coffee.jpg"))])
+    locked.chmod(0)
+    args = [sys.executable, "-m", "dvl_batch", "caption", str(data), "-o", str(tmp_path / "out"), "--model", "tiny",
+            "--max-new-tokens", "2", "--workers", "0", "--no-progress"]
+    try:
+        first = subprocess.run([*_without_permission_override(), *args], env=cli_env(cache_dir), capture_output=True,
+                               text=True, timeout=300)
+    finally:
+        locked.chmod(0o644)
+    assert first.returncode != 0 and "Traceback" not in first.stderr, first.stderr
+    assert "not read:" in first.stderr and "Permission denied" in first.stderr
+    assert sorted(read_rows(tmp_path / "out")["key"].to_pylist()) == ["a"]
+    again = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(read_rows(tmp_path / "out")["key"].to_pylist()) == ["a", "b"]

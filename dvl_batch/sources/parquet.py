@@ -233,6 +233,9 @@ def _read_file(
         layout = parquet_layout(source.schema_arrow, image_field, key_field)
     except UsageError:
         raise
+    except PermissionError as exc:  # fixable: no part, so the next run reads it
+        yield unreadable_end(shard, 0, 0, str(exc))
+        return
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable shard
         yield shard_error_sample(f"unreadable parquet file: {exc}")
         yield ShardEnd(shard, 1, partial=True, message=f"unreadable parquet file: {exc}")

@@ -256,6 +256,9 @@ def _read_once(shard: Shard, image_field: str | None, max_bytes: int = DEFAULT_M
             yield _tar_sample(current_key, count, members, image_field, keys, problems)
             count += 1
         elif count == 0:
+            if isinstance(exc, PermissionError):  # fixable: no part, so the next run reads it
+                yield unreadable_end(shard, 0, 0, safe_text(str(exc)))
+                return
             yield shard_error_sample(safe_text(f"unreadable tar shard: {exc}"))
             count = 1
         yield end(True, message)
