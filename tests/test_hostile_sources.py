@@ -227,3 +227,19 @@ def test_special_token_text_typed_in_a_question_is_plain_text(tiny_processor):
                            turns=(("user", "Hi"), ("assistant", "Hello")))
     ids = turns.tokenize("Describe it.", 1).input_ids
     assert ids.count(tokenizer.eos_token_id) == 1, "only the template's EOS after the assistant turn is special"
+
+
+def test_links_to_images_are_read_and_links_to_folders_are_not_followed(tmp_path):
+    """What the README says of links in an input folder (following folder links could loop or
+    leave the tree)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.jpg").write_bytes(image_bytes("coffee.jpg"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "here.jpg").write_bytes(image_bytes("coffee.jpg"))
+    (data / "linked.jpg").symlink_to(elsewhere / "far.jpg")
+    (data / "linked-folder").symlink_to(elsewhere, target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    (shard,) = discover_shards([str(data)], 100, FolderManifest(None))
+    assert shard.members == ("here.jpg", "linked.jpg")
