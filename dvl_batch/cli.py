@@ -251,8 +251,8 @@ def inspect(
     inputs: Inputs,
     image_field: ImageField = None,
     key_field: KeyField = None,
-    shard_size: Annotated[int, typer.Option(help="Images per shard for plain folders.")] = 1000,
-    max_shards: Annotated[int | None, typer.Option(help="Read only the first N shards. \\[default: all]")] = None,
+    shard_size: Annotated[int, typer.Option(help="Images per shard for plain folders.", min=1)] = 1000,
+    max_shards: Annotated[int | None, typer.Option(help="Read only the first N shards. \\[default: all]", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List shards, sample counts and fields of the inputs, without loading a model."""

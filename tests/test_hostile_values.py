@@ -271,3 +271,12 @@ def test_a_shard_file_without_read_permission_is_retried_next_run_not_marked_don
     again = subprocess.run(args, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert sorted(read_rows(tmp_path / "out")["key"].to_pylist()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("option", ["--shard-size", "--max-shards"])
+def test_inspect_refuses_counts_below_one(option, cache_dir):
+    """--shard-size 0 was a traceback (range() arg 3 must not be zero); --max-shards -1 read
+    every shard but the last."""
+    done = subprocess.run([sys.executable, "-m", "dvl_batch", "inspect", str(Path(__file__).parents[1] / "examples" / "shards"),
+                           option, "0"], env=cli_env(cache_dir), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "greater than or equal to 1" in done.stderr
