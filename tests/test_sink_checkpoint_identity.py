@@ -159,3 +159,25 @@ def test_a_damaged_checkpoint_is_redone_never_a_traceback(tmp_path, cache_dir, d
                                progress=False)
     run(spec, cache_dir=cache_dir, offline=True, say=lambda text: None)
     assert sorted(read_rows(out)["key"].to_pylist()) == ["k0", "k1"]
+
+
+def test_an_edited_questions_file_is_refused_not_given_to_the_shards_left(tmp_path, cache_dir):
+    """The job names its questions file by path: editing the file between runs gave the shards
+    still to do other questions than the parts hold. Its content digest is kept in job.json."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _shard(data / "s.tar", "k", 2)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"key": "k0", "question": "What is this?"}\n')
+    options = {"task": "vqa", "questions_file": str(questions)}
+    prepared(cache_dir, [data], out, **options).release()
+    prepared(cache_dir, [data], out, **options).release()  # unchanged: resumes
+    record = json.loads((out / "job.json").read_text())
+    record.pop("questions_file_sha256")
+    (out / "job.json").write_text(json.dumps(record))  # a job.json written before the digest existed
+    prepared(cache_dir, [data], out, **options).release()
+    assert "questions_file_sha256" in json.loads((out / "job.json").read_text()), "adopted on resume"
+    questions.write_text('{"key": "k0", "question": "Is it red?"}\n')
+    with pytest.raises(UsageError, match=r"the questions file .*q\.jsonl changed since the job"):
+        prepared(cache_dir, [data], out, **options)
+    prepared(cache_dir, [data], out, overwrite=True, **options).release()  # --overwrite starts the job again
+    prepared(cache_dir, [data], out, **options).release()

@@ -128,6 +128,18 @@ def _changed_since(checkpoints: Checkpoints, paths: list[Path], shard: Shard) ->
     return changed
 
 
+def _questions_digest(spec: JobSpec) -> dict[str, str]:
+    """The questions file's content digest for job.json: the job's identity names the file by
+    its path, so an edited file would otherwise give new questions to the shards still to do."""
+    if not spec.prompt.questions_file:
+        return {}
+    try:
+        data = Path(spec.prompt.questions_file).read_bytes()
+    except OSError:
+        return {}  # unreadable: loading its questions has refused the job already
+    return {"questions_file_sha256": hashlib.sha256(data).hexdigest()}
+
+
 def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> PreparedJob:
     """Validate inputs, lock OUT, check or write job.json, and list this rank's open shards."""
     # Every usage error is found before OUT is touched: inputs, device, model, what the data holds.
@@ -147,7 +159,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path, offline: bool = False) -> Prepar
             "model": model.label,
             "dvl_batch_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        } | _questions_digest(spec)
         metadata = job_metadata(spec, model)
         notices: list[str] = list(warnings)
         with out.shared_lock():

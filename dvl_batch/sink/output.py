@@ -108,7 +108,17 @@ class OutputDir:
             if not isinstance(previous, dict):
                 raise UsageError(f"{self.job_file} is corrupt (not a JSON object); delete it and rerun the same command")
             if previous.get("fingerprint") == job_record["fingerprint"]:
-                return
+                if _same_questions_file(previous, job_record):
+                    digest = job_record.get("questions_file_sha256")
+                    if digest and "questions_file_sha256" not in previous:  # a job.json from before the digest
+                        atomic_write_json(self.job_file, {**previous, "questions_file_sha256": digest})
+                    return
+                if not overwrite:
+                    raise UsageError(
+                        f"the questions file {job_record['spec']['prompt']['questions_file']} changed since the job in "
+                        f"{self.root} started (its questions are part of the job); restore it to resume, use "
+                        "--overwrite to discard the results, or pick another output folder"
+                    )
             if not overwrite:
                 diffs = describe_differences(previous.get("identity", {}), job_record["identity"])
                 raise UsageError(
@@ -161,3 +171,9 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     if not changed:
         return "different settings"
     return "changed: " + "; ".join(f"{key} {_shown(before.get(key))} -> {_shown(after.get(key))}" for key in changed)
+
+
+def _same_questions_file(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the questions file reads as it did (a job.json without the digest cannot tell: same)."""
+    before, now = previous.get("questions_file_sha256"), current.get("questions_file_sha256")
+    return before is None or now is None or before == now
