@@ -243,3 +243,18 @@ def test_links_to_images_are_read_and_links_to_folders_are_not_followed(tmp_path
     (data / "loop").symlink_to(data, target_is_directory=True)
     (shard,) = discover_shards([str(data)], 100, FolderManifest(None))
     assert shard.members == ("here.jpg", "linked.jpg")
+
+
+def test_a_folder_or_image_inside_another_folder_input_is_refused_not_answered_twice(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for where in (data, data / "sub"):
+        (where / "a.jpg").write_bytes(image_bytes("coffee.jpg"))
+    tar = data / "s.tar"
+    tar_shard(tar, [("k.jpg", image_bytes("coffee.jpg"))])
+    for inner in (data / "sub", data / "a.jpg"):
+        with pytest.raises(UsageError, match="lies inside the input folder .*answered twice"):
+            discover_shards([str(data), str(inner)], 100, FolderManifest(None))
+    shards = discover_shards([str(data), str(tar), str(data)], 100, FolderManifest(None))
+    assert sorted(s.format for s in shards) == ["folder", "webdataset"], "a shard file or folder named twice is one shard"
+    assert len(discover_shards([str(data / "sub"), str(data / "a.jpg")], 100, FolderManifest(None))) == 2

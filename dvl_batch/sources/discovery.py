@@ -240,13 +240,29 @@ def discover_shards(
     shards: list[Shard] = []
     if any(not str(raw).strip() for raw in inputs):  # Path("") is the current folder: never read it by accident
         raise UsageError("an input is empty (''): name shard files, a folder or a pattern")
-    for raw in inputs:
-        for item in _expand_braces(raw):
-            shards.extend(_shards_of(item, shard_size, manifest))
+    items = [item for raw in inputs for item in _expand_braces(raw)]
+    _refuse_nested_inputs(items)
+    for item in items:
+        shards.extend(_shards_of(item, shard_size, manifest))
     unique: dict[str, Shard] = {}
     for shard in shards:
         unique.setdefault(shard.id, shard)
     return list(unique.values())
+
+
+def _refuse_nested_inputs(items: list[str]) -> None:
+    """A folder, or a loose image, named as an input and also lying inside a folder input
+    would have its images answered twice, as different shards under different keys. (Shard
+    files are shards by their own path: naming one twice gives it once.)"""
+    folders = {Path(i).resolve() for i in items if not is_remote(i) and os.path.isdir(i)}
+    for item in items:
+        if is_remote(item) or format_of(item) is not None or not os.path.exists(item):
+            continue
+        path = Path(item).resolve()
+        outer = next((f for f in folders if f != path and f in path.parents), None)
+        if outer is not None:
+            raise UsageError(f"{item} lies inside the input folder {outer}: its images would be answered twice; "
+                             "name each folder once")
 
 
 def _shards_of(item: str, shard_size: int, manifest: FolderManifest) -> list[Shard]:
