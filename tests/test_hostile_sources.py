@@ -258,3 +258,11 @@ def test_a_folder_or_image_inside_another_folder_input_is_refused_not_answered_t
     shards = discover_shards([str(data), str(tar), str(data)], 100, FolderManifest(None))
     assert sorted(s.format for s in shards) == ["folder", "webdataset"], "a shard file or folder named twice is one shard"
     assert len(discover_shards([str(data / "sub"), str(data / "a.jpg")], 100, FolderManifest(None))) == 2
+
+
+def test_an_input_that_is_also_the_output_folder_is_refused_saying_so(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(image_bytes("coffee.jpg"))
+    with pytest.raises(UsageError, match="is this run's output folder .* as well as its input"):
+        discover_shards([str(data)], 100, FolderManifest(None), exclude=(data,))

@@ -288,7 +288,9 @@ def _shards_of(item: str, shard_size: int, manifest: FolderManifest) -> list[Sha
         if fmt is None:
             raise UsageError(f"unsupported input {item}: expected .tar/.tgz/.tar.gz, .parquet, an image or a folder")
         return [_file_shard(str(path), fmt)]
-    if path.resolve() in manifest.skip or is_output_folder(path):
+    if path.resolve() in manifest.skip:
+        raise UsageError(f"{item} is this run's output folder (-o) as well as its input: write the results elsewhere")
+    if is_output_folder(path):
         raise UsageError(f"{item} is a dvl-batch output folder, not an input")
     # Shard files and loose images side by side are both inputs: one stray .parquet in a
     # folder of photos must not hide the photos (nor the other way round).
