@@ -266,3 +266,17 @@ def test_an_input_that_is_also_the_output_folder_is_refused_saying_so(tmp_path):
     (data / "a.jpg").write_bytes(image_bytes("coffee.jpg"))
     with pytest.raises(UsageError, match="is this run's output folder .* as well as its input"):
         discover_shards([str(data)], 100, FolderManifest(None), exclude=(data,))
+
+
+def test_inputs_inside_a_folder_input_that_are_not_read_twice_are_allowed(tmp_path):
+    """Only what the folder's search would also reach is refused: shard files (one shard by
+    their path), a hidden folder's images and an output folder's are not."""
+    data = tmp_path / "data"
+    for folder in ("tars", ".hidden"):
+        (data / folder).mkdir(parents=True)
+    (data / "a.jpg").write_bytes(image_bytes("coffee.jpg"))
+    (data / ".hidden" / "h.jpg").write_bytes(image_bytes("coffee.jpg"))
+    tar_shard(data / "tars" / "s.tar", [("k.jpg", image_bytes("coffee.jpg"))])
+    for inner, expected in (("tars", 2), (".hidden", 3)):  # the tar once; the hidden folder's chunk of its own
+        shards = discover_shards([str(data), str(data / inner)], 100, FolderManifest(None))
+        assert len(shards) == expected, shards

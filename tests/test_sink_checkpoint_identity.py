@@ -10,7 +10,7 @@ import pytest
 
 from dvl_batch import JobSpec, run
 from dvl_batch.errors import UsageError
-from dvl_batch.records import AnswerRow
+from dvl_batch.records import AnswerRow, ShardEnd
 from dvl_batch.sink.checkpoints import Checkpoints, count_rows, source_signature
 from dvl_batch.sink.parts import ParquetSink
 
@@ -181,3 +181,20 @@ def test_an_edited_questions_file_is_refused_not_given_to_the_shards_left(tmp_pa
         prepared(cache_dir, [data], out, **options)
     prepared(cache_dir, [data], out, overwrite=True, **options).release()  # --overwrite starts the job again
     prepared(cache_dir, [data], out, **options).release()
+
+
+def test_a_sample_answered_again_replaces_all_its_old_rows_at_the_fold(tmp_path, cache_dir):
+    """Replacing row by row kept the old sample's extra questions (its new answer had fewer)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _shard(data / "s.tar", "k", 2)
+    job = prepared(cache_dir, [data], out)
+    shard = job.todo[0]
+    sink = ParquetSink(job.out, job.metadata)
+    old = [AnswerRow("old", shard.id, 0, q, f"q{q}", "a", 1, 1, "stop") for q in range(3)]
+    kept = [AnswerRow("k1", shard.id, 1, 0, "q0", "a", 1, 1, "stop")]
+    files = [sink.checkpoints.write(shard.id, 1, old + kept), sink.checkpoints.write(shard.id, 2, [
+        AnswerRow("k0", shard.id, 0, 0, "q0", "again", 1, 1, "stop")])]
+    sink.write(shard, ShardEnd(shard, 2), [], checkpoints=files)
+    job.release()
+    rows = read_rows(out).to_pandas()
+    assert list(zip(rows["key"], rows["question_index"], rows["answer"], strict=True)) == [("k0", 0, "again"), ("k1", 0, "a")]

@@ -40,6 +40,19 @@ PART_SCHEMA = pa.schema(
 )
 
 
+def _whole_samples(batches: list[list[AnswerRow]]) -> list[AnswerRow]:
+    """Rows of `batches` (checkpoint files oldest first, then this run's rows), where a sample
+    found again in a later batch (answered again: its shard changed) is replaced as a whole:
+    its new answer may have fewer questions than the old one."""
+    samples: dict[int, dict[int, AnswerRow]] = {}
+    for batch in batches:
+        fresh: dict[int, dict[int, AnswerRow]] = {}
+        for row in batch:
+            fresh.setdefault(row.sample_index, {})[row.question_index] = row
+        samples.update(fresh)
+    return [samples[s][q] for s in sorted(samples) for q in sorted(samples[s])]
+
+
 class ParquetSink:
     """Writes the rows of one finished shard as one atomic parquet part."""
 
@@ -51,12 +64,9 @@ class ParquetSink:
     def write(self, shard: Shard, end: ShardEnd | None, rows: list[AnswerRow], note: str | None = None,
               checkpoints: list[Path] | tuple[Path, ...] = ()) -> Path:
         """The shard's part: `rows` plus those of its `checkpoints`, which are removed once the part exists."""
-        saved = self.checkpoints.read_rows(list(checkpoints))
+        rows = _whole_samples([*(self.checkpoints.read_rows([p]) for p in checkpoints), rows])
         if end is not None and not end.partial:  # a sample the whole shard does not have: a stale row
-            saved = [r for r in saved if r.sample_index < end.n_samples]
-        # this run's row wins over a checkpoint's for the same sample (it was answered again)
-        unique = {(r.sample_index, r.question_index): r for r in [*saved, *rows]}
-        rows = sorted(unique.values(), key=lambda r: (r.sample_index, r.question_index))
+            rows = [r for r in rows if r.sample_index < end.n_samples]
         columns = {name: [_storable(getattr(r, name)) for r in rows] for name in PART_SCHEMA.names}
         table = pa.table(columns, schema=PART_SCHEMA)
         shard_meta = {

@@ -259,10 +259,22 @@ def _refuse_nested_inputs(items: list[str]) -> None:
         if is_remote(item) or format_of(item) is not None or not os.path.exists(item):
             continue
         path = Path(item).resolve()
-        outer = next((f for f in folders if f != path and f in path.parents), None)
-        if outer is not None:
+        outer = next((f for f in folders if f != path and f in path.parents and _walk_reaches(f, path)), None)
+        if outer is not None and (os.path.isfile(item) or _list_folder_images(path)):
             raise UsageError(f"{item} lies inside the input folder {outer}: its images would be answered twice; "
                              "name each folder once")
+
+
+def _walk_reaches(root: Path, inner: Path) -> bool:
+    """Whether searching `root` gets to `inner`: not behind a hidden or output folder."""
+    folder = inner if inner.is_dir() else inner.parent
+    steps = folder.relative_to(root).parts
+    here = root
+    for step in steps:
+        here = here / step
+        if step.startswith(".") or step == "lost+found" or is_output_folder(here):
+            return False
+    return not inner.name.startswith(".")
 
 
 def _shards_of(item: str, shard_size: int, manifest: FolderManifest) -> list[Shard]:
