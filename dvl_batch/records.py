@@ -38,11 +38,15 @@ class Shard:
     url: str
     format: str  # "webdataset" | "parquet" | "folder"
     members: tuple[str, ...] = ()  # folder shards: image paths relative to `url`
-    # samples an earlier run already answered and checkpointed (OUT/checkpoints): not read again
-    skip: frozenset[int] = field(default=frozenset(), compare=False, repr=False)
-    # their keys as checkpointed: a sample read with another key at that index (a pipe: or URL
-    # shard whose content changed) is answered again, and its new row replaces the old one
+    # {index: key} of the samples an earlier run already answered and checkpointed
+    # (OUT/checkpoints): not answered again, unless the sample read at that index has another
+    # key (a pipe: or URL shard whose content changed); its new row then replaces the old one
     skip_keys: Mapping[int, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def skip(self) -> frozenset[int]:
+        """The indices of `skip_keys`."""
+        return frozenset(self.skip_keys)
 
 
 @dataclass

@@ -67,7 +67,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             if resume is not None and item.index < resume.start:
                 continue  # delivered before the pool was restarted
-            if item.index in shard.skip and shard.skip_keys.get(item.index, item.key) == item.key:
+            if shard.skip_keys.get(item.index) == item.key:
                 continue  # answered and checkpointed by an earlier run (another key there: answered again)
             if resume is not None and item.index in resume.poisoned:
                 item.error = f"a decoder process died twice while preparing this sample ({resume.reason})"

@@ -87,7 +87,7 @@ def job_metadata(spec: JobSpec, model: ResolvedModel) -> dict[str, Any]:
 
 
 def with_checkpoints(out: OutputDir, todo: list[Shard], notices: list[str]) -> list[Shard]:
-    """Open shards, each with the samples its checkpoints already hold (`Shard.skip`).
+    """Open shards, each with the samples its checkpoints already hold (`Shard.skip_keys`).
 
     A checkpoint that does not read back is removed (its samples are simply answered again);
     so are a shard's checkpoints made from a different version of its input (rows are matched
@@ -108,7 +108,7 @@ def with_checkpoints(out: OutputDir, todo: list[Shard], notices: list[str]) -> l
             except Exception:  # noqa: BLE001 - unreadable or not our rows: redo its samples
                 with contextlib.suppress(OSError):
                     path.unlink()
-        result.append(replace(shard, skip=frozenset(done), skip_keys=done) if done else shard)
+        result.append(replace(shard, skip_keys=done) if done else shard)
     return result
 
 
