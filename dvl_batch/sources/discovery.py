@@ -128,6 +128,12 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
+def _searched(here: Path, name: str, skip: frozenset[Path]) -> bool:
+    """Whether the search of a folder goes into its subfolder `name`: not hidden, not OUT
+    (`skip`), not any other dvl-batch output folder."""
+    return not name.startswith(".") and (here / name).resolve() not in skip and not is_output_folder(here / name)
+
+
 def _walk(root: Path, skip: frozenset[Path]):
     """(folder, sorted visible file names) under root, without hidden folders or output folders.
 
@@ -141,10 +147,7 @@ def _walk(root: Path, skip: frozenset[Path]):
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=refuse):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames
-            if not d.startswith(".") and (here / d).resolve() not in skip and not is_output_folder(here / d)
-        )
+        dirnames[:] = sorted(d for d in dirnames if _searched(here, d, skip))
         yield here, sorted(n for n in filenames if not n.startswith("."))
 
 
@@ -241,7 +244,7 @@ def discover_shards(
     if any(not str(raw).strip() for raw in inputs):  # Path("") is the current folder: never read it by accident
         raise UsageError("an input is empty (''): name shard files, a folder or a pattern")
     items = [item for raw in inputs for item in _expand_braces(raw)]
-    _refuse_nested_inputs(items)
+    _refuse_nested_inputs(items, manifest.skip)
     for item in items:
         shards.extend(_shards_of(item, shard_size, manifest))
     unique: dict[str, Shard] = {}
@@ -250,7 +253,7 @@ def discover_shards(
     return list(unique.values())
 
 
-def _refuse_nested_inputs(items: list[str]) -> None:
+def _refuse_nested_inputs(items: list[str], skip: frozenset[Path]) -> None:
     """A folder, or a loose image, named as an input and also lying inside a folder input
     would have its images answered twice, as different shards under different keys. (Shard
     files are shards by their own path: naming one twice gives it once.)"""
@@ -259,21 +262,20 @@ def _refuse_nested_inputs(items: list[str]) -> None:
         if is_remote(item) or format_of(item) is not None or not os.path.exists(item):
             continue
         path = Path(item).resolve()
-        outer = next((f for f in folders if f != path and f in path.parents and _walk_reaches(f, path)), None)
+        outer = next((f for f in folders if f != path and f in path.parents and _walk_reaches(f, path, skip)), None)
         if outer is not None and (os.path.isfile(item) or _list_folder_images(path)):
             raise UsageError(f"{item} lies inside the input folder {outer}: its images would be answered twice; "
                              "name each folder once")
 
 
-def _walk_reaches(root: Path, inner: Path) -> bool:
-    """Whether searching `root` gets to `inner`: not behind a hidden or output folder."""
-    folder = inner if inner.is_dir() else inner.parent
-    steps = folder.relative_to(root).parts
+def _walk_reaches(root: Path, inner: Path, skip: frozenset[Path]) -> bool:
+    """Whether `_walk(root)` gets to `inner`: each folder on the way is one it searches, and
+    an image is not hidden."""
     here = root
-    for step in steps:
-        here = here / step
-        if step.startswith(".") or step == "lost+found" or is_output_folder(here):
+    for step in (inner if inner.is_dir() else inner.parent).relative_to(root).parts:
+        if not _searched(here, step, skip):
             return False
+        here = here / step
     return not inner.name.startswith(".")
 
 
